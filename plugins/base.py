@@ -1,0 +1,131 @@
+"""Base classes for the three plugin kinds: loaders, embedders and generators.
+
+Each has one method a plugin must write; heavy models are loaded lazily on first use so that
+listing plugins, or starting the server, costs nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class LoaderError(Exception):
+    """A file could not be turned into text. The message says why, for the index's error column."""
+
+
+@dataclass
+class TextUnit:
+    """A piece of a file's text with where it came from.
+
+    Offsets are character offsets into the file's extracted text (for plain text files that is the
+    file itself decoded as UTF-8); lines are 1-based and inclusive; ``page`` is 1-based (PDF).
+    """
+
+    text: str
+    char_start: int = 0
+    char_end: int = 0
+    start_line: int | None = None
+    end_line: int | None = None
+    page: int | None = None
+    heading_path: list[str] = field(default_factory=list)
+    kind: str = "text"  # "text", "section", "code", "page", "paragraph"
+
+
+class Loader(abc.ABC):
+    """Turns a file into text units.
+
+    ``extensions`` are lower-case suffixes with the dot (".md"). ``name`` is recorded per document so
+    that a change of loader re-indexes the file.
+    """
+
+    name: str = "loader"
+    version: str = "1"
+    extensions: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def load(self, path: Path) -> list[TextUnit]:
+        """Read ``path`` and return its text units; raise ``LoaderError`` with a clear reason."""
+
+
+class Embedder(abc.ABC):
+    """Turns texts into unit-length float32 vectors of a fixed dimension."""
+
+    model_id: str = "embedder"
+    dimension: int = 0
+    max_tokens: int = 256  # the model's window, in its own tokens
+
+    @abc.abstractmethod
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return an array of shape (len(texts), dimension), dtype float32, rows of unit length."""
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed a search query; models with a query prefix override this."""
+        return self.embed([text])[0]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the model's tokenizer; the rough default is words * 4/3."""
+        return max(1, int(len(text.split()) * 4 / 3))
+
+
+@dataclass
+class ChatMessage:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Generator(abc.ABC):
+    """Answers chat messages, streaming text pieces as they are produced."""
+
+    name: str = "generator"
+    model_id: str = "generator"
+    supports_adapters: bool = False
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model can attend to, prompt and answer together."""
+        return 2048
+
+    @abc.abstractmethod
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.2,
+        adapter: str | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        """Yield pieces of the answer as they are generated."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the model's tokenizer; the rough default is words * 4/3."""
+        return max(1, int(len(text.split()) * 4 / 3))
+
+    def count_message_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Tokens the chat-formatted ``messages`` take, template included."""
+        return sum(self.count_tokens(m.content) + 8 for m in messages) + 4
+
+    def generate(self, messages: Sequence[ChatMessage], **kwargs: Any) -> GenerationResult:
+        pieces = list(self.stream(messages, **kwargs))
+        text = "".join(pieces)
+        return GenerationResult(
+            text=text,
+            prompt_tokens=self.count_message_tokens(messages),
+            completion_tokens=self.count_tokens(text) if text else 0,
+            finish_reason="stop",
+        )

