@@ -1,0 +1,256 @@
+"""`lorekeeper finetune ...`: train, inspect data, evaluate and export LoRA adapters.
+
+The commands are thin: they build a TrainConfig (whose fields hold every default and help text),
+then call train/evaluate/export. torch and transformers are imported inside the commands so
+`lorekeeper --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, TrainConfig, field_default, field_help
+
+app = typer.Typer(
+    help="Fine-tune the local model on your own data (QLoRA), evaluate it and export it as GGUF.",
+    no_args_is_help=True,
+)
+console = Console(stderr=True)
+
+
+def _opt(name: str, *flags: str):
+    return typer.Option(field_default(name), *flags, help=field_help(name))
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def train(
+    data: list[Path] | None = typer.Option(None, "--data", "-d", help=field_help("data") + " Repeatable."),
+    base: str | None = _opt("base", "--base"),
+    from_index: bool = _opt("from_index", "--from-index"),
+    path: str | None = typer.Option(None, "--path", help=field_help("index_path_glob")),
+    qa_pairs: int = _opt("index_qa_pairs", "--qa-pairs"),
+    name: str | None = typer.Option(None, "--name", help="Run name (a folder under the runs directory)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run directory (overrides --name)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --name/--output from its last checkpoint."
+    ),
+    max_seq_len: int = _opt("max_seq_len", "--max-seq-len"),
+    overlong: str = _opt("overlong", "--overlong"),
+    packing: bool = _opt("packing", "--packing/--no-packing"),
+    train_on_prompt: bool = _opt("train_on_prompt", "--train-on-prompt/--answers-only"),
+    eval_fraction: float = _opt("eval_fraction", "--eval-fraction"),
+    seed: int = _opt("seed", "--seed"),
+    lora_r: int = _opt("lora_r", "--rank", "-r"),
+    lora_alpha: int = _opt("lora_alpha", "--alpha"),
+    lora_dropout: float = _opt("lora_dropout", "--dropout"),
+    target: list[str] | None = typer.Option(
+        None, "--target", help=field_help("target_modules") + " Repeatable."
+    ),
+    quantize_4bit: bool = _opt("quantize_4bit", "--4bit/--no-4bit"),
+    epochs: float = _opt("epochs", "--epochs"),
+    max_steps: int = _opt("max_steps", "--max-steps"),
+    batch_size: int = _opt("batch_size", "--batch-size", "-b"),
+    grad_accum: int = _opt("grad_accum", "--grad-accum"),
+    learning_rate: float = _opt("learning_rate", "--lr"),
+    lr_scheduler: str = _opt("lr_scheduler", "--scheduler"),
+    warmup_ratio: float = _opt("warmup_ratio", "--warmup-ratio"),
+    optimizer: str = _opt("optimizer", "--optimizer"),
+    precision: str = _opt("precision", "--precision"),
+    gradient_checkpointing: bool = _opt(
+        "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing"
+    ),
+    eval_steps: int = _opt("eval_steps", "--eval-steps"),
+    save_steps: int = _opt("save_steps", "--save-steps"),
+    early_stopping_patience: int = _opt("early_stopping_patience", "--patience"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a LoRA adapter (QLoRA by default) and write a run directory."""
+    _setup_logging(verbose)
+    from .data import DataError
+    from .runs import new_run_dir
+
+    run = new_run_dir(name, output)
+    if resume:
+        if not run.config.is_file():
+            _fail(f"--resume: no run at {run.root} (give the same --name or --output as the first time)")
+        config = TrainConfig.load(run.config)
+        console.print(f"resuming {run.root} with its saved config")
+    else:
+        try:
+            config = TrainConfig(
+                base=base,
+                data=[str(p) for p in (data or [])],
+                from_index=from_index,
+                index_path_glob=path,
+                index_qa_pairs=qa_pairs,
+                max_seq_len=max_seq_len,
+                overlong=overlong,
+                packing=packing,
+                train_on_prompt=train_on_prompt,
+                eval_fraction=eval_fraction,
+                seed=seed,
+                lora_r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(target or []),
+                quantize_4bit=quantize_4bit,
+                epochs=epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                learning_rate=learning_rate,
+                lr_scheduler=lr_scheduler,
+                warmup_ratio=warmup_ratio,
+                optimizer=optimizer,
+                precision=precision,
+                gradient_checkpointing=gradient_checkpointing,
+                eval_steps=eval_steps,
+                save_steps=save_steps,
+                early_stopping_patience=early_stopping_patience,
+            )
+        except ConfigError as exc:
+            _fail(str(exc))
+        if run.config.is_file() and run.latest_checkpoint() is not None:
+            _fail(f"{run.root} already holds a run: add --resume to continue it, or pick another --name")
+    from .base_model import BaseModelError
+    from .train import TargetModuleError, train_run
+
+    try:
+        result = train_run(config, run, resume=resume, console=console)
+    except (DataError, BaseModelError, TargetModuleError, ConfigError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"[green]done[/green]: {result.steps} steps, held-out loss {result.eval_loss_text}; run in {run.root}"
+    )
+    typer.echo(str(run.root))
+
+
+@app.command("data")
+def data_cmd(
+    files: list[Path] | None = typer.Argument(None, help="JSONL files, .txt/.md files or folders."),
+    base: str | None = _opt("base", "--base"),
+    from_index: bool = _opt("from_index", "--from-index"),
+    path: str | None = typer.Option(None, "--path", help=field_help("index_path_glob")),
+    max_seq_len: int = _opt("max_seq_len", "--max-seq-len"),
+    packing: bool = _opt("packing", "--packing/--no-packing"),
+    eval_fraction: float = _opt("eval_fraction", "--eval-fraction"),
+    show: int = typer.Option(0, "--show", help="Print this many formatted training examples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Check a dataset and count its tokens without training (errors name the file and line)."""
+    _setup_logging(False)
+    from .base_model import BaseModelError, load_tokenizer, resolve_base
+    from .data import DataError, build_datasets
+
+    try:
+        config = TrainConfig(
+            base=base,
+            data=[str(p) for p in (files or [])],
+            from_index=from_index,
+            index_path_glob=path,
+            max_seq_len=max_seq_len,
+            packing=packing,
+            eval_fraction=eval_fraction,
+        )
+        tokenizer = load_tokenizer(resolve_base(config.base))
+        built = build_datasets(config, tokenizer)
+    except (ConfigError, DataError, BaseModelError) as exc:
+        _fail(str(exc))
+    summary = built.summary.to_json()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        table = Table(title="dataset")
+        table.add_column("")
+        table.add_column("value", justify="right")
+        for key, value in summary.items():
+            table.add_row(key, str(value))
+        Console().print(table)
+    for example in built.train_records[:show]:
+        typer.echo("-" * 40)
+        typer.echo(tokenizer.decode(example.input_ids))
+
+
+@app.command("eval")
+def eval_cmd(
+    run: str = typer.Argument(..., help="Run directory or name."),
+    prompts: int = typer.Option(3, "--prompts", help="Held-out prompts to answer side by side."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    llama_cpp: bool = typer.Option(
+        True, "--llama-cpp/--no-llama-cpp", help="Also measure the exported GGUF(s)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Held-out perplexity of the base and of base+adapter, and answers side by side."""
+    _setup_logging(False)
+    from .evaluate import evaluate_run, render_report
+    from .runs import RunNotFound, find_run
+
+    try:
+        run_dir = find_run(run)
+    except RunNotFound as exc:
+        _fail(str(exc))
+    report = evaluate_run(run_dir, n_prompts=prompts, max_new_tokens=max_new_tokens, llama_cpp=llama_cpp)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render_report(report, Console())
+
+
+@app.command()
+def runs() -> None:
+    """List the fine-tuning runs under the runs directory."""
+    from lorekeeper.server.config import runs_dir
+
+    from .runs import RunDir
+
+    table = Table(title=str(runs_dir()))
+    for col in ("run", "trained", "steps", "held-out loss"):
+        table.add_column(col)
+    for path in sorted(runs_dir().iterdir()):
+        run = RunDir(path)
+        if not run.config.is_file():
+            continue
+        last_eval, steps = "-", "-"
+        if run.metrics.is_file():
+            for line in run.metrics.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                steps = str(row.get("step", steps))
+                if "eval_loss" in row:
+                    last_eval = f"{row['eval_loss']:.4f}"
+        table.add_row(run.name, "yes" if run.is_trained() else "no", steps, last_eval)
+    Console().print(table)
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="Run directory or name."),
+) -> None:
+    """Export a run's adapter (and optionally a merged model) as GGUF for llama.cpp."""
+    _setup_logging(False)
+    from .export import export_run  # written alongside; imports the GGUF machinery lazily
+    from .runs import RunNotFound, find_run
+
+    try:
+        run_dir = find_run(run)
+    except RunNotFound as exc:
+        _fail(str(exc))
+    result = export_run(run_dir.root)
+    typer.echo(str(result))
