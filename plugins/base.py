@@ -7,7 +7,8 @@ listing plugins, or starting the server, costs nothing.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ class TextUnit:
     kind: str = "text"  # "text", "section", "code", "page", "paragraph"
 
 
+class LoadedText(list):
+    """What ``Loader.load`` may return instead of a plain list: the units plus ``warnings``.
+
+    It is a ``list`` of ``TextUnit`` so code written for ``list[TextUnit]`` keeps working; readers
+    that care take ``getattr(result, "warnings", [])``. Warnings are things the user should know
+    but that did not stop the load (a file that was not valid UTF-8, a PDF page that failed).
+    """
+
+    def __init__(self, units: Iterable[TextUnit] = (), warnings: Iterable[str] = ()) -> None:
+        super().__init__(units)
+        self.warnings: list[str] = list(warnings)
+
+
 class Loader(abc.ABC):
     """Turns a file into text units.
 
@@ -50,7 +64,10 @@ class Loader(abc.ABC):
 
     @abc.abstractmethod
     def load(self, path: Path) -> list[TextUnit]:
-        """Read ``path`` and return its text units; raise ``LoaderError`` with a clear reason."""
+        """Read ``path`` and return its text units; raise ``LoaderError`` with a clear reason.
+
+        Return a ``LoadedText`` (a list subclass) to pass warnings along with the units.
+        """
 
 
 class Embedder(abc.ABC):
@@ -71,6 +88,11 @@ class Embedder(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the model's tokenizer; the rough default is words * 4/3."""
         return max(1, int(len(text.split()) * 4 / 3))
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character spans of the tokens of ``text``, so chunks can be cut to fit the
+        window exactly. The default counts runs of word characters and single symbols."""
+        return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
 
 
 @dataclass

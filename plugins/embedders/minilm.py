@@ -20,7 +20,7 @@ from ..models import default_embedder_path
 class MiniLMEmbedder(Embedder):
     model_id = "all-MiniLM-L6-v2"
     dimension = 384
-    max_tokens = 256
+    max_tokens = 256  # word pieces, [CLS] and [SEP] included
     batch_size = 32
 
     def __init__(self) -> None:
@@ -57,6 +57,12 @@ class MiniLMEmbedder(Embedder):
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        encoded = self.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+        )
+        return [tuple(span) for span in encoded["offset_mapping"]]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False, truncation=False, verbose=False))

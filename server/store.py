@@ -1,0 +1,686 @@
+"""The index: one SQLite file holding roots, documents, chunks, their vectors and keywords.
+
+Vectors live in a sqlite-vec ``vec0`` table and keywords in an FTS5 table; both are written in the
+same transaction as the chunks they describe, one transaction per document, so a crash at any moment
+leaves every document either wholly old or wholly new. The database runs in WAL mode: each thread
+reads through its own connection and never waits for the writer.
+
+The store knows nothing of models or MCP: callers hand it chunks and vectors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlean
+import sqlite_vec
+
+from . import config
+from .migrations import migrate
+
+log = logging.getLogger(__name__)
+
+STATUS_INDEXED = "indexed"
+STATUS_FAILED = "failed"
+STATUS_SKIPPED = "skipped"
+
+
+class StoreError(Exception):
+    """The index file cannot be used; the message says what to do."""
+
+
+@dataclass
+class Root:
+    id: int
+    path: str
+    added_at: float
+
+
+@dataclass
+class DocumentRow:
+    id: int
+    root_id: int
+    path: str
+    size: int | None
+    mtime: float | None
+    content_hash: str | None
+    loader: str | None
+    status: str
+    error: str | None
+    chunk_count: int
+    indexed_at: float | None
+    note: str | None = None
+
+
+@dataclass
+class ChunkRow:
+    id: int
+    document_id: int
+    seq: int
+    text: str
+    char_start: int | None
+    char_end: int | None
+    start_line: int | None
+    end_line: int | None
+    page: int | None
+    heading_path: list[str]
+    chunk_hash: str
+
+
+@dataclass
+class ChunkWithPath(ChunkRow):
+    path: str = ""
+
+
+@dataclass
+class FailedFile:
+    path: str
+    status: str
+    error: str
+
+
+@dataclass
+class RootStatus:
+    path: str
+    documents: int
+    chunks: int
+    failed: int
+    skipped: int
+
+
+@dataclass
+class IndexStatus:
+    db_path: str
+    roots: list[RootStatus]
+    documents: int
+    chunks: int
+    failed: list[FailedFile]
+    last_change: float | None
+    embed_model: str | None
+    embed_dim: int | None
+    pending: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Listener = Callable[[str, str], None]
+
+_CHUNK_COLUMNS = (
+    "c.id, c.document_id, c.seq, c.text, c.char_start, c.char_end, c.start_line, c.end_line, "
+    "c.page, c.heading_path, c.chunk_hash"
+)
+_DOC_COLUMNS = (
+    "id, root_id, path, size, mtime, content_hash, loader, status, error, chunk_count, indexed_at, note"
+)
+
+
+def connect(path: Path) -> Any:
+    """A connection with sqlite-vec loaded, WAL on and foreign keys enforced."""
+    conn = sqlean.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    conn.enable_load_extension(True)
+    sqlite_vec.load(conn)
+    conn.enable_load_extension(False)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _chunk_row(row: Sequence[Any]) -> ChunkRow:
+    return ChunkRow(*row[:9], heading_path=json.loads(row[9] or "[]"), chunk_hash=row[10])
+
+
+def vector_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+class Store:
+    """The index file. Thread-safe: one writer at a time, any number of readers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._listeners: list[Listener] = []
+        self._readers: list[Any] = []
+        self._readers_lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = connect(self.path)
+            mode = self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("the index %s could not switch to WAL mode (got %s)", self.path, mode)
+            migrate(self._writer)
+        except sqlean.DatabaseError as exc:
+            raise StoreError(
+                f"cannot open the index {self.path}: {exc}. If the file is not a lorekeeper index, "
+                "point --db (or LOREKEEPER_DB) elsewhere."
+            ) from exc
+
+    @classmethod
+    def open(cls, path: Path | str | None = None) -> Store:
+        return cls(Path(path) if path is not None else config.default_db_path())
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                try:
+                    conn.close()
+                except Exception:  # a reader of a thread that is gone
+                    pass
+            self._readers.clear()
+        with self._write_lock:
+            self._writer.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _read(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self)
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call ``callback(event, path)`` after each committed change to a document."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _notify(self, event: str, path: str) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(event, path)
+            except Exception:
+                log.exception("index listener failed on %s %s", event, path)
+
+    # -- meta ----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, conn: Any, key: str, value: str) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def schema_version(self) -> int:
+        return self._read().execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+
+    # -- embedder and vector table -------------------------------------------------------------
+
+    @property
+    def embed_model(self) -> str | None:
+        return self.get_meta("embed_model")
+
+    @property
+    def embed_dim(self) -> int | None:
+        value = self.get_meta("embed_dim")
+        return int(value) if value else None
+
+    def ensure_embedder(self, model_id: str, dimension: int) -> bool:
+        """Make the vector table fit ``model_id``; return True when vectors must be (re)computed.
+
+        A different embedder than the one recorded drops every vector at once (never a mix of two
+        models' vectors); the chunks stay, and ``chunks_missing_vectors`` lists what to re-embed.
+        """
+        with self._transaction() as conn:
+            known = conn.execute("SELECT value FROM meta WHERE key = 'embed_model'").fetchone()
+            dim = conn.execute("SELECT value FROM meta WHERE key = 'embed_dim'").fetchone()
+            has_table = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'chunk_vectors'"
+            ).fetchone()
+            if has_table and known and known[0] == model_id and dim and int(dim[0]) == dimension:
+                return False
+            conn.execute("DROP TABLE IF EXISTS chunk_vectors")
+            conn.execute(
+                f"CREATE VIRTUAL TABLE chunk_vectors USING vec0("
+                f"embedding float[{int(dimension)}] distance_metric=cosine)"
+            )
+            self._set_meta(conn, "embed_model", model_id)
+            self._set_meta(conn, "embed_dim", str(int(dimension)))
+            changed = bool(known) and known[0] != model_id
+        if changed:
+            log.info("embedder changed to %s: every chunk will be re-embedded", model_id)
+        return True
+
+    def chunks_missing_vectors(self, limit: int = 1000) -> list[ChunkRow]:
+        """Chunks that have no vector yet (after an embedder change, or an interrupted re-embed)."""
+        rows = self._read().execute(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks c "
+            "WHERE NOT EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.rowid = c.id) LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_chunk_row(row) for row in rows]
+
+    def set_vectors(self, model_id: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:
+        """Store vectors for existing chunks ((chunk id, chunk hash, vector)), in one transaction."""
+        now = time.time()
+        with self._transaction() as conn:
+            for chunk_id, chunk_hash, vector in rows:
+                if not conn.execute("SELECT 1 FROM chunks WHERE id = ?", (chunk_id,)).fetchone():
+                    continue  # the chunk went while it was being embedded
+                blob = vector_blob(vector)
+                conn.execute("DELETE FROM chunk_vectors WHERE rowid = ?", (chunk_id,))
+                conn.execute("INSERT INTO chunk_vectors(rowid, embedding) VALUES (?, ?)", (chunk_id, blob))
+                conn.execute(
+                    "INSERT OR REPLACE INTO embedding_cache(model_id, chunk_hash, vector, used_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (model_id, chunk_hash, blob, now),
+                )
+
+    def cached_vectors(self, model_id: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        """Vectors already computed by ``model_id`` for these chunk hashes."""
+        wanted = list(dict.fromkeys(hashes))
+        found: dict[str, np.ndarray] = {}
+        conn = self._read()
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            for chunk_hash, blob in conn.execute(
+                f"SELECT chunk_hash, vector FROM embedding_cache WHERE model_id = ? AND chunk_hash IN ({marks})",
+                (model_id, *batch),
+            ):
+                found[chunk_hash] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def prune_cache(self, older_than_days: float = 30.0) -> int:
+        """Drop cached vectors no chunk uses and nobody used for a while; return how many went."""
+        cutoff = time.time() - older_than_days * 86400
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM embedding_cache WHERE used_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM chunks c WHERE c.chunk_hash = embedding_cache.chunk_hash)",
+                (cutoff,),
+            )
+            return cur.rowcount
+
+    # -- roots -----------------------------------------------------------------------------------
+
+    def roots(self) -> list[Root]:
+        rows = self._read().execute("SELECT id, path, added_at FROM roots ORDER BY path").fetchall()
+        return [Root(*row) for row in rows]
+
+    def add_root(self, path: Path | str) -> Root:
+        resolved = str(Path(path).expanduser().resolve())
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO roots(path, added_at) VALUES (?, ?)", (resolved, time.time())
+            )
+            row = conn.execute("SELECT id, path, added_at FROM roots WHERE path = ?", (resolved,)).fetchone()
+        return Root(*row)
+
+    def remove_root(self, path: Path | str) -> bool:
+        """Forget a root and everything indexed under it; return False if it was not registered."""
+        resolved = str(Path(path).expanduser().resolve())
+        with self._transaction() as conn:
+            row = conn.execute("SELECT id FROM roots WHERE path = ?", (resolved,)).fetchone()
+            if not row:
+                return False
+            doc_ids = [r[0] for r in conn.execute("SELECT id FROM documents WHERE root_id = ?", (row[0],))]
+            for doc_id in doc_ids:
+                self._delete_chunks(conn, doc_id)
+            conn.execute("DELETE FROM documents WHERE root_id = ?", (row[0],))
+            conn.execute("DELETE FROM roots WHERE id = ?", (row[0],))
+            self._touch(conn)
+        self._notify("root_removed", resolved)
+        return True
+
+    def root_for(self, path: Path | str) -> Root | None:
+        """The registered root that contains ``path`` (the deepest one when roots nest)."""
+        target = str(path)
+        best: Root | None = None
+        for root in self.roots():
+            if target == root.path or target.startswith(root.path.rstrip(os.sep) + os.sep):
+                if best is None or len(root.path) > len(best.path):
+                    best = root
+        return best
+
+    # -- documents -------------------------------------------------------------------------------
+
+    def get_document(self, path: Path | str) -> DocumentRow | None:
+        row = self._read().execute(
+            f"SELECT {_DOC_COLUMNS} FROM documents WHERE path = ?", (str(path),)
+        ).fetchone()
+        return DocumentRow(*row) if row else None
+
+    def documents(self, root: str | None = None) -> list[DocumentRow]:
+        sql = f"SELECT {_DOC_COLUMNS} FROM documents"
+        args: tuple = ()
+        if root is not None:
+            sql += " WHERE root_id = (SELECT id FROM roots WHERE path = ?)"
+            args = (root,)
+        return [DocumentRow(*row) for row in self._read().execute(sql + " ORDER BY path", args)]
+
+    def find_by_hash(self, content_hash: str) -> list[DocumentRow]:
+        rows = self._read().execute(
+            f"SELECT {_DOC_COLUMNS} FROM documents WHERE content_hash = ?", (content_hash,)
+        ).fetchall()
+        return [DocumentRow(*row) for row in rows]
+
+    def document_chunks(self, path: Path | str) -> list[ChunkRow]:
+        rows = self._read().execute(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "WHERE d.path = ? ORDER BY c.seq",
+            (str(path),),
+        ).fetchall()
+        return [_chunk_row(row) for row in rows]
+
+    def iter_chunks(self, path_glob: str | None = None, root: str | None = None) -> Iterator[ChunkWithPath]:
+        """Every indexed chunk with its file path, by path then position (for fine-tuning data)."""
+        sql = (
+            f"SELECT {_CHUNK_COLUMNS}, d.path FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "JOIN roots r ON r.id = d.root_id"
+        )
+        args: list[Any] = []
+        if root is not None:
+            sql += " WHERE r.path = ?"
+            args.append(str(Path(root).expanduser().resolve()))
+        sql += " ORDER BY d.path, c.seq"
+        root_paths = [r.path for r in self.roots()]
+        for row in self._read().execute(sql, args):
+            if path_glob and not path_matches(row[11], path_glob, root_paths):
+                continue
+            base = _chunk_row(row[:11])
+            yield ChunkWithPath(**base.__dict__, path=row[11])
+
+    def replace_document(
+        self,
+        *,
+        path: str,
+        root_id: int,
+        size: int,
+        mtime: float,
+        content_hash: str,
+        loader: str,
+        chunks: Sequence[Any],
+        vectors: np.ndarray,
+        model_id: str,
+        note: str | None = None,
+    ) -> int:
+        """Swap a document's chunks, vectors and keywords for new ones in one transaction.
+
+        ``chunks`` are objects with text, char_start, char_end, start_line, end_line, page,
+        heading_path and chunk_hash; ``vectors`` has one unit-length row per chunk.
+        """
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors for {path}")
+        now = time.time()
+        with self._transaction() as conn:
+            doc_id = self._upsert_document(
+                conn, path, root_id, size, mtime, content_hash, loader, STATUS_INDEXED, None, note
+            )
+            self._delete_chunks(conn, doc_id)
+            for seq, (chunk, vector) in enumerate(zip(chunks, vectors)):
+                headings = list(chunk.heading_path or [])
+                cur = conn.execute(
+                    "INSERT INTO chunks(document_id, seq, text, char_start, char_end, start_line, end_line, "
+                    "page, heading_path, chunk_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        doc_id,
+                        seq,
+                        chunk.text,
+                        chunk.char_start,
+                        chunk.char_end,
+                        chunk.start_line,
+                        chunk.end_line,
+                        chunk.page,
+                        json.dumps(headings, ensure_ascii=False),
+                        chunk.chunk_hash,
+                    ),
+                )
+                chunk_id = cur.lastrowid
+                conn.execute(
+                    "INSERT INTO chunks_fts(rowid, text, headings) VALUES (?, ?, ?)",
+                    (chunk_id, chunk.text, " / ".join(headings)),
+                )
+                blob = vector_blob(vector)
+                conn.execute("INSERT INTO chunk_vectors(rowid, embedding) VALUES (?, ?)", (chunk_id, blob))
+                conn.execute(
+                    "INSERT OR REPLACE INTO embedding_cache(model_id, chunk_hash, vector, used_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (model_id, chunk.chunk_hash, blob, now),
+                )
+            conn.execute("UPDATE documents SET chunk_count = ? WHERE id = ?", (len(chunks), doc_id))
+            self._touch(conn)
+        self._notify("indexed", path)
+        return doc_id
+
+    def record_problem(
+        self,
+        *,
+        path: str,
+        root_id: int,
+        status: str,
+        error: str,
+        size: int | None = None,
+        mtime: float | None = None,
+        loader: str | None = None,
+    ) -> None:
+        """Record that a file failed or was skipped, with the reason; its earlier chunks, if any,
+        stay searchable until it loads again or goes away (nothing indexed is lost to a bad save)."""
+        with self._transaction() as conn:
+            self._upsert_document(
+                conn, path, root_id, size, mtime, None, loader, status, error, None, keep_chunks=True
+            )
+            self._touch(conn)
+        self._notify(status, path)
+
+    def touch_document(self, path: str, size: int, mtime: float) -> None:
+        """The file's bytes are unchanged but its stat moved on (a touch, a copy-back)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE documents SET size = ?, mtime = ? WHERE path = ?", (size, mtime, path))
+
+    def delete_document(self, path: str) -> bool:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
+            if not row:
+                return False
+            self._delete_chunks(conn, row[0])
+            conn.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+            self._touch(conn)
+        self._notify("removed", path)
+        return True
+
+    def delete_under(self, directory: str) -> list[str]:
+        """Delete every document under a directory that went away; return their paths."""
+        prefix = directory.rstrip(os.sep) + os.sep
+        paths = [
+            row[0]
+            for row in self._read().execute(
+                "SELECT path FROM documents WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+            )
+        ]
+        for path in paths:
+            self.delete_document(path)
+        return paths
+
+    def move_document(self, src: str, dst: str, root_id: int, mtime: float | None = None) -> bool:
+        """A file was renamed or moved: keep its chunks and vectors under the new path."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT id FROM documents WHERE path = ?", (src,)).fetchone()
+            if not row:
+                return False
+            existing = conn.execute("SELECT id FROM documents WHERE path = ?", (dst,)).fetchone()
+            if existing:
+                self._delete_chunks(conn, existing[0])
+                conn.execute("DELETE FROM documents WHERE id = ?", (existing[0],))
+            conn.execute(
+                "UPDATE documents SET path = ?, root_id = ?, mtime = COALESCE(?, mtime) WHERE id = ?",
+                (dst, root_id, mtime, row[0]),
+            )
+            self._touch(conn)
+        self._notify("moved", dst)
+        return True
+
+    def _upsert_document(
+        self,
+        conn: Any,
+        path: str,
+        root_id: int,
+        size: int | None,
+        mtime: float | None,
+        content_hash: str | None,
+        loader: str | None,
+        status: str,
+        error: str | None,
+        note: str | None,
+        keep_chunks: bool = False,
+    ) -> int:
+        row = conn.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
+        now = time.time()
+        if row:
+            if keep_chunks:
+                # the old chunks (and the hash they were made from) stay; only the state changes
+                conn.execute(
+                    "UPDATE documents SET root_id = ?, status = ?, error = ?, size = ?, mtime = ?, "
+                    "loader = COALESCE(?, loader), indexed_at = ? WHERE id = ?",
+                    (root_id, status, error, size, mtime, loader, now, row[0]),
+                )
+            else:
+                conn.execute(
+                    "UPDATE documents SET root_id = ?, size = ?, mtime = ?, content_hash = ?, loader = ?, "
+                    "status = ?, error = ?, note = ?, indexed_at = ? WHERE id = ?",
+                    (root_id, size, mtime, content_hash, loader, status, error, note, now, row[0]),
+                )
+            return row[0]
+        cur = conn.execute(
+            "INSERT INTO documents(root_id, path, size, mtime, content_hash, loader, status, error, note, "
+            "indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (root_id, path, size, mtime, None if keep_chunks else content_hash, loader, status, error, note, now),
+        )
+        return cur.lastrowid
+
+    def _delete_chunks(self, conn: Any, doc_id: int) -> None:
+        rows = conn.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,)).fetchall()
+        for (chunk_id,) in rows:
+            conn.execute("DELETE FROM chunks_fts WHERE rowid = ?", (chunk_id,))
+        if rows and self._has_vectors(conn):
+            ids = [r[0] for r in rows]
+            for start in range(0, len(ids), 500):
+                batch = ids[start : start + 500]
+                conn.execute(
+                    f"DELETE FROM chunk_vectors WHERE rowid IN ({','.join('?' * len(batch))})", batch
+                )
+        conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
+        conn.execute("UPDATE documents SET chunk_count = 0 WHERE id = ?", (doc_id,))
+
+    @staticmethod
+    def _has_vectors(conn: Any) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunk_vectors'").fetchone() is not None
+
+    def _touch(self, conn: Any) -> None:
+        self._set_meta(conn, "last_change", repr(time.time()))
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self) -> IndexStatus:
+        conn = self._read()
+        roots = []
+        for root in self.roots():
+            docs, chunks, failed, skipped = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(chunk_count), 0), "
+                "COALESCE(SUM(status = 'failed'), 0), COALESCE(SUM(status = 'skipped'), 0) "
+                "FROM documents WHERE root_id = ?",
+                (root.id,),
+            ).fetchone()
+            roots.append(RootStatus(root.path, docs, chunks, failed, skipped))
+        failed_rows = conn.execute(
+            "SELECT path, status, COALESCE(error, '') FROM documents "
+            "WHERE status != 'indexed' ORDER BY path"
+        ).fetchall()
+        last = self.get_meta("last_change")
+        return IndexStatus(
+            db_path=str(self.path),
+            roots=roots,
+            documents=conn.execute("SELECT COUNT(*) FROM documents WHERE status = 'indexed'").fetchone()[0],
+            chunks=conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0],
+            failed=[FailedFile(*row) for row in failed_rows],
+            last_change=float(last) if last else None,
+            embed_model=self.embed_model,
+            embed_dim=self.embed_dim,
+        )
+
+    def check_integrity(self) -> list[str]:
+        """Problems that would mean the index is inconsistent; an empty list when it is sound."""
+        conn = self._read()
+        problems = []
+        ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        if ok != "ok":
+            problems.append(f"sqlite integrity_check: {ok}")
+        n_chunks = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        if self._has_vectors(conn):
+            n_vec = conn.execute("SELECT COUNT(*) FROM chunk_vectors").fetchone()[0]
+            if n_vec != n_chunks:
+                problems.append(f"{n_chunks} chunks but {n_vec} vectors")
+        n_fts = conn.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]
+        if n_fts != n_chunks:
+            problems.append(f"{n_chunks} chunks but {n_fts} keyword rows")
+        bad = conn.execute(
+            "SELECT COUNT(*) FROM documents d WHERE chunk_count != "
+            "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)"
+        ).fetchone()[0]
+        if bad:
+            problems.append(f"{bad} documents whose chunk_count disagrees with their chunks")
+        return problems
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any exception."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> Any:
+        self.store._write_lock.acquire()
+        conn = self.store._writer
+        conn.execute("BEGIN IMMEDIATE")
+        return conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self.store._writer
+        try:
+            if exc_type is None:
+                conn.execute("COMMIT")
+            else:
+                conn.execute("ROLLBACK")
+        finally:
+            self.store._write_lock.release()
+
+
+def path_matches(path: str, glob: str, roots: Sequence[str] | None) -> bool:
+    """Whether ``path`` matches ``glob``: against the absolute path, the path relative to any root,
+    or the file name; ``**`` spans folders (``docs/**/*.md``)."""
+    candidates = [path, os.path.basename(path)]
+    for root in roots or ():
+        prefix = root.rstrip(os.sep) + os.sep
+        if path.startswith(prefix):
+            candidates.append(path[len(prefix) :])
+    pattern = glob
+    for candidate in candidates:
+        if fnmatch.fnmatchcase(candidate, pattern):
+            return True
+        if "**/" in pattern and fnmatch.fnmatchcase(candidate, pattern.replace("**/", "")):
+            return True
+    return False
