@@ -248,9 +248,7 @@ class Store:
         with self._transaction() as conn:
             known = conn.execute("SELECT value FROM meta WHERE key = 'embed_model'").fetchone()
             dim = conn.execute("SELECT value FROM meta WHERE key = 'embed_dim'").fetchone()
-            has_table = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE name = 'chunk_vectors'"
-            ).fetchone()
+            has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunk_vectors'").fetchone()
             if has_table and known and known[0] == model_id and dim and int(dim[0]) == dimension:
                 return False
             conn.execute("DROP TABLE IF EXISTS chunk_vectors")
@@ -267,11 +265,15 @@ class Store:
 
     def chunks_missing_vectors(self, limit: int = 1000) -> list[ChunkRow]:
         """Chunks that have no vector yet (after an embedder change, or an interrupted re-embed)."""
-        rows = self._read().execute(
-            f"SELECT {_CHUNK_COLUMNS} FROM chunks c "
-            "WHERE NOT EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.rowid = c.id) LIMIT ?",
-            (limit,),
-        ).fetchall()
+        rows = (
+            self._read()
+            .execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks c "
+                "WHERE NOT EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.rowid = c.id) LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
         return [_chunk_row(row) for row in rows]
 
     def set_vectors(self, model_id: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:
@@ -325,9 +327,7 @@ class Store:
     def add_root(self, path: Path | str) -> Root:
         resolved = str(Path(path).expanduser().resolve())
         with self._transaction() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO roots(path, added_at) VALUES (?, ?)", (resolved, time.time())
-            )
+            conn.execute("INSERT OR IGNORE INTO roots(path, added_at) VALUES (?, ?)", (resolved, time.time()))
             row = conn.execute("SELECT id, path, added_at FROM roots WHERE path = ?", (resolved,)).fetchone()
         return Root(*row)
 
@@ -360,9 +360,11 @@ class Store:
     # -- documents -------------------------------------------------------------------------------
 
     def get_document(self, path: Path | str) -> DocumentRow | None:
-        row = self._read().execute(
-            f"SELECT {_DOC_COLUMNS} FROM documents WHERE path = ?", (str(path),)
-        ).fetchone()
+        row = (
+            self._read()
+            .execute(f"SELECT {_DOC_COLUMNS} FROM documents WHERE path = ?", (str(path),))
+            .fetchone()
+        )
         return DocumentRow(*row) if row else None
 
     def documents(self, root: str | None = None) -> list[DocumentRow]:
@@ -374,17 +376,23 @@ class Store:
         return [DocumentRow(*row) for row in self._read().execute(sql + " ORDER BY path", args)]
 
     def find_by_hash(self, content_hash: str) -> list[DocumentRow]:
-        rows = self._read().execute(
-            f"SELECT {_DOC_COLUMNS} FROM documents WHERE content_hash = ?", (content_hash,)
-        ).fetchall()
+        rows = (
+            self._read()
+            .execute(f"SELECT {_DOC_COLUMNS} FROM documents WHERE content_hash = ?", (content_hash,))
+            .fetchall()
+        )
         return [DocumentRow(*row) for row in rows]
 
     def document_chunks(self, path: Path | str) -> list[ChunkRow]:
-        rows = self._read().execute(
-            f"SELECT {_CHUNK_COLUMNS} FROM chunks c JOIN documents d ON d.id = c.document_id "
-            "WHERE d.path = ? ORDER BY c.seq",
-            (str(path),),
-        ).fetchall()
+        rows = (
+            self._read()
+            .execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks c JOIN documents d ON d.id = c.document_id "
+                "WHERE d.path = ? ORDER BY c.seq",
+                (str(path),),
+            )
+            .fetchall()
+        )
         return [_chunk_row(row) for row in rows]
 
     def iter_chunks(self, path_glob: str | None = None, root: str | None = None) -> Iterator[ChunkWithPath]:
@@ -492,6 +500,16 @@ class Store:
         with self._transaction() as conn:
             conn.execute("UPDATE documents SET size = ?, mtime = ? WHERE path = ?", (size, mtime, path))
 
+    def forget_file_state(self, root: str | None = None, content: bool = False) -> int:
+        """Make the next scan look at every file again (and re-chunk them all with ``content``)."""
+        sql = "UPDATE documents SET mtime = NULL" + (", content_hash = NULL" if content else "")
+        args: tuple = ()
+        if root is not None:
+            sql += " WHERE root_id = (SELECT id FROM roots WHERE path = ?)"
+            args = (str(Path(root).expanduser().resolve()),)
+        with self._transaction() as conn:
+            return conn.execute(sql, args).rowcount
+
     def delete_document(self, path: str) -> bool:
         with self._transaction() as conn:
             row = conn.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
@@ -568,7 +586,18 @@ class Store:
         cur = conn.execute(
             "INSERT INTO documents(root_id, path, size, mtime, content_hash, loader, status, error, note, "
             "indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (root_id, path, size, mtime, None if keep_chunks else content_hash, loader, status, error, note, now),
+            (
+                root_id,
+                path,
+                size,
+                mtime,
+                None if keep_chunks else content_hash,
+                loader,
+                status,
+                error,
+                note,
+                now,
+            ),
         )
         return cur.lastrowid
 
@@ -607,8 +636,7 @@ class Store:
             ).fetchone()
             roots.append(RootStatus(root.path, docs, chunks, failed, skipped))
         failed_rows = conn.execute(
-            "SELECT path, status, COALESCE(error, '') FROM documents "
-            "WHERE status != 'indexed' ORDER BY path"
+            "SELECT path, status, COALESCE(error, '') FROM documents WHERE status != 'indexed' ORDER BY path"
         ).fetchall()
         last = self.get_meta("last_change")
         return IndexStatus(

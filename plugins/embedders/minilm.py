@@ -35,6 +35,9 @@ class MiniLMEmbedder(Embedder):
                     os.environ.setdefault("HF_HUB_OFFLINE", "1")
                     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                     from sentence_transformers import SentenceTransformer
+                    from transformers.utils import logging as hf_logging
+
+                    hf_logging.disable_progress_bar()  # a weights bar on every start is noise
 
                     device = os.environ.get("LOREKEEPER_DEVICE", "cpu")
                     self._model = SentenceTransformer(str(default_embedder_path()), device=device)

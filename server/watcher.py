@@ -1,0 +1,286 @@
+"""Watches the registered folders and feeds changes to the indexer within a second.
+
+File events are coalesced per path and debounced: an editor's save (write a temporary file, rename
+it over the original), a ``git checkout`` of thousands of files, or a file written in many small
+pieces becomes one indexing pass per file, batched across files for the embedder. A reconcile scan
+at start and every few minutes catches what changed while nothing watched (or what the OS did not
+report). Where native events are unavailable (network shares, the inotify watch limit) the folder is
+polled instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from .ignore import IGNORE_FILES
+from .indexer import Indexer
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILESYSTEMS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smbfs",
+    "smb3",
+    "fuse.sshfs",
+    "9p",
+    "afs",
+    "davfs",
+    "fuse.rclone",
+}
+POLLING_ENV = "LOREKEEPER_POLLING"
+
+
+@dataclass
+class _Pending:
+    first: float
+    last: float
+    moved_from: str | None = None
+    is_dir: bool = False
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        if event.is_directory and event.event_type in ("modified", "closed"):
+            return  # a folder's own "modified" only says something inside it changed
+        src = os.fsdecode(event.src_path)
+        if event.event_type == "moved":
+            self.watcher.notify_move(src, os.fsdecode(event.dest_path), event.is_directory)
+        else:
+            self.watcher.notify(src, event.is_directory)
+
+
+def _filesystem_type(path: str) -> str | None:
+    """The mount's file system type on Linux (from /proc/mounts); None elsewhere."""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as handle:
+            mounts = [line.split() for line in handle]
+    except OSError:
+        return None
+    best, kind = "", None
+    for fields in mounts:
+        if len(fields) >= 3 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")):
+            if len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind
+
+
+class Watcher:
+    """Watches every registered root (and ones added later with ``watch``) for one indexer."""
+
+    def __init__(
+        self,
+        indexer: Indexer,
+        debounce: float = 0.2,
+        max_delay: float = 2.0,
+        reconcile_interval: float = 300.0,
+        force_polling: bool | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.indexer = indexer
+        self.debounce = debounce
+        self.max_delay = max_delay  # a file written continuously is still indexed this often
+        self.reconcile_interval = reconcile_interval
+        self.poll_interval = poll_interval
+        self.force_polling = (
+            force_polling if force_polling is not None else os.environ.get(POLLING_ENV) == "1"
+        )
+        self._pending: dict[str, _Pending] = {}
+        self._cond = threading.Condition()
+        self._busy = False
+        self._reconcile_due = True  # the first pass of the worker catches up with the disk
+        self._stop = threading.Event()
+        self._observers: dict[str, object] = {}
+        self._thread: threading.Thread | None = None
+        self.modes: dict[str, str] = {}  # root -> "native" or "polling"
+        self.errors: list[str] = []
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for root in self.indexer.store.roots():
+            self.watch(root.path, register=False)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lorekeeper-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for observer in list(self._observers.values()):
+            observer.stop()
+        for observer in list(self._observers.values()):
+            observer.join(timeout=5)
+        self._observers.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def __enter__(self) -> Watcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def watch(self, path: str, register: bool = True) -> None:
+        """Start watching a folder; with ``register`` it becomes a root and is indexed."""
+        resolved = str(os.path.realpath(os.path.expanduser(path)))
+        if register:
+            self.indexer.store.add_root(resolved)
+            self.request_reconcile()
+        if resolved in self._observers:
+            return
+        observer = self._make_observer(resolved)
+        self._observers[resolved] = observer
+
+    def unwatch(self, path: str) -> None:
+        resolved = str(os.path.realpath(os.path.expanduser(path)))
+        observer = self._observers.pop(resolved, None)
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+
+    def _make_observer(self, root: str):
+        handler = _Handler(self)
+        polling = self.force_polling or (_filesystem_type(root) in NETWORK_FILESYSTEMS)
+        if not polling:
+            try:
+                observer = Observer()
+                observer.schedule(handler, root, recursive=True)
+                observer.start()
+                self.modes[root] = "native"
+                return observer
+            except OSError as exc:  # inotify watch or instance limits, unsupported file systems
+                log.warning("native file events unavailable for %s (%s); polling instead", root, exc)
+                self.errors.append(f"{root}: native events unavailable ({exc}); polling every "
+                                   f"{self.poll_interval:g} s")  # fmt: skip
+        observer = PollingObserver(timeout=self.poll_interval)
+        observer.schedule(handler, root, recursive=True)
+        observer.start()
+        self.modes[root] = "polling"
+        return observer
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def notify(self, path: str, is_dir: bool = False) -> None:
+        now = time.monotonic()
+        with self._cond:
+            entry = self._pending.get(path)
+            if entry is None:
+                self._pending[path] = _Pending(now, now, is_dir=is_dir)
+            else:
+                entry.last = now
+                entry.is_dir = entry.is_dir or is_dir
+            self._cond.notify_all()
+
+    def notify_move(self, src: str, dst: str, is_dir: bool = False) -> None:
+        now = time.monotonic()
+        with self._cond:
+            earlier = self._pending.pop(src, None)
+            # a file created and renamed within the debounce window is simply a new file
+            moved_from = earlier.moved_from if earlier and earlier.moved_from else src
+            self._pending[dst] = _Pending(earlier.first if earlier else now, now, moved_from, is_dir)
+            self._cond.notify_all()
+
+    def request_reconcile(self) -> None:
+        with self._cond:
+            self._reconcile_due = True
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + (1 if self._busy else 0)
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no event is waiting or being processed; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy or self._reconcile_due:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+            return True
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_reconcile = time.monotonic()
+        while not self._stop.is_set():
+            with self._cond:
+                now = time.monotonic()
+                if now - last_reconcile >= self.reconcile_interval:
+                    self._reconcile_due = True
+                ready = {
+                    path: entry
+                    for path, entry in self._pending.items()
+                    if now - entry.last >= self.debounce or now - entry.first >= self.max_delay
+                }
+                reconcile = self._reconcile_due
+                if not ready and not reconcile:
+                    waits = [self.debounce - (now - e.last) for e in self._pending.values()]
+                    waits.append(self.reconcile_interval - (now - last_reconcile))
+                    self._cond.wait(max(0.01, min(waits)))
+                    continue
+                for path in ready:
+                    del self._pending[path]
+                self._busy = True
+            try:
+                if reconcile:
+                    self._safely(self.indexer.reconcile)
+                    last_reconcile = time.monotonic()
+                if ready:
+                    self._process(ready)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    if reconcile:
+                        self._reconcile_due = False
+                    self._cond.notify_all()
+
+    def _safely(self, func, *args) -> object:
+        try:
+            return func(*args)
+        except Exception as exc:  # one bad event must never stop the watcher
+            log.exception("watcher: %s%s failed", getattr(func, "__name__", func), args)
+            self.errors.append(f"{getattr(func, '__name__', func)}{args}: {exc}")
+            return None
+
+    def _process(self, ready: dict[str, _Pending]) -> None:
+        files: list[str] = []
+        for path, entry in ready.items():
+            name = os.path.basename(path)
+            if name in IGNORE_FILES:
+                # ignore rules changed: forget them and look at the whole root again
+                root = self.indexer.store.root_for(path)
+                if root is not None:
+                    self.indexer.rules_for(root).invalidate(os.path.dirname(path))
+                    self.request_reconcile()
+                continue
+            if entry.moved_from is not None:
+                self._safely(self.indexer.move_file, entry.moved_from, path)
+            elif os.path.isdir(path):
+                if not self.indexer.is_ignored(path):
+                    self._safely(self.indexer.reconcile_dir, path)
+            elif os.path.lexists(path):
+                files.append(path)
+            else:
+                self._safely(self.indexer.remove_file, path)
+        if files:
+            self._safely(self.indexer.index_files, files)
