@@ -15,6 +15,7 @@ Settings, all optional (environment, or constructor arguments from the CLI):
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
@@ -149,6 +150,9 @@ class LlamaCppGenerator(Generator):
         else:
             logger.warning("%s has no chat template in its metadata; using llama.cpp's guess", path.name)
         self._llm = llm
+        # Free it before interpreter teardown: llama-cpp-python's own __del__ then finds its
+        # ctypes bindings already gone and prints a TypeError at exit.
+        atexit.register(self.close)
 
     def close(self) -> None:
         """Free adapters and the model (also done at interpreter exit by llama-cpp-python)."""
@@ -193,6 +197,10 @@ class LlamaCppGenerator(Generator):
         return _Prompt(tokens, [s for s in stop if s], result.stopping_criteria)
 
     # ------------------------------------------------------------------ adapters
+
+    def check_adapter(self, name: str) -> Path:
+        """The adapter file for ``name``; raises ``UnknownAdapterError`` listing the known ones."""
+        return self._adapter_path(name)
 
     def _adapter_path(self, name: str) -> Path:
         if not name or "/" in name or "\\" in name or name.startswith("."):
