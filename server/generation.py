@@ -40,6 +40,17 @@ class PromptTooLongError(ValueError):
     """The question (with the system prompt and answer room) does not fit the context window."""
 
 
+def describe_location(start_line: int | None, end_line: int | None, page: int | None) -> str:
+    """Where in a file a chunk is, for people: ``line 4``, ``lines 3-9``, ``page 2``."""
+    parts = []
+    if page is not None:
+        parts.append(f"page {page}")
+    if start_line is not None:
+        end = end_line if end_line is not None else start_line
+        parts.append(f"line {start_line}" if end == start_line else f"lines {start_line}-{end}")
+    return ", ".join(parts)
+
+
 @dataclass
 class Source:
     """A retrieved chunk as it was shown to the model, under its citation number."""
@@ -57,16 +68,7 @@ class Source:
 
     @property
     def location(self) -> str:
-        """Where in the file the chunk is, for people: ``lines 3-9``, ``page 2``."""
-        parts = []
-        if self.page is not None:
-            parts.append(f"page {self.page}")
-        if self.start_line is not None:
-            end = self.end_line if self.end_line is not None else self.start_line
-            parts.append(
-                f"line {self.start_line}" if end == self.start_line else f"lines {self.start_line}-{end}"
-            )
-        return ", ".join(parts)
+        return describe_location(self.start_line, self.end_line, self.page)
 
     def label(self) -> str:
         bits = [self.path]

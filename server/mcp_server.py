@@ -465,13 +465,9 @@ def _parse_time(value: float | str | None) -> float | None:
 
 
 def _hit_location(hit: Any) -> str:
-    parts = []
-    if getattr(hit, "page", None) is not None:
-        parts.append(f"page {hit.page}")
-    if getattr(hit, "start_line", None) is not None:
-        end = hit.end_line if hit.end_line is not None else hit.start_line
-        parts.append(f"lines {hit.start_line}-{end}")
-    return ", ".join(parts)
+    return generation.describe_location(
+        getattr(hit, "start_line", None), getattr(hit, "end_line", None), getattr(hit, "page", None)
+    )
 
 
 def _retrieve_text(result: RetrieveResult) -> str:
