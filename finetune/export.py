@@ -1,0 +1,275 @@
+"""`lorekeeper finetune export RUN`: a trained run -> GGUF files llama.cpp runs, registered by name.
+
+Three products, each optional:
+
+- the LoRA adapter as a GGUF adapter (``NAME.lora.gguf``), applied by llama.cpp on top of the base
+  GGUF; registered as ``adapters_dir()/NAME.gguf`` plus ``NAME.json`` so ``generate(adapter=NAME)``
+  and ``lorekeeper ask --adapter NAME`` find it;
+- a merged model (base + adapter) as GGUF F16/F32/Q8_0, tokenizer and chat template included;
+- that merged model quantized further by llama.cpp's own quantizer (Q4_K_M, Q5_K_M, ...).
+
+A GGUF base is the adapter's base as is (the shipped SmolLM2 Q4_1 by default). A Hugging Face
+directory base is first converted to a GGUF (``NAME-base-f16.gguf``) so the adapter has a base to sit
+on. Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .gguf_arch import ModelShape, UnsupportedArchitecture, shape_from_gguf, shape_from_hf_config
+from .gguf_writer import (
+    OUTTYPES,
+    ExportError,
+    atomic_file,
+    quantize_gguf,
+    write_lora_adapter,
+    write_merged_from_gguf,
+    write_model_from_hf,
+)
+from .lora_tensors import AdapterFormatError, LoraAdapter, load_adapter
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+__all__ = [
+    "AdapterFormatError",
+    "ExportError",
+    "ExportReport",
+    "UnsupportedArchitecture",
+    "export_run",
+    "register_adapter",
+]
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote, for the CLI and for tests."""
+
+    name: str
+    run_dir: Path
+    architecture: str
+    base_gguf: Path | None = None  # the GGUF the adapter is applied to
+    adapter_gguf: Path | None = None
+    registered_gguf: Path | None = None
+    registered_json: Path | None = None
+    merged_gguf: Path | None = None
+    quantized_gguf: Path | None = None
+    rank: int = 0
+    alpha: float = 0.0
+    lora_modules: int = 0
+    files: list[Path] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "files"
+        } | {"files": [str(p) for p in self.files]}
+
+    def __str__(self) -> str:
+        lines = [f"exported {self.name} ({self.architecture}, LoRA r={self.rank}, alpha={self.alpha:g})"]
+        for label, path in (
+            ("base GGUF", self.base_gguf),
+            ("adapter", self.adapter_gguf),
+            ("registered as", self.registered_gguf),
+            ("merged model", self.merged_gguf),
+            ("quantized model", self.quantized_gguf),
+        ):
+            if path is not None:
+                size = f" ({path.stat().st_size / 1e6:.1f} MB)" if path.is_file() else ""
+                lines.append(f"  {label}: {path}{size}")
+        return "\n".join(lines)
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ExportError(
+            f"adapter name {name!r} is not valid: use letters, digits, '.', '_' or '-' (e.g. 'notes-v1')"
+        )
+    return name
+
+
+def _read_base(run_dir: Path) -> Any:
+    from .base_model import BaseRef
+
+    path = run_dir / "base.json"
+    if not path.is_file():
+        raise ExportError(f"{run_dir} has no base.json: is it a fine-tuning run directory?")
+    return BaseRef.load(path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_llama_cpp_loads(base_gguf: Path, adapter_gguf: Path | None = None) -> None:
+    """Load the model (and adapter) in llama.cpp once, so a broken export is caught before use."""
+    from llama_cpp import Llama
+
+    try:
+        llm = Llama(
+            model_path=str(base_gguf),
+            lora_path=str(adapter_gguf) if adapter_gguf else None,
+            n_ctx=32,
+            n_threads=1,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        what = f"adapter {adapter_gguf} on {base_gguf}" if adapter_gguf else str(base_gguf)
+        raise ExportError(f"llama.cpp refused the exported {what}: {exc}") from exc
+    llm.close()
+
+
+def register_adapter(
+    adapter_gguf: Path,
+    name: str,
+    *,
+    base_gguf: Path,
+    adapter: LoraAdapter,
+    shape: ModelShape,
+    run_dir: Path,
+) -> tuple[Path, Path]:
+    """Copy the adapter into ``adapters_dir()`` as NAME.gguf and describe it in NAME.json."""
+    from lorekeeper.server.config import adapters_dir
+
+    target = adapters_dir() / f"{_check_name(name)}.gguf"
+    if target.exists():
+        log.info("replacing the registered adapter %s", target)
+    with atomic_file(target) as tmp:
+        shutil.copyfile(adapter_gguf, tmp)
+    suffixes = sorted({m.module.rsplit(".", 1)[-1] for m in adapter.modules.values()})
+    info = {
+        "name": name,
+        "adapter_file": target.name,
+        "base_model": str(base_gguf),
+        "base_sha256": file_sha256(base_gguf),
+        "architecture": shape.spec.name,
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+        "use_rslora": adapter.use_rslora,
+        "target_modules": suffixes,
+        "run_dir": str(run_dir),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta = target.with_suffix(".json")
+    with atomic_file(meta) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return target, meta
+
+
+def export_run(
+    run_dir: Path | str,
+    *,
+    name: str | None = None,
+    adapter: bool = True,
+    merged: bool = False,
+    outtype: str = "f16",
+    quantize: str | None = None,
+    register: bool = True,
+    output_dir: Path | str | None = None,
+    verify: bool = True,
+) -> ExportReport:
+    """Export a run's adapter (and optionally a merged, optionally quantized, model) as GGUF.
+
+    ``outtype`` (f16, f32, q8_0) applies to the merged model and to a base converted from a
+    Hugging Face directory. ``quantize`` (e.g. "Q4_K_M") re-quantizes the merged model with
+    llama.cpp; it implies a merged export. ``verify`` loads the results in llama.cpp once.
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    if outtype not in OUTTYPES:
+        raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if not adapter and not merged and not quantize:
+        raise ExportError("nothing to export: ask for the adapter, a merged model, or a quantized model")
+    name = _check_name(name or run_dir.name)
+    out = Path(output_dir).expanduser().resolve() if output_dir else run_dir / "export"
+    base = _read_base(run_dir)
+    lora = load_adapter(run_dir / "adapter")
+
+    if base.kind == "gguf":
+        import gguf
+
+        base_gguf = Path(base.gguf_path)
+        if not base_gguf.is_file():
+            raise ExportError(f"the run's base model {base_gguf} is gone: restore it to export this run")
+        shape = shape_from_gguf(gguf.GGUFReader(str(base_gguf)), str(base_gguf))
+        config: dict[str, Any] = {}
+    else:
+        model_dir = Path(base.path)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise ExportError(f"the run's base model {model_dir} has no config.json: restore it to export")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        shape = shape_from_hf_config(config)
+        base_gguf = None
+    tokenizer_dir = run_dir / "tokenizer" if (run_dir / "tokenizer" / "tokenizer.json").is_file() else None
+
+    report = ExportReport(
+        name=name,
+        run_dir=run_dir,
+        architecture=shape.spec.name,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        lora_modules=len(lora.modules),
+    )
+
+    def hf_model(final: Path, with_adapter: LoraAdapter | None, kind: str) -> Path:
+        return write_model_from_hf(
+            final,
+            Path(base.path),
+            tokenizer_dir or Path(base.path),
+            shape,
+            config,
+            with_adapter,
+            kind,
+            name,
+        )
+
+    if adapter:
+        if base_gguf is None:
+            base_gguf = hf_model(out / f"{name}-base-{outtype}.gguf", None, outtype)
+            report.files.append(base_gguf)
+        report.base_gguf = base_gguf
+        adapter_path = write_lora_adapter(out / f"{name}.lora.gguf", shape, lora, name)
+        report.adapter_gguf = adapter_path
+        report.files.append(adapter_path)
+        if verify:
+            check_llama_cpp_loads(base_gguf, adapter_path)
+        if register:
+            report.registered_gguf, report.registered_json = register_adapter(
+                adapter_path, name, base_gguf=base_gguf, adapter=lora, shape=shape, run_dir=run_dir
+            )
+        log.info("adapter written to %s", adapter_path)
+
+    if merged or quantize:
+        merged_path = out / f"{name}-merged-{outtype}.gguf"
+        if base.kind == "gguf":
+            write_merged_from_gguf(merged_path, Path(base.gguf_path), shape, lora, outtype, name)
+        else:
+            hf_model(merged_path, lora, outtype)
+        if quantize:
+            qname = quantize.upper().replace("-", "_")
+            quantized = quantize_gguf(merged_path, out / f"{name}-merged-{qname}.gguf", qname)
+            report.quantized_gguf = quantized
+            report.files.append(quantized)
+            if verify:
+                check_llama_cpp_loads(quantized)
+        if merged:
+            report.merged_gguf = merged_path
+            report.files.append(merged_path)
+            if verify:
+                check_llama_cpp_loads(merged_path)
+        else:
+            merged_path.unlink(missing_ok=True)  # only the quantized model was asked for
+    return report

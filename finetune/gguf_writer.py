@@ -1,0 +1,464 @@
+"""Write GGUF files llama.cpp loads: LoRA adapters, merged models, and their tokenizer metadata.
+
+Every file is written to a temporary name in the destination directory and renamed into place
+only once complete (``atomic_file``), so a full disk or a crash never leaves a half-written GGUF
+under the name a user or the generator would load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .gguf_arch import ModelShape, hf_weight_to_gguf, permute_rows_for_rope, qk_heads, write_hparams
+from .lora_tensors import LoraAdapter, LoraModule
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = ("f32", "f16", "q8_0")
+_FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class ExportError(RuntimeError):
+    """Export failed; the message says what and what to do. No partial file is left behind."""
+
+
+class UnsupportedTokenizer(ExportError):
+    """The base's tokenizer cannot be written as GGUF metadata by this exporter."""
+
+
+# --- atomic files --------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem lets a directory be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it to ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        tmp = None
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise ExportError(
+                f"not enough disk space to write {final} ({exc.strerror}); nothing was written under that "
+                "name: free some space or choose another output directory"
+            ) from exc
+        raise ExportError(f"could not write {final}: {exc}") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def write_gguf(final: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
+    """Build a GGUF with ``fill(writer)`` (metadata and tensors), then write it atomically."""
+    with atomic_file(final) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return Path(final)
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+def encode_tensor(value: np.ndarray, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """Float tensor -> (data, raw dtype) for ``outtype``; vectors (norms, biases) stay F32."""
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    if outtype == "f32" or value.ndim < 2:
+        return value, None
+    if outtype == "q8_0" and value.shape[-1] % 32 == 0:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(value, q8), q8
+    return value.astype(np.float16), None
+
+
+def gguf_tensor_as_float(tensor: Any) -> np.ndarray:
+    """A tensor read by GGUFReader as float32 in numpy layout (rows, columns), dequantized if needed."""
+    kind = tensor.tensor_type
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        data = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        try:
+            data = gguf.quants.dequantize(tensor.data, kind)
+        except NotImplementedError as exc:
+            raise ExportError(f"cannot dequantize tensor {tensor.name!r} of type {kind.name}") from exc
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return data.reshape(shape)
+
+
+def lora_delta_for_gguf(shape: ModelShape, module: LoraModule) -> np.ndarray:
+    """``scale * B @ A`` in GGUF row order (Q/K rows interleaved for llama-style rope)."""
+    delta = module.delta()
+    heads = qk_heads(shape, module.weight_name)
+    return permute_rows_for_rope(delta, heads) if heads is not None else delta
+
+
+def _adapted_gguf_names(shape: ModelShape, adapter: LoraAdapter | None) -> dict[str, LoraModule]:
+    if adapter is None:
+        return {}
+    return {shape.tensor_name(m.weight_name): m for m in adapter.modules.values()}
+
+
+# --- LoRA adapter --------------------------------------------------------------------------------
+
+
+def write_lora_adapter(final: Path, shape: ModelShape, adapter: LoraAdapter, name: str) -> Path:
+    """The adapter as a GGUF LoRA file llama.cpp attaches to the base model.
+
+    llama.cpp computes ``W x + (alpha / r) * B (A x)`` with ``r`` read from each B matrix, so the
+    file's alpha is chosen as ``default_scale * r``; modules whose peft scale differs (rsLoRA with
+    per-module ranks, alpha/rank patterns) get the ratio folded into B, which is exact.
+    """
+    alpha = adapter.default_scale * adapter.rank
+    tensors: list[tuple[str, np.ndarray]] = []
+    for module in adapter.modules.values():
+        if module.module.endswith("lm_head") and shape.tied_embeddings:
+            raise ExportError(
+                "the adapter trains lm_head, but this model ties lm_head to the token embeddings; "
+                "llama.cpp cannot apply that as a LoRA adapter: export a merged model instead"
+            )
+        base_name = shape.tensor_name(module.weight_name)
+        b = module.b
+        heads = qk_heads(shape, module.weight_name)
+        if heads is not None:
+            b = permute_rows_for_rope(b, heads)
+        ratio = module.scale / (alpha / module.rank)
+        if not np.isclose(ratio, 1.0, rtol=1e-6):
+            b = b * ratio
+        tensors.append((f"{base_name}.lora_a", module.a))
+        tensors.append((f"{base_name}.lora_b", b))
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(name)
+        for tensor_name, value in tensors:
+            writer.add_tensor(tensor_name, np.ascontiguousarray(value, dtype=np.float32))
+
+    return write_gguf(final, shape.spec.name, fill)
+
+
+# --- merged model from a GGUF base ---------------------------------------------------------------
+
+_SKIP_COPY = {"general.architecture", "general.file_type", "general.name", "general.type"}
+
+
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: set[str] = _SKIP_COPY) -> None:
+    """Copy every key/value (hyper-parameters, tokenizer, chat template) from one GGUF to another."""
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            if sub == gguf.GGUFValueType.STRING:
+                value: Any = [bytes(field.parts[i]) for i in field.data]
+            else:
+                value = [field.parts[i].tolist()[0] for i in field.data]
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        elif vtype == gguf.GGUFValueType.STRING:
+            writer.add_key_value(key, bytes(field.parts[field.data[0]]), vtype)
+        else:
+            writer.add_key_value(key, field.parts[field.data[0]].tolist()[0], vtype)
+
+
+def write_merged_from_gguf(
+    final: Path, base_gguf: Path, shape: ModelShape, adapter: LoraAdapter | None, outtype: str, name: str
+) -> Path:
+    """Base GGUF weights (dequantized) plus the LoRA deltas, re-encoded as ``outtype``.
+
+    Everything else - hyper-parameters, tokenizer, chat template, BOS behaviour - is copied from
+    the base file, so the merged model speaks exactly like the model the adapter was trained on.
+    """
+    reader = gguf.GGUFReader(str(base_gguf))
+    adapted = _adapted_gguf_names(shape, adapter)
+    names = {t.name for t in reader.tensors}
+    lm_head = adapter.modules.get("lm_head") if adapter else None
+    if lm_head is not None:
+        adapted.pop("output.weight", None)
+        if "output.weight" in names:
+            adapted["output.weight"] = lm_head
+    missing = [n for n in adapted if n not in names]
+    if missing:
+        raise ExportError(f"the adapter targets tensors absent from {base_gguf.name}: {missing[:5]}")
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        copy_metadata(reader, writer)
+        writer.add_name(name)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_file_type(_FILE_TYPES[outtype])
+        for tensor in reader.tensors:
+            value = gguf_tensor_as_float(tensor)
+            module = adapted.get(tensor.name)
+            if module is not None:
+                value = value + lora_delta_for_gguf(shape, module)
+            data, raw = encode_tensor(value, outtype)
+            writer.add_tensor(tensor.name, data, raw_dtype=raw)
+            if lm_head is not None and tensor.name == "token_embd.weight" and "output.weight" not in names:
+                # peft adapted the (tied) output projection only: untie it in the merged model
+                data, raw = encode_tensor(value + lm_head.delta(), outtype)
+                writer.add_tensor("output.weight", data, raw_dtype=raw)
+
+    return write_gguf(final, shape.spec.name, fill)
+
+
+# --- merged (or plain) model from a Hugging Face directory ---------------------------------------
+
+
+def iter_hf_weights(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) for every weight in a Hugging Face model directory."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    yield key, fh.get_tensor(key).float().numpy()
+        return
+    bins = sorted(Path(model_dir).glob("pytorch_model*.bin"))
+    if not bins:
+        raise ExportError(f"{model_dir} holds no *.safetensors or pytorch_model*.bin weights")
+    import torch
+
+    for path in bins:
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            yield key, value.float().numpy()
+
+
+def write_model_from_hf(
+    final: Path,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    shape: ModelShape,
+    config: dict[str, Any],
+    adapter: LoraAdapter | None,
+    outtype: str,
+    name: str,
+) -> Path:
+    """Convert a Hugging Face model (plus the adapter's deltas, if given) to a GGUF model file."""
+    deltas = {m.weight_name: m for m in adapter.modules.values()} if adapter else {}
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type(_FILE_TYPES[outtype])
+        extra = write_hparams(writer, shape, config)
+        write_hf_tokenizer(writer, tokenizer_dir, int(config["vocab_size"]))
+        seen: set[str] = set()
+        embed: np.ndarray | None = None
+        for hf_name, value in iter_hf_weights(model_dir):
+            if "rotary_emb" in hf_name:
+                continue
+            if hf_name == "lm_head.weight" and shape.tied_embeddings and hf_name not in deltas:
+                continue
+            module = deltas.get(hf_name)
+            if module is not None:
+                value = value + module.delta()
+                seen.add(hf_name)
+            if hf_name.endswith("embed_tokens.weight"):
+                embed = value
+            gguf_name = shape.tensor_name(hf_name)
+            data, raw = encode_tensor(hf_weight_to_gguf(shape, hf_name, value), outtype)
+            writer.add_tensor(gguf_name, data, raw_dtype=raw)
+        lm_head = deltas.get("lm_head.weight")
+        if lm_head is not None and shape.tied_embeddings and "lm_head.weight" not in seen:
+            if embed is None:
+                raise ExportError(f"{model_dir}: no embed_tokens weight to untie lm_head from")
+            data, raw = encode_tensor(embed + lm_head.delta(), outtype)
+            writer.add_tensor("output.weight", data, raw_dtype=raw)
+            seen.add("lm_head.weight")
+        unused = set(deltas) - seen
+        if unused:
+            raise ExportError(f"the adapter targets weights absent from {model_dir}: {sorted(unused)[:5]}")
+        for tensor_name, value in extra.items():
+            writer.add_tensor(tensor_name, value)
+
+    return write_gguf(final, shape.spec.name, fill)
+
+
+# --- tokenizer metadata from a Hugging Face tokenizer ---------------------------------------------
+
+# llama.cpp names for byte-level BPE pre-tokenizers, recognised by the regex in tokenizer.json
+_PRE_BY_REGEX = {
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
+}
+
+
+def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
+    kinds = [s.get("type") for s in steps]
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
+        return "smollm"
+    if kinds[:1] == ["Split"] and kinds[-1:] == ["ByteLevel"]:
+        regex = steps[0].get("pattern", {}).get("Regex")
+        if regex in _PRE_BY_REGEX:
+            return _PRE_BY_REGEX[regex]
+    raise UnsupportedTokenizer(
+        f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one the exporter recognises "
+        "(GPT-2, SmolLM, Llama 3 and Qwen2 byte-level BPE are); export from a GGUF base instead"
+    )
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _chat_template(tokenizer_dir: Path, tok_config: dict[str, Any]) -> str | None:
+    template = tok_config.get("chat_template")
+    jinja = tokenizer_dir / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    if isinstance(template, list):  # named templates: llama.cpp uses the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _adds_bos(tok_json: dict[str, Any], tok_config: dict[str, Any], bos: str | None) -> bool:
+    if "add_bos_token" in tok_config:
+        return bool(tok_config["add_bos_token"])
+    post = tok_json.get("post_processor") or {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for proc in processors:
+        if proc.get("type") == "TemplateProcessing":
+            first = (proc.get("single") or [{}])[0]
+            return "SpecialToken" in first and first["SpecialToken"].get("id") == bos
+    return False
+
+
+def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> None:
+    """Byte-level BPE tokenizer (tokenizer.json) -> GGUF ``tokenizer.*`` metadata with chat template."""
+    tokenizer_dir = Path(tokenizer_dir)
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UnsupportedTokenizer(
+            f"{tokenizer_dir} has no tokenizer.json; the exporter converts fast (tokenizer.json) "
+            "tokenizers only: export from a GGUF base instead"
+        )
+    tok_json = json.loads(path.read_text(encoding="utf-8"))
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    model = tok_json.get("model", {})
+    decoder = (tok_json.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+        raise UnsupportedTokenizer(
+            f"{path}: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) convert from a "
+            f"Hugging Face directory, this one is {model.get('type')} with a {decoder} decoder; "
+            "export from a GGUF base of this model instead"
+        )
+    vocab: dict[str, int] = model["vocab"]
+    added = tok_json.get("added_tokens", [])
+    size = max([vocab_size, *(i + 1 for i in vocab.values()), *(a["id"] + 1 for a in added)])
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for text, idx in vocab.items():
+        tokens[idx] = text
+        types[idx] = gguf.TokenType.NORMAL
+    for token in added:
+        tokens[token["id"]] = token["content"]
+        types[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    ids = {text: i for i, text in enumerate(tokens)}
+    bos = _token_text(tok_config.get("bos_token"))
+    for key, add in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+        ("unk_token", writer.add_unk_token_id),
+        ("pad_token", writer.add_pad_token_id),
+    ):
+        text = _token_text(tok_config.get(key))
+        if text is not None and text in ids:
+            add(ids[text])
+    writer.add_add_bos_token(_adds_bos(tok_json, tok_config, bos))
+    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+    template = _chat_template(tokenizer_dir, tok_config)
+    if template:
+        writer.add_chat_template(template)
+
+
+# --- llama.cpp quantizer -------------------------------------------------------------------------
+
+
+def quantize_types() -> list[str]:
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return sorted(n[len(prefix) :] for n in dir(llama_cpp) if n.startswith(prefix))
+
+
+def quantize_gguf(source: Path, final: Path, qtype: str, threads: int = 0) -> Path:
+    """Re-quantize a GGUF model with llama.cpp's own quantizer (k-quants need it), atomically."""
+    import llama_cpp
+
+    key = qtype.upper().replace("-", "_")
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{key}", None)
+    if ftype is None:
+        raise ExportError(f"unknown quantization {qtype!r}; choose one of: {', '.join(quantize_types())}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    with atomic_file(final) as tmp:
+        rc = llama_cpp.llama_model_quantize(
+            str(source).encode("utf-8"), str(tmp).encode("utf-8"), ctypes.byref(params)
+        )
+        if rc != 0:
+            free = os.statvfs(tmp.parent).f_bavail * os.statvfs(tmp.parent).f_frsize
+            hint = " (the disk looks full)" if free < Path(source).stat().st_size // 4 else ""
+            raise ExportError(f"llama.cpp could not quantize {source} to {key} (code {rc}){hint}")
+    return Path(final)
