@@ -26,6 +26,8 @@ DEFAULT_PATTERNS = [
     # editors' temporary and swap files, written around every save
     "*.swp", "*.swo", "*.swx", "*~", ".#*", "#*#", "*.tmp", "*.temp", "*.part", "*.crdownload",
     ".~lock.*#", "~$*", "4913", ".DS_Store", "Thumbs.db", "desktop.ini",
+    # the rules themselves are configuration, not documents
+    ".gitignore", ".lorekeeperignore",
     # binaries and media
     "*.pyc", "*.pyo", "*.o", "*.a", "*.so", "*.dylib", "*.dll", "*.exe", "*.class", "*.jar",
     "*.zip", "*.tar", "*.gz", "*.tgz", "*.bz2", "*.xz", "*.7z", "*.rar", "*.iso", "*.dmg",

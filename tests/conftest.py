@@ -1,0 +1,106 @@
+"""Shared fixtures: every test runs with its own data directory, offline, on the real models."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def lorekeeper_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh data directory per test, so nothing reads or writes the user's real index."""
+    home = tmp_path / "lorekeeper-home"
+    monkeypatch.setenv("LOREKEEPER_HOME", str(home))
+    monkeypatch.delenv("LOREKEEPER_DB", raising=False)
+    monkeypatch.delenv("LOREKEEPER_MODEL", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real all-MiniLM-L6-v2 embedder, loaded once per test session."""
+    from lorekeeper import plugins
+
+    emb = plugins.get_embedder()
+    emb.embed(["warm up"])
+    return emb
+
+
+class CountingEmbedder:
+    """Wraps the real embedder and counts the texts it embeds (to prove what was *not* embedded)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.dimension = inner.dimension
+        self.max_tokens = inner.max_tokens
+        self.embedded = 0
+
+    def embed(self, texts):
+        self.embedded += len(texts)
+        return self.inner.embed(texts)
+
+    def embed_query(self, text):
+        return self.inner.embed_query(text)
+
+    def token_spans(self, text):
+        return self.inner.token_spans(text)
+
+    def count_tokens(self, text):
+        return self.inner.count_tokens(text)
+
+
+@pytest.fixture
+def counting_embedder(embedder) -> CountingEmbedder:
+    return CountingEmbedder(embedder)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    from lorekeeper.server.store import Store
+
+    s = Store.open(tmp_path / "index.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def indexer(store, counting_embedder):
+    from lorekeeper.server.indexer import Indexer
+
+    return Indexer(store, counting_embedder)
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    """An empty folder to put documents in."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    return folder
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.02) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"condition not met within {timeout} s: {getattr(predicate, '__name__', predicate)}"
+            )
+        time.sleep(interval)
+
+
+@pytest.fixture
+def wait() -> Callable:
+    return wait_for
