@@ -1,0 +1,159 @@
+"""The watcher on a real folder: every change lands in search, waiting on events with a deadline."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from lorekeeper.server.indexer import Indexer
+from lorekeeper.server.search import search
+from lorekeeper.server.store import Store
+from lorekeeper.server.watcher import Watcher
+
+
+class Events:
+    """Collects the store's committed changes so a test can wait for a specific one."""
+
+    def __init__(self, store: Store) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self._cond = threading.Condition()
+        store.add_listener(self._on)
+
+    def _on(self, event: str, path: str) -> None:
+        with self._cond:
+            self.seen.append((event, path))
+            self._cond.notify_all()
+
+    def wait(self, event: str, path: Path | str, timeout: float = 20.0) -> None:
+        target = (event, str(path))
+        with self._cond:
+            if not self._cond.wait_for(lambda: target in self.seen, timeout=timeout):
+                raise AssertionError(f"no {event} event for {path} within {timeout} s; saw {self.seen[-10:]}")
+
+
+@pytest.fixture
+def watched(indexer: Indexer, store: Store, docs: Path):
+    (docs / "start.md").write_text("# Start\nThe lighthouse keeper logs the weather every morning.\n")
+    indexer.add_root(docs)
+    events = Events(store)
+    watcher = Watcher(indexer, debounce=0.1, reconcile_interval=3600)
+    watcher.start()
+    assert watcher.wait_idle(30)
+    yield docs.resolve(), watcher, events
+    watcher.stop()
+
+
+def top_path(store: Store, embedder, query: str) -> str | None:
+    hits = search(store, embedder, query, k=1)
+    return hits[0].path if hits else None
+
+
+def test_add_modify_delete_rename_while_watching(watched, store: Store, embedder, counting_embedder) -> None:
+    docs, watcher, events = watched
+    new = docs / "whales.md"
+    new.write_text("# Whales\nHumpback whales migrate to warm waters to breed in winter.\n")
+    events.wait("indexed", new)
+    assert top_path(store, embedder, "where do humpbacks go to breed") == str(new)
+
+    new.write_text("# Whales\nBlue whales are the largest animals that ever lived.\n")
+    events.seen.clear()
+    events.wait("indexed", new)
+    assert "largest animals" in store.document_chunks(new)[0].text
+    assert search(store, embedder, "humpback breed warm waters", k=5, mode="keyword") == []
+
+    before = counting_embedder.embedded
+    renamed = docs / "ocean" / "blue-whales.md"
+    renamed.parent.mkdir()
+    os.rename(new, renamed)
+    events.wait("moved", renamed)
+    assert store.get_document(new) is None
+    assert top_path(store, embedder, "largest animal ever") == str(renamed)
+    assert counting_embedder.embedded == before  # a rename re-embeds nothing
+
+    renamed.unlink()
+    events.wait("removed", renamed)
+    assert store.get_document(renamed) is None
+    assert watcher.wait_idle(20)
+    assert store.check_integrity() == []
+
+
+def test_editor_save_via_temporary_file(watched, store: Store) -> None:
+    """Editors write a temporary file and rename it over the original."""
+    docs, watcher, events = watched
+    target = docs / "start.md"
+    temp = docs / ".start.md.tmp"
+    temp.write_text("# Start\nThe keeper now logs the tides at dusk.\n")
+    os.replace(temp, target)
+    events.wait("indexed", target)
+    assert "tides at dusk" in store.document_chunks(target)[0].text
+    assert watcher.wait_idle(20)
+    assert [d.path for d in store.documents()] == [str(target)]
+
+
+def test_burst_of_files_and_a_folder_moved_in(watched, store: Store, tmp_path: Path) -> None:
+    docs, watcher, events = watched
+    for i in range(150):
+        (docs / f"burst{i:03}.txt").write_text(f"Burst note {i}: the ferry leaves at {i % 24}:00.\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in range(5):
+        (outside / f"moved{i}.md").write_text(f"# Moved {i}\nA note about kites, number {i}.\n")
+    os.rename(outside, docs / "kites")
+    for i in range(5):
+        events.wait("indexed", docs / "kites" / f"moved{i}.md")
+    assert watcher.wait_idle(60)
+    assert store.status().documents == 1 + 150 + 5
+    assert store.check_integrity() == []
+
+
+def test_ignored_files_and_bad_files_do_not_stop_the_watcher(watched, store: Store, embedder) -> None:
+    docs, watcher, events = watched
+    (docs / "node_modules").mkdir()
+    (docs / "node_modules" / "lib.md").write_text("# Library\nvendored\n")
+    (docs / "blob.txt").write_bytes(b"\x00\xff" * 1000)
+    good = docs / "after.md"
+    good.write_text("# After\nThe watcher keeps going after a binary file.\n")
+    events.wait("failed", docs / "blob.txt")
+    events.wait("indexed", good)
+    assert watcher.wait_idle(20)
+    assert store.get_document(docs / "node_modules" / "lib.md") is None
+    assert top_path(store, embedder, "keeps going after binary") == str(good)
+
+    # a .gitignore written while watching applies at once
+    (docs / ".gitignore").write_text("after.md\n")
+    events.wait("removed", good)
+
+
+def test_restart_reconciles_changes_made_while_stopped(
+    indexer: Indexer, store: Store, docs: Path, embedder
+) -> None:
+    keep = docs / "keep.md"
+    drop = docs / "drop.md"
+    keep.write_text("# Keep\nOriginal text about owls.\n")
+    drop.write_text("# Drop\nThis file will be deleted.\n")
+    indexer.add_root(docs)
+    with Watcher(indexer, debounce=0.1) as watcher:
+        assert watcher.wait_idle(30)
+    assert store.status().documents == 2
+    # changes while nothing watches
+    keep.write_text("# Keep\nRewritten text about falcons.\n")
+    drop.unlink()
+    (docs / "new.md").write_text("# New\nA note written while lorekeeper was stopped.\n")
+    with Watcher(indexer, debounce=0.1) as watcher:
+        assert watcher.wait_idle(30)
+    docs_now = sorted(Path(d.path).name for d in store.documents())
+    assert docs_now == ["keep.md", "new.md"]
+    assert "falcons" in store.document_chunks(keep.resolve())[0].text
+
+
+def test_polling_fallback(indexer: Indexer, store: Store, docs: Path) -> None:
+    indexer.add_root(docs)
+    events = Events(store)
+    with Watcher(indexer, debounce=0.05, force_polling=True, poll_interval=0.2) as watcher:
+        assert watcher.modes == {str(docs.resolve()): "polling"}
+        note = docs.resolve() / "polled.md"
+        note.write_text("# Polled\nFound by polling.\n")
+        events.wait("indexed", note)
