@@ -1,0 +1,301 @@
+"""The generator plugins and grounded generation, on the real SmolLM2 GGUF.
+
+The OpenAI-compatible generator is tested against a small OpenAI-style HTTP server started here on
+127.0.0.1: a real protocol peer that streams server-sent events.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from tiny_lora import adapter_for
+
+from lorekeeper import plugins
+from lorekeeper.plugins.base import ChatMessage
+from lorekeeper.plugins.generators.llamacpp import (
+    AdapterLoadError,
+    LlamaCppGenerator,
+    PromptTooLongError,
+    UnknownAdapterError,
+)
+from lorekeeper.plugins.generators.openai_compat import EndpointError, OpenAICompatGenerator
+from lorekeeper.server import config, generation
+from lorekeeper.server.search import SearchHit
+
+QUESTION = [ChatMessage("user", "Name one colour of the sky.")]
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaCppGenerator:
+    gen = plugins.get_generator("llamacpp")
+    assert isinstance(gen, LlamaCppGenerator)
+    gen.count_tokens("load the model once for the module")
+    return gen
+
+
+# ---------------------------------------------------------------------------- llama.cpp generator
+
+
+def test_default_generator_is_llamacpp_on_the_packaged_gguf(llama: LlamaCppGenerator) -> None:
+    assert plugins.get_generator() is llama
+    assert llama.model_path.suffix == ".gguf" and llama.model_path.is_file()
+    assert llama.context_window >= 1024
+
+
+def test_chat_template_comes_from_gguf_metadata(llama: LlamaCppGenerator) -> None:
+    template = llama.llm.metadata["tokenizer.chat_template"]
+    assert llama._formatter.template == template
+    rendered = llama._formatter(messages=[{"role": "user", "content": "hello there"}]).prompt
+    expected = len(llama.llm.tokenize(rendered.encode(), add_bos=False, special=True))
+    counted = llama.count_message_tokens([ChatMessage("user", "hello there")])
+    assert counted == expected
+    assert counted > llama.count_tokens("hello there")  # the template's role markers count too
+
+
+def test_stream_yields_text_within_max_tokens(llama: LlamaCppGenerator) -> None:
+    pieces = list(llama.stream(QUESTION, max_tokens=12, temperature=0.0))
+    text = "".join(pieces)
+    assert pieces and text.strip()
+    assert llama.count_tokens(text) <= 13  # pieces are detokenised tokens; re-tokenising may merge/split one
+
+
+def test_temperature_zero_is_repeatable(llama: LlamaCppGenerator) -> None:
+    first = "".join(llama.stream(QUESTION, max_tokens=10, temperature=0.0))
+    second = "".join(llama.stream(QUESTION, max_tokens=10, temperature=0.0))
+    assert first == second
+
+
+def test_prompt_longer_than_context_window_is_a_clear_error(llama: LlamaCppGenerator) -> None:
+    huge = [ChatMessage("user", "word " * (llama.context_window + 50))]
+    with pytest.raises(PromptTooLongError, match="context window"):
+        list(llama.stream(huge, max_tokens=4))
+    assert "".join(llama.stream(QUESTION, max_tokens=4, temperature=0.0)).strip()  # still usable
+
+
+def test_unknown_adapter_lists_the_known_ones(llama: LlamaCppGenerator) -> None:
+    adapter_for(llama, config.adapters_dir() / "notes-v1.gguf")
+    with pytest.raises(UnknownAdapterError) as info:
+        list(llama.stream(QUESTION, max_tokens=4, adapter="nope"))
+    assert "nope" in str(info.value) and "notes-v1" in str(info.value)
+    with pytest.raises(UnknownAdapterError, match="not valid"):
+        llama.check_adapter("../escape")
+
+
+def test_switching_adapters_changes_output_without_reloading_the_model(llama: LlamaCppGenerator) -> None:
+    adapter_for(llama, config.adapters_dir() / "style-a.gguf", seed=1)
+    adapter_for(llama, config.adapters_dir() / "style-b.gguf", seed=2)
+    handle = llama.loaded_model_handle
+    base = "".join(llama.stream(QUESTION, max_tokens=10, temperature=0.0))
+    with_a = "".join(llama.stream(QUESTION, max_tokens=10, temperature=0.0, adapter="style-a"))
+    with_b = "".join(llama.stream(QUESTION, max_tokens=10, temperature=0.0, adapter="style-b"))
+    assert llama.active_adapter == "style-b"
+    again = "".join(llama.stream(QUESTION, max_tokens=10, temperature=0.0))
+    assert llama.active_adapter is None
+    assert with_a != base and with_b != with_a
+    assert again == base  # the adapter is really off again, and no stale KV cache leaked through
+    assert llama.loaded_model_handle == handle  # same llama_model: never reloaded
+
+
+def test_corrupt_adapter_file_is_a_clear_error(llama: LlamaCppGenerator) -> None:
+    (config.adapters_dir() / "broken.gguf").write_bytes(b"this is not a gguf file")
+    with pytest.raises(AdapterLoadError, match="broken"):
+        list(llama.stream(QUESTION, max_tokens=4, adapter="broken"))
+    assert "".join(llama.stream(QUESTION, max_tokens=4, temperature=0.0)).strip()
+
+
+# ---------------------------------------------------------------------------- OpenAI-compatible generator
+
+
+class FakeOpenAI:
+    """An OpenAI-style /v1/chat/completions endpoint streaming a scripted answer as SSE."""
+
+    def __init__(self, answer_pieces: list[str], status: int = 200) -> None:
+        self.pieces = answer_pieces
+        self.status = status
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(
+                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                )
+                if outer.status != 200:
+                    self.send_response(outer.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "model not loaded"}}')
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                self.wfile.write(b": keep-alive comment\n\n")
+                for piece in outer.pieces:
+                    chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(["Chains ", "need oil ", "every 300 km [1][7]."]) as server:
+        yield server
+
+
+def test_openai_generator_streams_from_a_compatible_server(fake_openai: FakeOpenAI, monkeypatch) -> None:
+    monkeypatch.setenv("LOREKEEPER_OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("LOREKEEPER_OPENAI_MODEL", "qwen-big")
+    monkeypatch.setenv("LOREKEEPER_OPENAI_API_KEY", "sk-local")
+    gen = OpenAICompatGenerator()
+    pieces = list(gen.stream([ChatMessage("user", "chain?")], max_tokens=20, temperature=0.0, stop=["\n\n"]))
+    assert pieces == ["Chains ", "need oil ", "every 300 km [1][7]."]
+    (request,) = fake_openai.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["auth"] == "Bearer sk-local"
+    body = request["body"]
+    assert body["model"] == "qwen-big" and body["stream"] is True and body["max_tokens"] == 20
+    assert body["messages"] == [{"role": "user", "content": "chain?"}] and body["stop"] == ["\n\n"]
+
+
+def test_openai_generator_is_registered_as_a_plugin() -> None:
+    assert isinstance(plugins.get_generator("openai"), OpenAICompatGenerator)
+    with pytest.raises(LookupError, match="llamacpp"):
+        plugins.get_generator("no-such-generator")
+
+
+def test_openai_http_error_names_the_status_and_reason() -> None:
+    with FakeOpenAI([], status=503) as server:
+        gen = OpenAICompatGenerator(base_url=server.base_url)
+        with pytest.raises(EndpointError, match="503.*model not loaded"):
+            list(gen.stream([ChatMessage("user", "hi")]))
+
+
+def test_openai_unreachable_or_unconfigured_endpoint_says_what_to_set(monkeypatch) -> None:
+    monkeypatch.delenv("LOREKEEPER_OPENAI_BASE_URL", raising=False)
+    with pytest.raises(EndpointError, match="LOREKEEPER_OPENAI_BASE_URL"):
+        list(OpenAICompatGenerator().stream([ChatMessage("user", "hi")]))
+    with FakeOpenAI([]) as server:
+        closed_url = server.base_url  # the port is closed once the server is gone
+    with pytest.raises(EndpointError, match="could not talk to"):
+        list(OpenAICompatGenerator(base_url=closed_url, timeout=5).stream([ChatMessage("user", "hi")]))
+
+
+def test_openai_generator_refuses_adapters_with_a_reason(fake_openai: FakeOpenAI) -> None:
+    gen = OpenAICompatGenerator(base_url=fake_openai.base_url)
+    with pytest.raises(ValueError, match="llamacpp"):
+        list(gen.stream([ChatMessage("user", "hi")], adapter="notes"))
+    assert fake_openai.requests == []
+
+
+# ---------------------------------------------------------------------------- grounded generation
+
+
+def _hits_from(paths: list[Path], chars: int) -> list[SearchHit]:
+    hits = []
+    for rank, path in enumerate(paths, start=1):
+        text = path.read_text(encoding="utf-8", errors="replace")[:chars]
+        hits.append(
+            SearchHit(
+                chunk_id=rank,
+                document_id=rank,
+                path=str(path),
+                text=text,
+                score=1.0 / rank,
+                start_line=1,
+                end_line=text.count("\n") + 1,
+                page=None,
+                heading_path=[],
+                mtime=None,
+                rank=rank,
+            )
+        )
+    return hits
+
+
+STDLIB = Path(json.__file__).parent.parent  # the interpreter's own sources: real text nobody here wrote
+
+
+def test_prompt_keeps_the_best_chunks_that_fit_and_reports_the_rest(llama: LlamaCppGenerator) -> None:
+    files = sorted(STDLIB.glob("*.py"))[:12]
+    hits = _hits_from(files, chars=3000)  # ~12 x 800 tokens: far more than a 4096-token window
+    question = "Which module defines the function that parses command line options?"
+    prepared = generation.build_prompt(question, hits, llama, max_tokens=64)
+    assert prepared.sources and prepared.dropped
+    assert len(prepared.sources) + len(prepared.dropped) == len(hits)
+    assert [s.number for s in prepared.sources] == list(range(1, len(prepared.sources) + 1))
+    assert [s.path for s in prepared.sources] == [h.path for h in hits[: len(prepared.sources)]]
+    assert {d.rank for d in prepared.dropped} == {h.rank for h in hits[len(prepared.sources) :]}
+    assert all("did not fit" in d.reason for d in prepared.dropped)
+    assert prepared.prompt_tokens == llama.count_message_tokens(prepared.messages)
+    assert prepared.prompt_tokens + 64 <= llama.context_window
+    assert question in prepared.messages[-1].content  # the question is there, whole
+
+
+def test_question_that_cannot_fit_is_refused_not_truncated(llama: LlamaCppGenerator) -> None:
+    long_question = "why " * llama.context_window
+    with pytest.raises(generation.PromptTooLongError, match="never cut"):
+        generation.build_prompt(long_question, [], llama, max_tokens=16)
+    medium = "why " * (llama.context_window - 200)
+    with pytest.raises(generation.PromptTooLongError, match="lower max_tokens"):
+        generation.build_prompt(medium, [], llama, max_tokens=1000)
+
+
+def test_citations_are_parsed_and_checked() -> None:
+    answer = "Oil it [1]. Pressure is 6.5 bar [2, 3]; see also [4-5] and [12]. Not a cite: [x]."
+    assert generation.parse_citations(answer) == [1, 2, 3, 4, 5, 12]
+    valid, invalid = generation.check_citations(answer, source_count=3)
+    assert valid == [1, 2, 3] and invalid == [4, 5, 12]
+
+
+def test_grounded_answer_flags_citations_that_point_to_no_source(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    note = tmp_path / "bike.txt"
+    note.write_text("The bicycle chain should be lubricated every 300 kilometres.\n")
+    gen = OpenAICompatGenerator(base_url=fake_openai.base_url)
+    prepared = generation.build_prompt(
+        "How often to oil the chain?", _hits_from([note], 500), gen, max_tokens=32
+    )
+    streamed: list[str] = []
+    result = generation.run(prepared, gen, on_token=streamed.append)
+    assert result.answer == "Chains need oil every 300 km [1][7]."
+    assert "".join(streamed).strip() == result.answer
+    assert result.cited == [1] and result.invalid_citations == [7]
+    assert [s.path for s in result.cited_sources] == [str(note)]
+    assert any("[7]" in w and "no source" in w for w in result.warnings)
+    sent = fake_openai.requests[0]["body"]["messages"]
+    assert "[1] " + str(note) in sent[-1]["content"]  # the model saw the numbered source
+
+
+def test_answer_without_context_uses_the_model_alone(llama: LlamaCppGenerator) -> None:
+    result = generation.answer_question(
+        "Say hello.", generator=llama, use_context=False, max_tokens=8, temperature=0
+    )
+    assert result.answer and result.sources == [] and not result.use_context
+    assert result.completion_tokens >= 1 and result.first_token_seconds is not None
