@@ -137,6 +137,25 @@ def test_damaged_utf8_keeps_good_text_and_marks_bad_bytes(tmp_path):
     assert "line 3" in result.warnings[0] and "replaced with U+FFFD" in result.warnings[0]
 
 
+def test_python_coding_declaration_is_honoured_without_warning(tmp_path):
+    path = tmp_path / "legacy.py"
+    path.write_bytes("# -*- coding: latin-1 -*-\nNAME = 'Jos\xe9'\n".encode("latin-1"))
+    result = CodeLoader().load(path)
+    assert result.warnings == []
+    assert "NAME = 'José'" in result[0].text
+
+
+def test_nul_bytes_past_the_binary_probe_become_spaces(tmp_path):
+    path = tmp_path / "crash.log"
+    head = b"service started\n" * 1000  # 16 KB of text before the damage
+    path.write_bytes(head + b"\x00\x00\x00\x00\nservice restarted\n")
+    result = TextLoader().load(path)
+    text = "".join(u.text for u in result)
+    assert "\x00" not in text and text.endswith("service restarted")
+    assert result[0].char_end - result[0].char_start == len(result[0].text)
+    assert any("4 NUL character(s) replaced with spaces" in w for w in result.warnings)
+
+
 def test_valid_utf8_has_no_warnings(tmp_path):
     result = TextLoader().load(write(tmp_path / "ok.txt", "naïve café\n"))
     assert result.warnings == []
@@ -588,7 +607,7 @@ across lines.</p>
 <div hidden>hidden text</div>
 <h3>Deep</h3>
 <ul><li>first item</li><li>second item</li></ul>
-<h2>Second</h2>
+<h2 id="second">Second<a class="headerlink" href="#second">¶</a></h2>
 <p>Closing words.</p>
 </main>
 <footer>Footer text</footer>
@@ -628,7 +647,8 @@ def test_html_main_text_sections_and_source_lines(tmp_path):
         assert unit.start_line <= unit.end_line
     assert source_lines[guide.start_line - 1].startswith("<h1>User")
     assert source_lines[tables.end_line - 1] == "    y = 2</pre>"
-    assert source_lines[second.start_line - 1] == "<h2>Second</h2>"
+    assert source_lines[second.start_line - 1].startswith('<h2 id="second">Second')
+    assert second.text.startswith("Second\n")  # the permalink mark is not part of the title
     assert source_lines[second.end_line - 1] == "<p>Closing words.</p>"
 
 

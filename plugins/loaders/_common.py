@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import re
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,30 @@ class DecodedText:
     warnings: list[str] = field(default_factory=list)
 
 
-def decode_text(data: bytes, path: Path) -> DecodedText:
-    """Decode a text file: UTF-8 (a leading BOM is dropped), else a lossless or lossy fallback.
+def decode_text(data: bytes, path: Path, declared: str | None = None) -> DecodedText:
+    """Decode a text file: its ``declared`` encoding (e.g. a Python coding cookie) when that works,
+    else UTF-8 and the fallbacks of ``_decode``.
+
+    NUL characters (a log file padded after a crash, past the binary probe) become spaces, which
+    keeps every offset in place while keeping them out of the index.
+    """
+    decoded = None
+    if declared:
+        try:
+            decoded = DecodedText(data.decode(declared).removeprefix("\ufeff"), declared)
+        except (LookupError, UnicodeDecodeError):
+            decoded = None
+    if decoded is None:
+        decoded = _decode(data, path)
+    nuls = decoded.text.count("\x00")
+    if nuls:
+        decoded.text = decoded.text.replace("\x00", " ")
+        decoded.warnings.append(f"{path}: {nuls} NUL character(s) replaced with spaces")
+    return decoded
+
+
+def _decode(data: bytes, path: Path) -> DecodedText:
+    """UTF-8 (a leading BOM is dropped), else a lossless or lossy fallback.
 
     Fallback order: if no byte sequence in the file is valid multi-byte UTF-8 and Windows-1252
     decodes every byte, the file is taken as a legacy Windows-1252 (Latin-1 superset) file; otherwise
@@ -96,11 +119,12 @@ _WIDE_BOMS = (
 )
 
 
-def read_text(path: Path) -> DecodedText:
+def read_text(path: Path, declared: Callable[[bytes], str | None] | None = None) -> DecodedText:
     """Read, reject binaries, and decode: the shared front half of the text-like loaders.
 
     UTF-16/32 files (what Windows Notepad calls "Unicode") are full of NUL bytes, so their byte
-    order mark is checked before the binary test.
+    order mark is checked before the binary test. ``declared`` finds an encoding the file names
+    for itself (Python's ``# -*- coding: latin-1 -*-``).
     """
     data = read_bytes(path)
     for bom, encoding in _WIDE_BOMS:
@@ -114,7 +138,7 @@ def read_text(path: Path) -> DecodedText:
                     [f"{path}: invalid {encoding} at byte {exc.start}; bad sequences replaced with U+FFFD"],
                 )
     check_not_binary(data, path)
-    return decode_text(data, path)
+    return decode_text(data, path, declared(data) if declared else None)
 
 
 class LineIndex:

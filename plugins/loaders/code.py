@@ -129,13 +129,13 @@ class CodeLoader(Loader):
     extensions = PYTHON_EXTENSIONS + tuple(FAMILIES)
 
     def load(self, path: Path) -> LoadedText:
-        decoded = read_text(path)
+        suffix = Path(path).suffix.lower()
+        decoded = read_text(path, _python_coding if suffix in PYTHON_EXTENSIONS else None)
         text = decoded.text
         warnings = list(decoded.warnings)
         if not text.strip():
             return LoadedText([], warnings)
         lines = LineIndex(text)
-        suffix = Path(path).suffix.lower()
         if suffix in PYTHON_EXTENSIONS:
             units = _python_units(text, lines, path, warnings)
         elif suffix in FAMILIES:
@@ -148,6 +148,19 @@ class CodeLoader(Loader):
 # --- Python -------------------------------------------------------------------------------------
 
 _DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _python_coding(data: bytes) -> str | None:
+    """The encoding a Python file declares in a PEP 263 coding line, if any (else None)."""
+    head = data[:2048].splitlines()[:2]
+    for line in head:
+        match = _CODING.match(line)
+        if match:
+            return match.group(1).decode("ascii")
+    return None
+
+
+_CODING = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
 
 
 def _python_units(text: str, lines: LineIndex, path: Path, warnings: list[str]) -> list[TextUnit]:

@@ -84,6 +84,7 @@ BLOCK_TAGS = frozenset(
     }
 )
 CELL_TAGS = frozenset({"td", "th"})
+PERMALINK_MARKS = frozenset({"", "#", "¶", "§", "🔗", "link"})
 _SPACES = re.compile(r"\s+")
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.IGNORECASE)
 
@@ -112,6 +113,14 @@ def _skipped(tag: Tag) -> bool:
     if str(attrs.get("role", "")).lower() in SKIP_ROLES:
         return True
     return bool(_HIDDEN_STYLE.search(str(attrs.get("style", ""))))
+
+
+def _heading_title(heading: Tag) -> str:
+    """The heading's words, without the permalink anchors (``#``, ``¶``) documentation generators add."""
+    for anchor in heading.find_all("a", href=True):
+        if str(anchor["href"]).startswith("#") and anchor.get_text(strip=True) in PERMALINK_MARKS:
+            anchor.decompose()
+    return _SPACES.sub(" ", heading.get_text(" ")).strip()
 
 
 def _content_root(soup: BeautifulSoup) -> Tag:
@@ -174,7 +183,7 @@ class _Extractor:
             name = node.name
             if name in HEADINGS:
                 self.flush()
-                title = _SPACES.sub(" ", node.get_text(" ")).strip()
+                title = _heading_title(node)
                 if title:
                     section = _Section(HEADINGS[name], title)
                     section.saw_line(node.sourceline)
