@@ -1,0 +1,112 @@
+"""Schema migrations (from a blank file and from an older schema) and the chunker's guarantees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorekeeper.plugins.base import TextUnit
+from lorekeeper.server import migrations
+from lorekeeper.server.chunker import chunk_units
+from lorekeeper.server.store import Store, StoreError, connect
+
+
+def test_blank_database_gets_every_migration(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "fresh.db")
+    try:
+        assert store.schema_version() == migrations.LATEST_VERSION
+        applied = store._read().execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        assert [v for (v,) in applied] == sorted(v for v, _, _ in migrations.MIGRATIONS)
+        assert store._read().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        store.close()
+
+
+def test_upgrade_from_the_first_schema_keeps_the_data(tmp_path: Path, embedder) -> None:
+    db = tmp_path / "old.db"
+    conn = connect(db)
+    migrations.migrate(conn, target=1)
+    conn.execute("INSERT INTO roots(path, added_at) VALUES ('/notes', 1.0)")
+    conn.execute(
+        "INSERT INTO documents(root_id, path, size, mtime, content_hash, loader, status, chunk_count) "
+        "VALUES (1, '/notes/a.md', 10, 1.0, 'abc', 'markdown:1', 'indexed', 1)"
+    )
+    conn.execute(
+        "INSERT INTO chunks(document_id, seq, text, char_start, char_end, start_line, end_line, heading_path) "
+        "VALUES (1, 0, 'Old chunk about lanterns.', 0, 25, 1, 1, ?)",
+        (json.dumps(["A"]),),
+    )
+    conn.execute("INSERT INTO chunks_fts(rowid, text, headings) VALUES (1, 'Old chunk about lanterns.', 'A')")
+    conn.close()
+
+    store = Store.open(db)
+    try:
+        assert store.schema_version() == migrations.LATEST_VERSION
+        doc = store.get_document("/notes/a.md")
+        assert doc.content_hash == "abc" and doc.note is None
+        assert store.document_chunks("/notes/a.md")[0].text == "Old chunk about lanterns."
+        # the old chunk had no vector: opening an indexer embeds it, and search finds it
+        from lorekeeper.server.indexer import Indexer
+        from lorekeeper.server.search import search
+
+        Indexer(store, embedder).fill_missing_vectors()
+        assert store.check_integrity() == []
+        assert search(store, embedder, "lanterns", k=1)[0].path == "/notes/a.md"
+    finally:
+        store.close()
+
+
+def test_a_file_that_is_not_an_index_gives_a_clear_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.db"
+    bogus.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="--db"):
+        Store.open(bogus)
+
+
+def _units(text: str) -> list[TextUnit]:
+    return [
+        TextUnit(text=text, char_start=0, char_end=len(text), start_line=1, end_line=text.count("\n") + 1)
+    ]
+
+
+def test_chunks_fit_the_window_and_overlap(embedder) -> None:
+    paragraphs = [f"Paragraph {i} talks about subject {i} in several plain words." for i in range(200)]
+    text = "\n".join(paragraphs)
+    chunks = chunk_units(_units(text), embedder.token_spans, max_tokens=100, overlap_tokens=16)
+    assert len(chunks) > 10
+    for chunk in chunks:
+        assert embedder.count_tokens(chunk.text) <= 100
+        assert text[chunk.char_start : chunk.char_end] == chunk.text
+        # line numbers point at the chunk's own lines
+        lines = text.splitlines()[chunk.start_line - 1 : chunk.end_line]
+        assert chunk.text.splitlines()[0] in lines[0] and chunk.text.splitlines()[-1] in lines[-1]
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.char_start < a.char_end, "neighbouring windows overlap"
+    assert chunks[0].char_start == 0 and chunks[-1].char_end == len(text)
+
+
+def test_small_units_under_one_heading_are_packed_together() -> None:
+    units = [
+        TextUnit(
+            text=f"Short line {i}.",
+            char_start=i * 20,
+            char_end=i * 20 + 14,
+            start_line=i + 1,
+            end_line=i + 1,
+            heading_path=["Intro"] if i < 3 else ["Details"],
+        )  # fmt: skip
+        for i in range(6)
+    ]
+    chunks = chunk_units(units, max_tokens=64)
+    assert [c.heading_path for c in chunks] == [["Intro"], ["Details"]]
+    assert (chunks[0].start_line, chunks[0].end_line) == (1, 3)
+    assert (chunks[1].start_line, chunks[1].end_line) == (4, 6)
+
+
+def test_one_huge_line_is_chunked_in_linear_time(embedder) -> None:
+    text = "word " * 200_000  # a megabyte on one line
+    chunks = chunk_units(_units(text), embedder.token_spans, max_tokens=254)
+    assert 700 < len(chunks) < 1100
+    assert all(c.start_line == 1 and c.end_line == 1 for c in chunks)
