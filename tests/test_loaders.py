@@ -333,6 +333,36 @@ class Store:
     def get(self, key):
         return key
 
+    def report(self):
+        lines = [
+            "row 0",
+            "row 1",
+            "row 2",
+            "row 3",
+            "row 4",
+            "row 5",
+            "row 6",
+            "row 7",
+            "row 8",
+            "row 9",
+            "row 10",
+            "row 11",
+            "row 12",
+            "row 13",
+            "row 14",
+            "row 15",
+            "row 16",
+            "row 17",
+            "row 18",
+            "row 19",
+            "row 20",
+            "row 21",
+            "row 22",
+            "row 23",
+            "row 24",
+        ]
+        return "\\n".join(lines)
+
     # the async one
     async def fetch(self):
         def inner():
@@ -340,6 +370,16 @@ class Store:
         return inner
 
     size = 2
+
+
+class Small:
+    """Short classes stay in one piece."""
+
+    def one(self):
+        return 1
+
+    def two(self):
+        return 2
 
 
 async def main():
@@ -366,12 +406,14 @@ def test_python_units_follow_definitions(tmp_path):
         ["def add"],
         ["class Store"],
         ["class Store", "def get"],
+        ["class Store", "def report"],
         ["class Store", "async def fetch"],
         ["class Store"],
+        ["class Small"],
         ["async def main"],
         [],
     ]
-    head, add, store_head, get, fetch, store_tail, main, tail = units
+    head, add, store_head, get, report, fetch, store_tail, small, main, tail = units
     assert head.text == '"""Module docstring."""\n\nimport os\n\nLIMIT = 3'
     assert add.start_line == _line_of(PYTHON, "# Adds numbers.")
     assert add.end_line == _line_of(PYTHON, "    return a + b")
@@ -380,7 +422,9 @@ def test_python_units_follow_definitions(tmp_path):
     assert get.start_line == _line_of(PYTHON, "    def get(self, key):")
     assert fetch.start_line == _line_of(PYTHON, "    # the async one")
     assert "def inner" in fetch.text  # nested functions stay with their parent
+    assert report.end_line == _line_of(PYTHON, '        return "\\n".join(lines)')
     assert store_tail.text == "size = 2"
+    assert small.text.startswith("class Small:") and small.text.endswith("return 2")
     assert tail.text.startswith('if __name__ == "__main__":')
     assert tail.end_line == len(PYTHON.rstrip("\n").split("\n"))
 
@@ -513,9 +557,34 @@ struct pair {
 """
 
 
+CPP = """\
+#include <vector>
+
+namespace util {
+int helper();
+}
+
+template <typename T,
+          typename U>
+T twice(T value)
+{
+    return value * 2;
+}
+"""
+
+
 @pytest.mark.parametrize(
     ("name", "source", "expected"),
     [
+        (
+            "twice.cpp",
+            CPP,
+            [
+                ([], "#include <vector>"),
+                (["namespace util"], "namespace util {"),
+                (["T twice(T value)"], "template <typename T,"),
+            ],
+        ),
         (
             "demo.go",
             GO,
@@ -563,6 +632,63 @@ def test_other_languages_split_on_top_level_definitions(tmp_path, name, source, 
     units = CodeLoader().load(path)
     assert_text_provenance(path, units)
     assert [(u.heading_path, u.text.split("\n")[0]) for u in units] == expected
+
+
+JAVA = (
+    """\
+package demo;
+
+import java.util.List;
+
+/**
+ * A store.
+ */
+public class Store {
+    private final List<String> items;
+    private int count;
+
+    public Store(List<String> items) {
+        this.items = items;
+    }
+
+    @Override
+    public String toString() {
+        if (count > 0) {
+            return "Store";
+        }
+        return "Empty";
+    }
+
+    // Converts the items.
+    public <T> List<T> convert(List<T> input) {
+"""
+    + "".join(f"        input.add(null); // {i}\n" for i in range(20))
+    + """\
+        return input;
+    }
+
+    static class Inner {
+        int x;
+    }
+}
+"""
+)
+
+
+def test_long_java_class_is_split_into_its_members(tmp_path):
+    path = write(tmp_path / "Store.java", JAVA)
+    units = CodeLoader().load(path)
+    assert_text_provenance(path, units)
+    assert [(u.heading_path, u.text.split("\n")[0].strip()) for u in units] == [
+        ([], "package demo;"),
+        (["public class Store"], "/**"),
+        (["public class Store", "public Store(List<String> items)"], "public Store(List<String> items) {"),
+        (["public class Store", "public String toString()"], "@Override"),
+        (["public class Store", "public <T> List<T> convert(List<T> input)"], "// Converts the items."),
+        (["public class Store", "static class Inner"], "static class Inner {"),
+    ]
+    assert units[1].text.endswith("private int count;")  # fields stay with the class header
+    assert units[-1].text.endswith("}\n}")
 
 
 def test_typescript_one_line_constants_are_merged_with_the_imports(tmp_path):
