@@ -185,6 +185,8 @@ def search(
     ),
     since: str = typer.Option(None, "--since", help="Only files modified after this ISO date or time."),
     mode: str = typer.Option("hybrid", "--mode", help="hybrid, vector or keyword."),
+    vector_weight: float = typer.Option(1.0, "--vector-weight", help="Weight of meaning in hybrid fusion."),
+    keyword_weight: float = typer.Option(1.0, "--keyword-weight", help="Weight of keywords in hybrid fusion."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a readable list."),
 ) -> None:
     """Search the index by meaning and keywords."""
@@ -202,7 +204,8 @@ def search(
         embedder = plugins.get_embedder(store.embed_model) if store.embed_model else plugins.get_embedder()
         try:
             hits = run_search(store, embedder, query, k=k, mode=mode, path_glob=path, file_types=file_type,
-                              modified_after=modified_after)  # fmt: skip
+                              modified_after=modified_after, vector_weight=vector_weight,
+                              keyword_weight=keyword_weight)  # fmt: skip
         except ValueError as exc:
             fail(str(exc))
     if as_json:
