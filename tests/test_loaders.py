@@ -216,6 +216,26 @@ def test_huge_single_line_is_loaded_whole(tmp_path, name, loader_cls):
         assert [(u.start_line, u.end_line) for u in units] == [(1, 1)]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("name", "loader_cls"),
+    [("brackets.md", MarkdownLoader), ("brackets.html", HtmlLoader), ("brackets.ts", CodeLoader)],
+)
+def test_huge_heading_full_of_brackets_is_cut_short_in_the_path(tmp_path, name, loader_cls):
+    # Link and definition patterns backtrack on brackets; a 2 MB heading must still load quickly.
+    junk = "[(<" * (HUGE // 3)
+    source = {
+        ".md": f"# {junk}\n\nbody\n",
+        ".html": f"<h1>{junk}</h1><p>body</p>",
+        ".ts": f"class {junk} {{\n}}\n",
+    }[Path(name).suffix]
+    path = write(tmp_path / name, source)
+    units = loader_cls().load(path)
+    assert sum(len(u.text) for u in units) >= len(junk)
+    for unit in units:
+        assert all(len(title) <= 200 for title in unit.heading_path)
+
+
 # --- Markdown -----------------------------------------------------------------------------------
 
 MARKDOWN = """\

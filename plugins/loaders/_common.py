@@ -141,6 +141,15 @@ def read_text(path: Path, declared: Callable[[bytes], str | None] | None = None)
     return decode_text(data, path, declared(data) if declared else None)
 
 
+MAX_TITLE = 200  # characters of a heading kept in a heading path
+
+
+def short_title(text: str) -> str:
+    """A heading as a path entry: whitespace collapsed, at most ``MAX_TITLE`` characters."""
+    title = " ".join(text[: MAX_TITLE * 4].split())
+    return title if len(title) <= MAX_TITLE else title[: MAX_TITLE - 3].rstrip() + "..."
+
+
 class LineIndex:
     """Maps character offsets of a text to 1-based line numbers in O(log n).
 

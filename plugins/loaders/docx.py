@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..base import LoadedText, Loader, LoaderError, TextUnit
 from ..hookspecs import hookimpl
-from ._common import read_bytes
+from ._common import read_bytes, short_title
 
 _HEADING_STYLE = re.compile(r"^heading\s*(\d)$", re.IGNORECASE)
 MAX_STYLE_DEPTH = 10
@@ -124,7 +124,7 @@ class DocxLoader(Loader):
                     text=body,
                     char_start=offset,
                     char_end=offset + len(body),
-                    heading_path=[s.title for s in stack] if section.level else [],
+                    heading_path=[short_title(s.title) for s in stack] if section.level else [],
                     kind="section",
                 )
             )

@@ -23,7 +23,7 @@ from bs4.element import Declaration, Doctype, ProcessingInstruction
 
 from ..base import LoadedText, Loader, LoaderError, TextUnit
 from ..hookspecs import hookimpl
-from ._common import check_not_binary, read_bytes
+from ._common import check_not_binary, read_bytes, short_title
 
 SKIP_TAGS = frozenset(
     {
@@ -226,7 +226,7 @@ def _heading_paths(sections: list[_Section]) -> list[list[str]]:
         while stack and stack[-1].level >= section.level:
             stack.pop()
         stack.append(section)
-        paths.append([s.title for s in stack])
+        paths.append([short_title(s.title) for s in stack])
     return paths
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..base import LoadedText, Loader, TextUnit
 from ..hookspecs import hookimpl
-from ._common import LineIndex, read_text, text_unit
+from ._common import MAX_TITLE, LineIndex, read_text, text_unit
 
 _ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
@@ -38,8 +38,13 @@ class _Heading:
 
 
 def _plain_title(raw: str) -> str:
-    """Heading text without link targets, code ticks or bold markers, for a readable path."""
-    return _EMPHASIS.sub("", _LINK.sub(r"\1", raw)).strip()
+    """Heading text without link targets, code ticks or bold markers, for a readable path.
+
+    Only the first ``MAX_TITLE`` characters count: a path entry is a label, and the link pattern
+    would take quadratic time on a huge line full of brackets.
+    """
+    title = _EMPHASIS.sub("", _LINK.sub(r"\1", raw[: MAX_TITLE * 2])).strip()
+    return title if len(title) <= MAX_TITLE else title[: MAX_TITLE - 3].rstrip() + "..."
 
 
 def _front_matter_end(lines: LineIndex) -> int:

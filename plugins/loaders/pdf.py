@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..base import LoadedText, Loader, LoaderError, TextUnit
 from ..hookspecs import hookimpl
-from ._common import read_bytes
+from ._common import read_bytes, short_title
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _outline_paths(reader, page_count: int) -> list[list[str]]:
                 walk(item, depth + 1)
                 continue
             page = reader.get_destination_page_number(item)
-            title = str(getattr(item, "title", "") or "").strip()
+            title = short_title(str(getattr(item, "title", "") or ""))
             if page is not None and 0 <= page < page_count and title:
                 marks.append((page, depth, title))
 
