@@ -125,10 +125,7 @@ def add(
 @app.command()
 def remove(ctx: typer.Context, path: Path = typer.Argument(..., help="A registered folder.")) -> None:
     """Stop watching a folder and drop what was indexed from it (the files are untouched)."""
-    from .store import Store
-
     with open_store(ctx) as store:
-        assert isinstance(store, Store)
         if not store.remove_root(path):
             known = ", ".join(r.path for r in store.roots()) or "none"
             fail(f"{path} is not a registered folder (registered: {known})")
