@@ -338,7 +338,7 @@ class ChangeNotifier:
         self._scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
-        self.legacy_sessions: weakref.WeakSet = weakref.WeakSet()
+        self.legacy_connections: weakref.WeakSet = weakref.WeakSet()
 
     def on_store_event(self, event: str, path: str) -> None:
         """Store listener; called on whichever thread committed the change."""
@@ -372,20 +372,31 @@ class ChangeNotifier:
                 await bus.publish(ResourceUpdated(uri=doc_uri(path)))
         except Exception:
             logger.exception("publishing an index change failed")
-        for session in list(self.legacy_sessions):
+        for connection in list(self.legacy_connections):
             try:
-                await session.send_resource_list_changed()
+                await connection.send_resource_list_changed()
             except Exception:  # the client went away
-                self.legacy_sessions.discard(session)
+                self.legacy_connections.discard(connection)
 
     async def track(self, ctx: Any, call_next: Any) -> Any:
-        """Middleware: remember handshake-era sessions so they can be told about changes."""
-        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS and ctx.session is not None:
-            try:
-                self.legacy_sessions.add(ctx.session)
-            except TypeError:
-                pass
+        """Middleware: remember handshake-era connections so they can be told about changes.
+
+        The SDK builds a ``ServerSession`` per request; the connection behind it is what lives on
+        (and what has the connection-wide channel notifications travel on).
+        """
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            connection = getattr(ctx.session, "_connection", None)
+            if connection is not None:
+                try:
+                    self.legacy_connections.add(connection)
+                except TypeError:
+                    logger.debug("cannot track %r for change notifications", connection)
         return await call_next(ctx)
+
+    def idle(self) -> bool:
+        """True when no change is waiting to be announced."""
+        with self._lock:
+            return not self._scheduled and not self._tasks
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
