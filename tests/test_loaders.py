@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import sysconfig
 from pathlib import Path
 
@@ -189,6 +190,15 @@ def test_directory_named_like_a_file_is_a_loader_error(tmp_path, name, loader_cl
     path.mkdir()
     with pytest.raises(LoaderError, match=name):
         loader_cls().load(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX feature")
+@pytest.mark.timeout(30)
+def test_named_pipe_is_refused_instead_of_blocking(tmp_path):
+    path = tmp_path / "pipe.txt"
+    os.mkfifo(path)
+    with pytest.raises(LoaderError, match="not a regular file"):
+        TextLoader().load(path)
 
 
 HUGE = 2 * 1024 * 1024

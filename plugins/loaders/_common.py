@@ -9,7 +9,9 @@ holds old Windows-1252 notes and half-broken files, and indexing most of a file 
 from __future__ import annotations
 
 import codecs
+import os
 import re
+import stat
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,17 @@ _REAL_NON_ASCII = re.compile("[^\x00-\x7f\ufffd]")
 
 
 def read_bytes(path: Path) -> bytes:
-    """The file's bytes, or a ``LoaderError`` that says what the user can do about it."""
+    """The file's bytes, or a ``LoaderError`` that says what the user can do about it.
+
+    Only regular files are read: opening a named pipe that happens to end in ``.txt`` would block
+    the indexer forever.
+    """
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise LoaderError(f"not a regular file (a pipe, socket or device): {path}")
         return Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise LoaderError(f"file not found (deleted or moved before it could be read): {path}") from exc
