@@ -202,7 +202,7 @@ class _Extractor:
             if name == "br":
                 self.buffer.append("\n")
                 continue
-            if name in CELL_TAGS and "".join(self.buffer).strip():
+            if name in CELL_TAGS and self.block_line is not None:  # a cell after text in this row
                 self.buffer.append(" | ")
             block = name in BLOCK_TAGS
             if block:

@@ -59,6 +59,8 @@ def _open(data: bytes, path: Path):
         ) from exc
     except Exception as exc:  # pypdf raises many kinds on damaged files; all mean the same to a user
         raise LoaderError(f"corrupt or unreadable PDF: {path}: {_reason(exc)}") from exc
+    if page_count == 0:
+        raise LoaderError(f"corrupt or unreadable PDF: {path}: no pages found")
     return reader, page_count
 
 
