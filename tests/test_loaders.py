@@ -330,6 +330,17 @@ def test_markdown_sections_and_heading_paths(tmp_path):
     assert len(units) == 7
 
 
+def test_markdown_with_windows_line_endings(tmp_path):
+    path = tmp_path / "dos.md"
+    path.write_bytes(b"# Title #\r\n\r\nText.\r\n\r\nSub\r\n---\r\nMore.\r\n")
+    units = MarkdownLoader().load(path)
+    assert [(u.heading_path, u.start_line, u.end_line) for u in units] == [
+        (["Title"], 1, 3),
+        (["Title", "Sub"], 5, 7),
+    ]
+    assert units[1].text == "Sub\r\n---\r\nMore."
+
+
 def test_markdown_unclosed_front_matter_is_ordinary_text(tmp_path):
     path = write(tmp_path / "rule.md", "---\n\nJust text after a rule.\n")
     units = MarkdownLoader().load(path)
