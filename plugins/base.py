@@ -35,7 +35,7 @@ class TextUnit:
     end_line: int | None = None
     page: int | None = None
     heading_path: list[str] = field(default_factory=list)
-    kind: str = "text"  # "text", "section", "code", "page", "paragraph"
+    kind: str = "text"  # "text", "paragraph", "section", "front_matter", "code", "page"
 
 
 class LoadedText(list):

@@ -47,7 +47,9 @@ class Chunk:
 
     def __post_init__(self) -> None:
         if not self.chunk_hash:
-            self.chunk_hash = hashlib.sha256(self.embed_text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+            self.chunk_hash = hashlib.sha256(self.embed_text.encode("utf-8", "surrogatepass")).hexdigest()[
+                :32
+            ]
 
 
 def word_spans(text: str) -> list[tuple[int, int]]:
@@ -85,15 +87,30 @@ def chunk_units(
             flush()
             chunks.extend(_split(unit, spans, budget, overlap_tokens))
             continue
-        same_place = pending and (
-            pending[-1][0].heading_path == unit.heading_path and pending[-1][0].page == unit.page
-        )
-        if pending and (not same_place or pending_tokens + len(spans) > budget):
+        if pending and (not _packable(pending[-1][0], unit) or pending_tokens + len(spans) > budget):
             flush()
         pending.append((unit, len(spans)))
         pending_tokens += len(spans)
     flush()
     return chunks
+
+
+def _packable(previous: TextUnit, unit: TextUnit) -> bool:
+    """Whether two neighbouring units may share a chunk: the same section of the same page, or
+    small definitions of the same class or module (a chunk per one-line method is noise)."""
+    if previous.page != unit.page:
+        return False
+    if previous.heading_path == unit.heading_path:
+        return True
+    return previous.kind == unit.kind == "code" and previous.heading_path[:-1] == unit.heading_path[:-1]
+
+
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    prefix = list(paths[0])
+    for path in paths[1:]:
+        while path[: len(prefix)] != prefix:
+            prefix.pop()
+    return prefix
 
 
 def _pack(units: list[TextUnit]) -> Chunk:
@@ -105,7 +122,7 @@ def _pack(units: list[TextUnit]) -> Chunk:
         start_line=first.start_line,
         end_line=last.end_line if last.end_line is not None else first.end_line,
         page=first.page,
-        heading_path=list(first.heading_path),
+        heading_path=_common_prefix([u.heading_path for u in units]),
     )
 
 

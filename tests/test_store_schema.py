@@ -110,3 +110,17 @@ def test_one_huge_line_is_chunked_in_linear_time(embedder) -> None:
     chunks = chunk_units(_units(text), embedder.token_spans, max_tokens=254)
     assert 700 < len(chunks) < 1100
     assert all(c.start_line == 1 and c.end_line == 1 for c in chunks)
+
+
+def test_small_definitions_of_one_class_share_a_chunk() -> None:
+    methods = [
+        TextUnit(text=f"    def m{i}(self):\n        return {i}", char_start=i * 40, char_end=i * 40 + 35,
+                 start_line=2 + 2 * i, end_line=3 + 2 * i, heading_path=["class Box", f"def m{i}"], kind="code")
+        for i in range(5)
+    ]  # fmt: skip
+    other = TextUnit(text="def helper():\n    pass", char_start=300, char_end=322, start_line=20, end_line=21,
+                     heading_path=["def helper"], kind="code")  # fmt: skip
+    chunks = chunk_units([*methods, other], max_tokens=200)
+    assert len(chunks) == 2
+    assert chunks[0].heading_path == ["class Box"] and (chunks[0].start_line, chunks[0].end_line) == (2, 11)
+    assert chunks[1].heading_path == ["def helper"]
