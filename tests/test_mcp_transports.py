@@ -1,0 +1,266 @@
+"""`lorekeeper serve` as a client launches it: a subprocess over stdio, and over Streamable HTTP.
+
+These spawn the real command, so they cover the CLI wiring, logging discipline (stdout is the
+protocol), the watcher in the server process, the bearer token and the Origin check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from mcp import Client, StdioServerParameters
+
+from lorekeeper.server.mcp_server import doc_uri
+
+CLI = [sys.executable, "-m", "lorekeeper.server.cli"]
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "0"},
+    },
+}
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "bike.txt").write_text(
+        "The bicycle chain should be lubricated every 300 kilometres.\nTyre pressure is 6.5 bar.\n",
+        encoding="utf-8",
+    )
+    (folder / "garden.md").write_text("# Garden\n\nTomatoes need six hours of sun.\n", encoding="utf-8")
+    return folder.resolve()
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LOREKEEPER_HOME"] = str(home)
+    env.pop("LOREKEEPER_TOKEN", None)
+    return env
+
+
+# ---------------------------------------------------------------------------- stdio
+
+
+def test_stdio_server_with_the_sdk_client(docs: Path, lorekeeper_home: Path, tmp_path: Path) -> None:
+    params = StdioServerParameters(
+        command=CLI[0], args=[*CLI[1:], "--db", str(tmp_path / "i.db"), "serve", "--watch", str(docs)],
+        env=_env(lorekeeper_home),
+    )  # fmt: skip
+
+    async def retrieve_paths(client: Client, query: str) -> list[str]:
+        result = await client.call_tool("retrieve", {"query": query, "k": 3})
+        assert not result.is_error, result.content[0].text
+        return [h["path"] for h in result.structured_content["hits"]]
+
+    async def main() -> None:
+        async with Client(params, mode="legacy") as client:
+            assert client.server_info.name == "lorekeeper"
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert names == {"retrieve", "generate", "index_status"}
+
+            with anyio.fail_after(120):  # the first scan runs in the background after the handshake
+                while str(docs / "bike.txt") not in await retrieve_paths(client, "bicycle chain oil"):
+                    await anyio.sleep(0.2)
+
+            doc = await client.read_resource(doc_uri(docs / "bike.txt"))
+            assert "lubricated every 300 kilometres" in doc.contents[0].text
+
+            answer = await client.call_tool(
+                "generate",
+                {"prompt": "How often should the chain be oiled?", "max_tokens": 16, "temperature": 0},
+            )
+            assert not answer.is_error, answer.content[0].text
+            assert answer.structured_content["answer"].strip() and answer.structured_content["sources"]
+
+            bad = await client.call_tool("retrieve", {"query": "", "k": 0})
+            assert bad.is_error and "validation error" in bad.content[0].text
+
+            # a file written into the watched folder after the server started is found
+            new = docs / "kayak.md"
+            new.write_text("# Kayak\n\nThe kayak paddle is 220 centimetres long.\n", encoding="utf-8")
+            with anyio.fail_after(120):
+                while str(new) not in await retrieve_paths(client, "how long is the kayak paddle"):
+                    await anyio.sleep(0.2)
+
+    anyio.run(main)
+
+
+class _LineReader:
+    """Reads a pipe on a thread so the test can wait for lines with a deadline."""
+
+    def __init__(self, stream) -> None:
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in iter(stream.readline, b""):
+            self.lines.put(line)
+
+    def until(self, response_id: int, seconds: float = 120) -> list[bytes]:
+        seen: list[bytes] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            seen.append(line)
+            if json.loads(line).get("id") == response_id:
+                return seen
+        raise AssertionError(f"no response {response_id} within {seconds}s; got {seen!r}")
+
+
+def test_stdio_stdout_carries_nothing_but_protocol(docs: Path, lorekeeper_home: Path, tmp_path: Path) -> None:
+    """Loading the embedder and llama.cpp prints plenty; none of it may reach stdout."""
+    proc = subprocess.Popen(
+        [*CLI, "--verbose", "--db", str(tmp_path / "i.db"), "serve", "--watch", str(docs)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(lorekeeper_home),
+    )
+    errors = _LineReader(proc.stderr)
+    try:
+        out = _LineReader(proc.stdout)
+
+        def send(message: dict) -> None:
+            proc.stdin.write((json.dumps(message) + "\n").encode())
+            proc.stdin.flush()
+
+        send(INIT)
+        lines = out.until(1)
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        call = {"name": "generate", "arguments": {"prompt": "hi", "use_context": False, "max_tokens": 4}}
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call})
+        lines += out.until(2)
+        send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "retrieve", "arguments": {"query": "chain"}}})  # fmt: skip
+        lines += out.until(3)
+        for line in lines:
+            message = json.loads(line)  # every stdout line is a JSON-RPC message
+            assert message["jsonrpc"] == "2.0"
+        result = json.loads(lines[-1])["result"]
+        assert not result.get("isError"), result
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    logged = b"".join(errors.lines.queue)
+    assert logged, "logs go to stderr"
+
+
+# ---------------------------------------------------------------------------- Streamable HTTP
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(docs: Path, lorekeeper_home: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*CLI, "--db", str(tmp_path / "i.db"), "serve", "--http", "--port", str(port), "--watch", str(docs)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_env(lorekeeper_home),
+    )
+    _LineReader(proc.stderr)  # drain it so the server never blocks on a full pipe
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, "the HTTP server exited during start-up"
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the HTTP server did not start within 120 s"
+            time.sleep(0.2)
+    try:
+        yield url, lorekeeper_home / "token"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _post_initialize(url: str, headers: dict[str, str]) -> httpx.Response:
+    base = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    return httpx.post(url, json=INIT, headers={**base, **headers}, timeout=30)
+
+
+def test_http_requires_the_bearer_token(http_server) -> None:
+    url, token_file = http_server
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # generated on first run, private
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+
+    missing = _post_initialize(url, {})
+    assert missing.status_code == 401 and "Bearer" in missing.headers["www-authenticate"]
+    wrong = _post_initialize(url, {"Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 401
+    good = _post_initialize(url, {"Authorization": f"Bearer {token}"})
+    assert good.status_code == 200
+
+
+def test_http_rejects_foreign_origins(http_server) -> None:
+    url, token_file = http_server
+    auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+    foreign = _post_initialize(url, {**auth, "Origin": "http://evil.example"})
+    assert foreign.status_code == 403
+    rebinding = _post_initialize(url, {**auth, "Origin": "http://127.0.0.1.evil.example:8080"})
+    assert rebinding.status_code == 403
+    local_page = _post_initialize(url, {**auth, "Origin": "http://localhost:5173"})
+    assert local_page.status_code == 200
+
+
+def test_http_serves_tools_to_the_sdk_client(http_server, docs: Path) -> None:
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    url, token_file = http_server
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+
+    async def main() -> None:
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            async with Client(streamable_http_client(url, http_client=http)) as client:
+                names = {t.name for t in (await client.list_tools()).tools}
+                assert {"retrieve", "generate", "index_status"} == names
+                with anyio.fail_after(120):
+                    while True:
+                        result = await client.call_tool("retrieve", {"query": "tomatoes sun", "k": 2})
+                        if result.structured_content["hits"]:
+                            break
+                        await anyio.sleep(0.2)
+                assert result.structured_content["hits"][0]["path"] == str(docs / "garden.md")
+                bad = await client.call_tool("retrieve", {"query": "x", "k": 10_000})
+                assert bad.is_error and "less than or equal to 200" in bad.content[0].text
+
+    anyio.run(main)
