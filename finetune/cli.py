@@ -183,7 +183,7 @@ def data_cmd(
         for key, value in summary.items():
             table.add_row(key, str(value))
         Console().print(table)
-    for example in built.train_records[:show]:
+    for example in built.train_examples[:show]:
         typer.echo("-" * 40)
         typer.echo(tokenizer.decode(example.input_ids))
 
@@ -242,15 +242,42 @@ def runs() -> None:
 @app.command()
 def export(
     run: str = typer.Argument(..., help="Run directory or name."),
+    name: str | None = typer.Option(
+        None, "--name", help="Adapter name in the adapters directory (default: the run's name)."
+    ),
+    adapter: bool = typer.Option(
+        True, "--adapter/--no-adapter", help="Export the LoRA adapter as a GGUF adapter."
+    ),
+    merged: bool = typer.Option(False, "--merged", help="Also export base + adapter merged into one GGUF."),
+    outtype: str = typer.Option(
+        "f16", "--outtype", help="Merged model (and converted base) tensor type: f16, f32 or q8_0."
+    ),
+    quantize: str | None = typer.Option(
+        None, "--quantize", help="Quantize the merged model with llama.cpp, e.g. Q4_K_M, Q5_K_M, Q8_0."
+    ),
+    register: bool = typer.Option(
+        True, "--register/--no-register", help="Register the adapter so `ask --adapter NAME` finds it."
+    ),
+    output_dir: Path | None = typer.Option(None, "--output-dir", help="Where to write (default: RUN/export)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Export a run's adapter (and optionally a merged model) as GGUF for llama.cpp."""
     _setup_logging(False)
-    from .export import export_run  # written alongside; imports the GGUF machinery lazily
+    from .export import AdapterFormatError, ExportError, UnsupportedArchitecture, export_run
     from .runs import RunNotFound, find_run
 
     try:
         run_dir = find_run(run)
-    except RunNotFound as exc:
+        result = export_run(
+            run_dir.root,
+            name=name,
+            adapter=adapter,
+            merged=merged,
+            outtype=outtype,
+            quantize=quantize,
+            register=register,
+            output_dir=output_dir,
+        )
+    except (RunNotFound, ExportError, UnsupportedArchitecture, AdapterFormatError) as exc:
         _fail(str(exc))
-    result = export_run(run_dir.root)
-    typer.echo(str(result))
+    typer.echo(json.dumps(result.to_json(), indent=2) if as_json else str(result))
