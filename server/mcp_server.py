@@ -1136,7 +1136,15 @@ def run_http(
             "listening on %s: other machines can reach this server (the token still applies)", host
         )
     app = http_app(server, token, host=host, allowed_origins=allowed_origins)
-    cfg = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    cfg = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,  # open event streams must not hold Ctrl-C hostage
+    )
     logger.warning("lorekeeper MCP server on http://%s:%d/mcp", host, port)
     started = time.monotonic()
     uvicorn.Server(cfg).run()

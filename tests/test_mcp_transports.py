@@ -38,9 +38,7 @@ INIT = {
 }
 
 
-@pytest.fixture
-def docs(tmp_path: Path) -> Path:
-    folder = tmp_path / "docs"
+def _write_docs(folder: Path) -> Path:
     folder.mkdir()
     (folder / "bike.txt").write_text(
         "The bicycle chain should be lubricated every 300 kilometres.\nTyre pressure is 6.5 bar.\n",
@@ -48,6 +46,11 @@ def docs(tmp_path: Path) -> Path:
     )
     (folder / "garden.md").write_text("# Garden\n\nTomatoes need six hours of sun.\n", encoding="utf-8")
     return folder.resolve()
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    return _write_docs(tmp_path / "docs")
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -179,15 +182,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def http_server(docs: Path, lorekeeper_home: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """One HTTP server for the module, with its own data directory (its token is made on first run)."""
+    base = tmp_path_factory.mktemp("http")
+    docs = _write_docs(base / "docs")
+    home = base / "home"
     port = _free_port()
     proc = subprocess.Popen(
-        [*CLI, "--db", str(tmp_path / "i.db"), "serve", "--http", "--port", str(port), "--watch", str(docs)],
+        [*CLI, "--db", str(base / "i.db"), "serve", "--http", "--port", str(port), "--watch", str(docs)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=_env(lorekeeper_home),
+        env=_env(home),
     )
     _LineReader(proc.stderr)  # drain it so the server never blocks on a full pipe
     url = f"http://127.0.0.1:{port}/mcp"
@@ -201,7 +208,7 @@ def http_server(docs: Path, lorekeeper_home: Path, tmp_path: Path) -> Iterator[t
             assert time.monotonic() < deadline, "the HTTP server did not start within 120 s"
             time.sleep(0.2)
     try:
-        yield url, lorekeeper_home / "token"
+        yield url, home / "token", docs
     finally:
         proc.terminate()
         try:
@@ -217,7 +224,7 @@ def _post_initialize(url: str, headers: dict[str, str]) -> httpx.Response:
 
 
 def test_http_requires_the_bearer_token(http_server) -> None:
-    url, token_file = http_server
+    url, token_file, _ = http_server
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # generated on first run, private
     token = token_file.read_text().strip()
     assert len(token) >= 32
@@ -231,7 +238,7 @@ def test_http_requires_the_bearer_token(http_server) -> None:
 
 
 def test_http_rejects_foreign_origins(http_server) -> None:
-    url, token_file = http_server
+    url, token_file, _ = http_server
     auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
     foreign = _post_initialize(url, {**auth, "Origin": "http://evil.example"})
     assert foreign.status_code == 403
@@ -241,11 +248,11 @@ def test_http_rejects_foreign_origins(http_server) -> None:
     assert local_page.status_code == 200
 
 
-def test_http_serves_tools_to_the_sdk_client(http_server, docs: Path) -> None:
+def test_http_serves_tools_to_the_sdk_client(http_server) -> None:
     import httpx2
     from mcp.client.streamable_http import streamable_http_client
 
-    url, token_file = http_server
+    url, token_file, docs = http_server
     headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
 
     async def main() -> None:
