@@ -6,6 +6,7 @@ Real index (MiniLM embeddings in SQLite), real SmolLM2 generation; only the tran
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -462,3 +463,52 @@ def test_folder_tools_only_when_allowed(corpus, tmp_path: Path) -> None:
     assert not removed.is_error
     assert all("boat.txt" not in h["path"] for h in gone.structured_content["hits"])
     assert unknown.is_error and "not a registered folder" in unknown.content[0].text
+
+
+# ---------------------------------------------------------------------------- CLI: ask and mcp-config
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from lorekeeper.server.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_ask_streams_an_answer_then_lists_sources(corpus, llama) -> None:
+    result = _cli(
+        "--db", str(corpus["db"]), "ask", "How often is the bike chain lubricated?", "--max-tokens", "16"
+    )
+    assert result.exit_code == 0, result.output
+    answer, _, sources = result.stdout.partition("Sources (* = cited):")
+    assert answer.strip()
+    assert f"[1] {corpus['docs'] / 'bike.txt'}" in sources  # the best match is source 1
+
+
+def test_ask_json_and_no_context(corpus, llama) -> None:
+    result = _cli("--db", str(corpus["db"]), "ask", "Say hi.", "--no-context", "--max-tokens", "6", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["answer"] and payload["sources"] == [] and payload["completion_tokens"] >= 1
+
+
+def test_ask_with_unknown_adapter_fails_clearly(corpus, llama) -> None:
+    result = _cli("--db", str(corpus["db"]), "ask", "hi", "--adapter", "nope")
+    assert result.exit_code == 1
+    assert "unknown adapter 'nope'" in result.stderr
+
+
+def test_mcp_config_prints_snippets_for_each_client(tmp_path: Path) -> None:
+    result = _cli("mcp-config", "--client", "vscode", "--db", str(tmp_path / "x.db"))
+    assert result.exit_code == 0, result.output
+    server = json.loads(result.stdout)["servers"]["lorekeeper"]
+    assert server["type"] == "stdio" and server["args"][-1] == "serve"
+    assert str(tmp_path / "x.db") in server["args"]
+    both = _cli("mcp-config")
+    assert "Claude Desktop" in both.stdout and "Cursor" in both.stdout and "VS Code" in both.stdout
+    http = _cli("mcp-config", "--client", "cursor", "--http", "--port", "9999")
+    entry = json.loads(http.stdout)["mcpServers"]["lorekeeper"]
+    assert entry["url"] == "http://127.0.0.1:9999/mcp" and entry["headers"]["Authorization"].startswith(
+        "Bearer "
+    )
