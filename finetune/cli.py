@@ -258,7 +258,9 @@ def export(
     register: bool = typer.Option(
         True, "--register/--no-register", help="Register the adapter so `ask --adapter NAME` finds it."
     ),
-    output_dir: Path | None = typer.Option(None, "--output-dir", help="Where to write (default: RUN/export)."),
+    output_dir: Path | None = typer.Option(
+        None, "--output-dir", help="Where to write (default: RUN/export)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Export a run's adapter (and optionally a merged model) as GGUF for llama.cpp."""

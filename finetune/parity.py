@@ -71,9 +71,17 @@ def llama_cpp_logits(
     ids: Sequence[int],
     lora_path: Path | str | None = None,
     threads: int | None = None,
+    f32_kv_cache: bool = True,
 ) -> np.ndarray:
-    """(positions, vocab) float32 logits from llama.cpp, all positions evaluated in one batch."""
+    """(positions, vocab) float32 logits from llama.cpp, all positions evaluated in one batch.
+
+    The KV cache is F32 by default here (llama.cpp's default is F16): the comparison is about the
+    exported weights, and an F16 cache adds rounding that no export choice can remove.
+    """
+    import llama_cpp
     from llama_cpp import Llama
+
+    kv_type = llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None
 
     n = len(ids)
     llm = Llama(
@@ -84,6 +92,8 @@ def llama_cpp_logits(
         n_ubatch=max(n, 64),
         logits_all=True,
         n_threads=threads,
+        type_k=kv_type,
+        type_v=kv_type,
         verbose=False,
     )
     try:

@@ -26,9 +26,14 @@ from lorekeeper.finetune.parity import (  # noqa: E402
     transformers_logits,
 )
 
-POSITIONS = 256
+POSITIONS = 384
 TOP1 = 0.99  # the issue's bound
-TIGHT_KL = 1e-3  # nats; measured ~1e-8 (F32 tiny), ~1e-5 (F16 SmolLM2)
+# mean KL in nats. Measured: ~1e-8 for the tiny models with an F16 base/merge, ~1e-5 for SmolLM2.
+# A random tiny model's next-token distribution is nearly flat (its top-2 logits are close), so
+# a few arg-max flips out of hundreds are F16 rounding, not export error; the KL bound is the
+# sharp check there, and SmolLM2 (a real, confident model) is where top-1 agreement says most.
+TINY_KL = 1e-5
+TIGHT_KL = 1e-3
 
 CHATS = [
     [{"role": "user", "content": "What is 12 + 30? Answer in 2 words."}],
@@ -42,18 +47,6 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("home")
-    old = os.environ.get("LOREKEEPER_HOME")
-    os.environ["LOREKEEPER_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("LOREKEEPER_HOME", None)
-    else:
-        os.environ["LOREKEEPER_HOME"] = old
-
-
-@pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     return ft.smollm2_tokenizer_dir(tmp_path_factory.mktemp("tok"))
 
@@ -64,7 +57,7 @@ def _ids(seed: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "phi3", "gemma"])
-def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, tokenizer_dir, home):
+def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, tokenizer_dir):
     model_dir, model = ft.make_hf_base(tmp_path, arch, tokenizer_dir)
     ids = _ids()
     base_logits = transformers_logits(model, ids)
@@ -84,16 +77,16 @@ def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, t
         f"\n{arch}: adapter effect {effect}\n  base {base_only}\n  +adapter {with_adapter}\n  merged {merged}"
     )
 
-    assert base_only.top1_agreement >= TOP1 and base_only.mean_kl < TIGHT_KL
+    assert base_only.mean_kl < TINY_KL, base_only
     for result in (with_adapter, merged):
         assert result.positions == POSITIONS
         assert result.top1_agreement >= TOP1, result
-        assert result.mean_kl < TIGHT_KL, result
+        assert result.mean_kl < TINY_KL, result
         # the adapter matters far more than the export error: a dropped or mis-scaled adapter fails
         assert effect.mean_kl > 100 * result.mean_kl
 
 
-def test_rslora_scale_is_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir, home):
+def test_rslora_scale_is_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir):
     model_dir, model = ft.make_hf_base(tmp_path, "llama", tokenizer_dir)
     peft_model = ft.add_random_lora(model, ["q_proj", "k_proj", "down_proj"], r=4, alpha=8.0, rslora=True)
     ids = _ids(1)
@@ -104,10 +97,10 @@ def test_rslora_scale_is_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir, 
     report = export_run(run, name="rs", outtype="f32", register=False)
 
     result = compare_logits(adapted, llama_cpp_logits(report.base_gguf, ids, report.adapter_gguf))
-    assert result.top1_agreement >= TOP1 and result.mean_kl < TIGHT_KL, result
+    assert result.top1_agreement >= TOP1 and result.mean_kl < TINY_KL, result
 
 
-def test_converted_tokenizer_matches_hf_on_chat_prompts(tmp_path, tokenizer_dir, home):
+def test_converted_tokenizer_matches_hf_on_chat_prompts(tmp_path, tokenizer_dir):
     from transformers import AutoTokenizer
 
     model_dir, model = ft.make_hf_base(tmp_path, "qwen2", tokenizer_dir)
@@ -129,7 +122,7 @@ def test_converted_tokenizer_matches_hf_on_chat_prompts(tmp_path, tokenizer_dir,
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, home):
+def smollm2(tmp_path_factory):
     """SmolLM2 dequantized by transformers + a random LoRA, exported once for every check below."""
     import gguf
     import torch
@@ -180,6 +173,7 @@ def smollm2(tmp_path_factory, home):
         "report": report,
         "shipped": shipped,
         "base_f16": base_f16,
+        "home": os.environ["LOREKEEPER_HOME"],  # where the adapter was registered
     }
 
 
@@ -237,12 +231,13 @@ def test_smollm2_gguf_tokenizer_matches_hf_without_double_bos(smollm2):
 
 
 @pytest.mark.slow
-def test_registered_adapter_is_used_by_the_generator(smollm2):
+def test_registered_adapter_is_used_by_the_generator(smollm2, monkeypatch):
     """`generate(adapter=NAME)` path: the llama.cpp generator finds the adapter by name and it changes
     the answer relative to the base (greedy decoding, same prompt)."""
     from lorekeeper.plugins.base import ChatMessage
     from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, known_adapters
 
+    monkeypatch.setenv("LOREKEEPER_HOME", smollm2["home"])
     assert "notes" in known_adapters()
     generator = LlamaCppGenerator(smollm2["shipped"], n_ctx=512)
     try:
