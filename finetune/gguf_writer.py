@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,60 @@ def atomic_file(final: Path) -> Iterator[Path]:
                 tmp.unlink()
 
 
-def write_gguf(final: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
-    """Build a GGUF with ``fill(writer)`` (metadata and tensors), then write it atomically."""
+@dataclass
+class PlannedTensor:
+    """A tensor to write, produced only when its turn comes so one tensor at a time is in memory.
+
+    ``shape`` is the float tensor's numpy shape; ``produce()`` returns its float32 values.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+    outtype: str
+
+    def storage(self) -> tuple[np.dtype, gguf.GGMLQuantizationType | None, tuple[int, ...], int]:
+        """(numpy dtype, raw GGML type, stored shape, bytes) the tensor will take in the file."""
+        count = int(np.prod(self.shape))
+        kind = _storage_kind(self.shape, self.outtype)
+        if kind == "q8_0":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(self.shape, q8)
+            return np.dtype(np.uint8), q8, byte_shape, int(np.prod(byte_shape))
+        if kind == "f16":
+            return np.dtype(np.float16), None, self.shape, count * 2
+        return np.dtype(np.float32), None, self.shape, count * 4
+
+
+def _storage_kind(shape: tuple[int, ...], outtype: str) -> str:
+    if outtype == "f32" or len(shape) < 2:
+        return "f32"  # vectors (norms, biases, rope factors) stay F32, as llama.cpp expects
+    if outtype == "q8_0" and shape[-1] % 32 == 0:
+        return "q8_0"
+    return "f16"
+
+
+def write_gguf(
+    final: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None], tensors: list[PlannedTensor]
+) -> Path:
+    """Write metadata (``fill(writer)``) then each planned tensor in turn, atomically."""
     with atomic_file(final) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         try:
             fill(writer)
+            plans = []
+            for tensor in tensors:
+                dtype, raw, stored_shape, nbytes = tensor.storage()
+                writer.add_tensor_info(tensor.name, stored_shape, dtype, nbytes, raw_dtype=raw)
+                plans.append((tensor, nbytes))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            for tensor, nbytes in plans:
+                data = encode_tensor(tensor.produce(), tensor.outtype)
+                if data.nbytes != nbytes or tuple(np.shape(data))[:-1] != tuple(tensor.shape)[:-1]:
+                    raise ExportError(f"tensor {tensor.name!r} changed shape while exporting")
+                writer.write_tensor_data(data)
         finally:
             writer.close()
     return Path(final)
@@ -101,15 +147,13 @@ def write_gguf(final: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) 
 # --- tensors -------------------------------------------------------------------------------------
 
 
-def encode_tensor(value: np.ndarray, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
-    """Float tensor -> (data, raw dtype) for ``outtype``; vectors (norms, biases) stay F32."""
+def encode_tensor(value: np.ndarray, outtype: str) -> np.ndarray:
+    """Float tensor -> the bytes-to-be for ``outtype`` (see ``_storage_kind``)."""
     value = np.ascontiguousarray(value, dtype=np.float32)
-    if outtype == "f32" or value.ndim < 2:
-        return value, None
-    if outtype == "q8_0" and value.shape[-1] % 32 == 0:
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(value, q8), q8
-    return value.astype(np.float16), None
+    kind = _storage_kind(value.shape, outtype)
+    if kind == "q8_0":
+        return gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+    return value.astype(np.float16) if kind == "f16" else value
 
 
 def gguf_tensor_as_float(tensor: Any) -> np.ndarray:
@@ -147,10 +191,12 @@ def write_lora_adapter(final: Path, shape: ModelShape, adapter: LoraAdapter, nam
 
     llama.cpp computes ``W x + (alpha / r) * B (A x)`` with ``r`` read from each B matrix, so the
     file's alpha is chosen as ``default_scale * r``; modules whose peft scale differs (rsLoRA with
-    per-module ranks, alpha/rank patterns) get the ratio folded into B, which is exact.
+    per-module ranks, alpha/rank patterns) get the ratio folded into B, which is exact. A is
+    (r, in) and B is (out, r) in numpy order, as peft stores them; Q/K B rows are permuted like the
+    base weights they adapt.
     """
     alpha = adapter.default_scale * adapter.rank
-    tensors: list[tuple[str, np.ndarray]] = []
+    tensors: list[PlannedTensor] = []
     for module in adapter.modules.values():
         if module.module.endswith("lm_head") and shape.tied_embeddings:
             raise ExportError(
@@ -165,18 +211,16 @@ def write_lora_adapter(final: Path, shape: ModelShape, adapter: LoraAdapter, nam
         ratio = module.scale / (alpha / module.rank)
         if not np.isclose(ratio, 1.0, rtol=1e-6):
             b = b * ratio
-        tensors.append((f"{base_name}.lora_a", module.a))
-        tensors.append((f"{base_name}.lora_b", b))
+        for suffix, value in ((".lora_a", module.a), (".lora_b", b)):
+            tensors.append(PlannedTensor(base_name + suffix, value.shape, lambda v=value: v, "f32"))
 
     def fill(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         writer.add_name(name)
-        for tensor_name, value in tensors:
-            writer.add_tensor(tensor_name, np.ascontiguousarray(value, dtype=np.float32))
 
-    return write_gguf(final, shape.spec.name, fill)
+    return write_gguf(final, shape.spec.name, fill, tensors)
 
 
 # --- merged model from a GGUF base ---------------------------------------------------------------
@@ -223,48 +267,63 @@ def write_merged_from_gguf(
     if missing:
         raise ExportError(f"the adapter targets tensors absent from {base_gguf.name}: {missing[:5]}")
 
+    def merged_value(tensor: Any, module: LoraModule | None) -> np.ndarray:
+        value = gguf_tensor_as_float(tensor)
+        return value if module is None else value + lora_delta_for_gguf(shape, module)
+
+    tensors: list[PlannedTensor] = []
+    for tensor in reader.tensors:
+        dims = tuple(int(n) for n in reversed(tensor.shape))
+        module = adapted.get(tensor.name)
+        tensors.append(
+            PlannedTensor(tensor.name, dims, lambda t=tensor, m=module: merged_value(t, m), outtype)
+        )
+        if lm_head is not None and tensor.name == "token_embd.weight" and "output.weight" not in names:
+            # peft adapted the (tied) output projection only: untie it in the merged model
+            untied = lambda t=tensor: gguf_tensor_as_float(t) + lm_head.delta()  # noqa: E731
+            tensors.append(PlannedTensor("output.weight", dims, untied, outtype))
+
     def fill(writer: gguf.GGUFWriter) -> None:
         copy_metadata(reader, writer)
         writer.add_name(name)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_file_type(_FILE_TYPES[outtype])
-        for tensor in reader.tensors:
-            value = gguf_tensor_as_float(tensor)
-            module = adapted.get(tensor.name)
-            if module is not None:
-                value = value + lora_delta_for_gguf(shape, module)
-            data, raw = encode_tensor(value, outtype)
-            writer.add_tensor(tensor.name, data, raw_dtype=raw)
-            if lm_head is not None and tensor.name == "token_embd.weight" and "output.weight" not in names:
-                # peft adapted the (tied) output projection only: untie it in the merged model
-                data, raw = encode_tensor(value + lm_head.delta(), outtype)
-                writer.add_tensor("output.weight", data, raw_dtype=raw)
 
-    return write_gguf(final, shape.spec.name, fill)
+    return write_gguf(final, shape.spec.name, fill, tensors)
 
 
 # --- merged (or plain) model from a Hugging Face directory ---------------------------------------
 
 
-def iter_hf_weights(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, float32 array) for every weight in a Hugging Face model directory."""
+def hf_weight_index(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    """name -> (shape, loader) for every weight in a Hugging Face model directory, read lazily."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
+    index: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     if files:
         from safetensors import safe_open
+
+        def loader(path: Path, key: str) -> Callable[[], np.ndarray]:
+            def load() -> np.ndarray:
+                with safe_open(str(path), framework="pt") as fh:
+                    return fh.get_tensor(key).float().numpy()
+
+            return load
 
         for path in files:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():
-                    yield key, fh.get_tensor(key).float().numpy()
-        return
+                    index[key] = (tuple(fh.get_slice(key).get_shape()), loader(path, key))
+        return index
     bins = sorted(Path(model_dir).glob("pytorch_model*.bin"))
     if not bins:
         raise ExportError(f"{model_dir} holds no *.safetensors or pytorch_model*.bin weights")
     import torch
 
-    for path in bins:
+    for path in bins:  # legacy format: no lazy reading, the state dict is loaded whole
         for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
-            yield key, value.float().numpy()
+            array = value.float().numpy()
+            index[key] = (tuple(array.shape), lambda a=array: a)
+    return index
 
 
 def write_model_from_hf(
@@ -279,6 +338,33 @@ def write_model_from_hf(
 ) -> Path:
     """Convert a Hugging Face model (plus the adapter's deltas, if given) to a GGUF model file."""
     deltas = {m.weight_name: m for m in adapter.modules.values()} if adapter else {}
+    weights = hf_weight_index(model_dir)
+    lm_head = deltas.get("lm_head.weight")
+    untie = lm_head is not None and shape.tied_embeddings and "lm_head.weight" not in weights
+    unused = set(deltas) - set(weights) - ({"lm_head.weight"} if untie else set())
+    if unused:
+        raise ExportError(f"the adapter targets weights absent from {model_dir}: {sorted(unused)[:5]}")
+
+    def converted(hf_name: str, load: Callable[[], np.ndarray], module: LoraModule | None) -> np.ndarray:
+        value = load()
+        if module is not None:
+            value = value + module.delta()
+        return hf_weight_to_gguf(shape, hf_name, value)
+
+    tensors: list[PlannedTensor] = []
+    for hf_name, (dims, load) in weights.items():
+        if "rotary_emb" in hf_name:
+            continue
+        if hf_name == "lm_head.weight" and shape.tied_embeddings and lm_head is None:
+            continue
+        module = deltas.get(hf_name)
+        produce = lambda n=hf_name, f=load, m=module: converted(n, f, m)  # noqa: E731
+        tensors.append(PlannedTensor(shape.tensor_name(hf_name), dims, produce, outtype))
+        if untie and hf_name.endswith("embed_tokens.weight"):
+            # peft adapted the (tied) output projection only: untie it in the exported model
+            tensors.append(
+                PlannedTensor("output.weight", dims, lambda f=load: f() + lm_head.delta(), outtype)
+            )
 
     def fill(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
@@ -286,36 +372,10 @@ def write_model_from_hf(
         writer.add_file_type(_FILE_TYPES[outtype])
         extra = write_hparams(writer, shape, config)
         write_hf_tokenizer(writer, tokenizer_dir, int(config["vocab_size"]))
-        seen: set[str] = set()
-        embed: np.ndarray | None = None
-        for hf_name, value in iter_hf_weights(model_dir):
-            if "rotary_emb" in hf_name:
-                continue
-            if hf_name == "lm_head.weight" and shape.tied_embeddings and hf_name not in deltas:
-                continue
-            module = deltas.get(hf_name)
-            if module is not None:
-                value = value + module.delta()
-                seen.add(hf_name)
-            if hf_name.endswith("embed_tokens.weight"):
-                embed = value
-            gguf_name = shape.tensor_name(hf_name)
-            data, raw = encode_tensor(hf_weight_to_gguf(shape, hf_name, value), outtype)
-            writer.add_tensor(gguf_name, data, raw_dtype=raw)
-        lm_head = deltas.get("lm_head.weight")
-        if lm_head is not None and shape.tied_embeddings and "lm_head.weight" not in seen:
-            if embed is None:
-                raise ExportError(f"{model_dir}: no embed_tokens weight to untie lm_head from")
-            data, raw = encode_tensor(embed + lm_head.delta(), outtype)
-            writer.add_tensor("output.weight", data, raw_dtype=raw)
-            seen.add("lm_head.weight")
-        unused = set(deltas) - seen
-        if unused:
-            raise ExportError(f"the adapter targets weights absent from {model_dir}: {sorted(unused)[:5]}")
         for tensor_name, value in extra.items():
-            writer.add_tensor(tensor_name, value)
+            tensors.append(PlannedTensor(tensor_name, value.shape, lambda v=value: v, "f32"))
 
-    return write_gguf(final, shape.spec.name, fill)
+    return write_gguf(final, shape.spec.name, fill, tensors)
 
 
 # --- tokenizer metadata from a Hugging Face tokenizer ---------------------------------------------

@@ -123,7 +123,18 @@ def test_converted_tokenizer_matches_hf_on_chat_prompts(tmp_path, tokenizer_dir)
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """SmolLM2 dequantized by transformers + a random LoRA, exported once for every check below."""
+    """SmolLM2 dequantized by transformers + a random LoRA, exported once for every check below.
+
+    Module fixtures are set up before the per-test data directory exists, so this one makes its
+    own and registers the adapter there (never in the user's real data directory).
+    """
+    home = tmp_path_factory.mktemp("smol-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOREKEEPER_HOME", str(home))
+        yield _export_smollm2(tmp_path_factory, home)
+
+
+def _export_smollm2(tmp_path_factory, home):
     import gguf
     import torch
     from peft import LoraConfig, get_peft_model
@@ -173,7 +184,7 @@ def smollm2(tmp_path_factory):
         "report": report,
         "shipped": shipped,
         "base_f16": base_f16,
-        "home": os.environ["LOREKEEPER_HOME"],  # where the adapter was registered
+        "home": str(home),  # where the adapter was registered
     }
 
 
