@@ -110,12 +110,26 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def keep_4bit_layers_trainable_on_cpu(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during held-out evaluation.
+
+    On CPUs with AVX512-BF16, the first no-grad forward in eval mode converts each Linear4bit to
+    an inference-only layout for good; every later training step then runs a kernel without an
+    autograd formula (wrong input gradients, and several times slower). Evaluation inside training
+    must leave the weights as they are.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def prepare_model(model: Any, config: TrainConfig) -> tuple[Any, list[str]]:
     """Wrap the base in a LoRA adapter (peft), after readying a 4-bit base for training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = resolve_targets(model, config.target_modules)
     model.config.use_cache = False
+    keep_4bit_layers_trainable_on_cpu(model)
     if config.quantize_4bit:
         model = prepare_model_for_kbit_training(
             model,
