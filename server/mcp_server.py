@@ -178,6 +178,9 @@ class IndexStatusOut(BaseModel):
     last_change: str | None = Field(description="ISO time of the last change to the index")
     embed_model: str | None
     watcher_running: bool
+    watcher_error: str | None = Field(
+        default=None, description="why the index is not kept live, if it is not"
+    )
 
 
 class FolderResult(BaseModel):
@@ -925,7 +928,13 @@ def _status(state: AppState) -> IndexStatusOut:
         last_change=_iso(st.last_change),
         embed_model=st.embed_model,
         watcher_running=watcher is not None,
+        watcher_error=state.watcher_error or _watcher_errors(watcher),
     )
+
+
+def _watcher_errors(watcher: Any) -> str | None:
+    errors = list(getattr(watcher, "errors", None) or [])
+    return f"{len(errors)} watcher errors, last: {errors[-1]}" if errors else None
 
 
 def _status_text(result: IndexStatusOut) -> str:
@@ -937,6 +946,8 @@ def _status_text(result: IndexStatusOut) -> str:
         lines.append(f"- {r.path}: {r.documents} documents, {r.chunks} chunks, {r.failed} failed ({live})")
     if result.pending:
         lines.append(f"{result.pending} changes waiting to be indexed")
+    if result.watcher_error:
+        lines.append(f"! {result.watcher_error}")
     for f in result.failed[:20]:
         lines.append(f"! {f.path}: {f.status}: {f.reason}")
     if len(result.failed) > 20:
