@@ -91,7 +91,9 @@ def train(
         if not run.config.is_file():
             _fail(f"--resume: no run at {run.root} (give the same --name or --output as the first time)")
         config = TrainConfig.load(run.config)
-        console.print(f"resuming {run.root} with its saved config")
+        if max_steps != field_default("max_steps"):
+            config.max_steps = max_steps  # extending a finished run is the usual reason to resume
+        console.print(f"resuming {run.root} with its saved config (max_steps={config.max_steps})")
     else:
         try:
             config = TrainConfig(
