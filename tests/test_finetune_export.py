@@ -321,3 +321,25 @@ def test_cli_export_command(tiny, tmp_path):
     bad = CliRunner().invoke(app, ["export", str(run), "--outtype", "q2"])
     assert bad.exit_code == 2
     assert "outtype" in bad.output
+
+
+def test_lm_head_lora_on_tied_model_refused_as_adapter_and_untied_when_merged(tiny, tmp_path):
+    """peft can adapt lm_head although it shares its weight with the embeddings. llama.cpp cannot
+    apply that as an adapter (it would change the embeddings too), so the adapter export says so;
+    the merged export writes a separate output.weight and matches transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model_dir"], dtype=torch.float32)
+    peft_model = ft.add_random_lora(model, ["q_proj", "lm_head"], seed=5)
+    base = {"kind": "hf", "path": str(tiny["model_dir"]), "gguf_file": None, "architecture": "llama"}
+    run = ft.write_run(tmp_path, "run-head", peft_model, base, tiny["tokenizer_dir"])
+
+    with pytest.raises(ExportError, match="ties lm_head"):
+        export_run(run, name="head")
+    report = export_run(run, name="head", adapter=False, merged=True, outtype="f32", register=False)
+    assert "output.weight" in _tensors(report.merged_gguf)
+    rng = np.random.default_rng(2)
+    ids = [1] + rng.integers(3, ft.VOCAB, 127).tolist()
+    result = compare_logits(transformers_logits(peft_model, ids), llama_cpp_logits(report.merged_gguf, ids))
+    assert result.mean_kl < 1e-5, result

@@ -242,20 +242,35 @@ def test_smollm2_gguf_tokenizer_matches_hf_without_double_bos(smollm2):
 
 
 @pytest.mark.slow
-def test_registered_adapter_is_used_by_the_generator(smollm2, monkeypatch):
-    """`generate(adapter=NAME)` path: the llama.cpp generator finds the adapter by name and it changes
-    the answer relative to the base (greedy decoding, same prompt)."""
+def test_registered_adapter_is_used_by_the_generator(smollm2, tmp_path, monkeypatch):
+    """`generate(adapter=NAME)` path: the llama.cpp generator finds exported adapters by name and
+    applies them. The parity adapter is deliberately gentle (it flips <1% of greedy tokens), so a
+    copy with 10x larger B matrices, exported the same way, shows the switch in the generated text."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
     from lorekeeper.plugins.base import ChatMessage
     from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, known_adapters
 
     monkeypatch.setenv("LOREKEEPER_HOME", smollm2["home"])
-    assert "notes" in known_adapters()
+    run = tmp_path / "loud-run"
+    shutil.copytree(smollm2["report"].run_dir, run, ignore=shutil.ignore_patterns("export"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = {k: (v * 10 if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    export_run(run, name="loud")
+    assert {"notes", "loud"} <= set(known_adapters())
+
     generator = LlamaCppGenerator(smollm2["shipped"], n_ctx=512)
     try:
         messages = [ChatMessage(role="user", content="Name three colours.")]
         plain = "".join(generator.stream(messages, max_tokens=12, temperature=0.0))
-        tuned = "".join(generator.stream(messages, max_tokens=12, temperature=0.0, adapter="notes"))
+        gentle = "".join(generator.stream(messages, max_tokens=12, temperature=0.0, adapter="notes"))
+        loud = "".join(generator.stream(messages, max_tokens=12, temperature=0.0, adapter="loud"))
+        again = "".join(generator.stream(messages, max_tokens=12, temperature=0.0))
     finally:
         generator.close()
-    assert plain.strip() and tuned.strip()
-    assert plain != tuned
+    assert plain.strip() and gentle.strip() and loud.strip()
+    assert loud != plain
+    assert again == plain  # switching back to no adapter restores the base model
