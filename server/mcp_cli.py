@@ -45,8 +45,18 @@ def _calm_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _configure_generator(generator: str | None, model: str | None) -> None:
+def _configure_generator(
+    generator: str | None, model: str | None, n_ctx: int | None = None, threads: int | None = None
+) -> None:
     """Flags become the environment the generator plugins read, so every part sees one setting."""
+    if n_ctx is not None:
+        if n_ctx < 64:
+            _fail(f"--n-ctx {n_ctx} is too small: the context window needs at least 64 tokens")
+        os.environ["LOREKEEPER_N_CTX"] = str(n_ctx)
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads {threads}: use 1 or more")
+        os.environ["LOREKEEPER_THREADS"] = str(threads)
     if generator:
         os.environ["LOREKEEPER_GENERATOR"] = generator
     if not model:
@@ -88,6 +98,8 @@ def serve(
     no_watcher: bool = typer.Option(
         False, "--no-watcher", help="Serve the index as it is; do not watch folders."
     ),
+    n_ctx: int = typer.Option(None, "--n-ctx", help="llama.cpp context window in tokens (default 4096)."),
+    threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Start the MCP server (stdio by default, as AI assistants launch it)."""
     _calm_openmp()
@@ -96,7 +108,7 @@ def serve(
     for folder in watch or []:
         if not folder.expanduser().is_dir():
             _fail(f"--watch {folder}: no such folder")
-    _configure_generator(generator, model)
+    _configure_generator(generator, model, n_ctx, threads)
     options = ServerOptions(
         db_path=_db(ctx, db),
         watch=[f.expanduser().resolve() for f in watch or []],
@@ -207,6 +219,8 @@ def ask(
     db: Path = typer.Option(None, "--db", help="Index file (default: the one given to lorekeeper --db)."),
     model: str = typer.Option(None, "--model", help="GGUF model path (llamacpp) or model name (openai)."),
     generator_name: str = typer.Option(None, "--generator", help="Generator plugin: llamacpp or openai."),
+    n_ctx: int = typer.Option(None, "--n-ctx", help="llama.cpp context window in tokens (default 4096)."),
+    threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Answer a question from your documents with the local model, citing its sources."""
     _calm_openmp()
@@ -221,7 +235,7 @@ def ask(
         _fail(f"--max-tokens {max_tokens}: must be at least 1")
     if not 0.0 <= temperature <= 2.0:
         _fail(f"--temperature {temperature}: use a value from 0 to 2")
-    _configure_generator(generator_name, model)
+    _configure_generator(generator_name, model, n_ctx, threads)
     try:
         generator = plugins.get_generator(generator_name)
     except LookupError as exc:
