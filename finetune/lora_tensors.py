@@ -10,6 +10,7 @@ lets the merge compute ``W + scale * B @ A`` without peft or the base model in m
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class AdapterFormatError(ValueError):
@@ -121,6 +124,10 @@ def load_adapter(adapter_dir: Path) -> LoraAdapter:
                 f"{weights_path}: tensor {name!r} adapts an embedding layer; GGUF export supports LoRA "
                 "on linear layers only (leave embed_tokens out of target_modules)"
             )
+        if name.endswith(".base_layer.weight"):
+            # peft saves a copy of a tied layer's base weight next to its LoRA; the base model has it
+            log.debug("skipping %s: a copy of a base weight, not part of the LoRA", name)
+            continue
         module, which = _module_name(name)
         pairs.setdefault(module, {})[which] = value.astype(np.float32)
 
