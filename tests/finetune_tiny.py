@@ -105,13 +105,15 @@ def make_hf_base(root: Path, arch: str, tokenizer_dir: Path, seed: int = 0):
 
 
 def add_random_lora(
-    model, targets: list[str], r: int = 8, alpha: float = 16.0, rslora: bool = False, seed: int = 1
+    model, targets: list[str], r: int = 8, alpha: float = 16.0, rslora: bool = False, seed: int = 1, **extra
 ):
     """Wrap ``model`` in a peft LoRA whose B matrices are random, so the adapter changes the logits."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora, **extra
+    )
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

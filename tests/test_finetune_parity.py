@@ -86,9 +86,19 @@ def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, t
         assert effect.mean_kl > 100 * result.mean_kl
 
 
-def test_rslora_scale_is_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir):
+def test_rslora_and_per_module_rank_alpha_scales_are_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir):
+    """llama.cpp scales every module by one alpha over that module's rank; rsLoRA (alpha/sqrt(r)) and
+    peft's rank_pattern/alpha_pattern give other scales, which the exporter must reproduce."""
     model_dir, model = ft.make_hf_base(tmp_path, "llama", tokenizer_dir)
-    peft_model = ft.add_random_lora(model, ["q_proj", "k_proj", "down_proj"], r=4, alpha=8.0, rslora=True)
+    peft_model = ft.add_random_lora(
+        model,
+        ["q_proj", "k_proj", "down_proj"],
+        r=4,
+        alpha=8.0,
+        rslora=True,
+        rank_pattern={"k_proj": 2},
+        alpha_pattern={"down_proj": 24.0},
+    )
     ids = _ids(1)
     adapted = transformers_logits(peft_model, ids)
     base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": "llama"}
