@@ -22,8 +22,8 @@ def _positive(value: float) -> bool:
 
 def test_bench_index_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    args = [sys.executable, str(SCRIPT), "--quick", "--files", "16", "--slices", "2", "--latency-runs", "3",
-            "--chunks-small", "200", "--chunks-large", "400", "--queries", "3", "--rounds", "1",
+    args = [sys.executable, str(SCRIPT), "--quick", "--files", "8", "--slices", "2", "--latency-runs", "3",
+            "--chunks-small", "100", "--chunks-large", "200", "--queries", "2", "--rounds", "1",
             "--workdir", str(tmp_path / "work"), "--json", str(out)]  # fmt: skip
     env = dict(os.environ, LOREKEEPER_HOME=str(tmp_path / "home"))
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
@@ -31,10 +31,10 @@ def test_bench_index_reports_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text(encoding="utf-8"))
 
     t = result["throughput"]
-    assert t["corpus_files"] == 16 and t["indexed_files"] > 0 and t["chunks"] > 0
+    assert t["corpus_files"] == 8 and t["indexed_files"] > 0 and t["chunks"] > 0
     assert t["embedded_chunks"] == t["baseline_texts"]  # the baseline embeds exactly what the index did
     assert t["slices_with_mismatched_texts"] == 0  # texts cut ahead of indexing equal the indexed ones
-    for key in ("index_files_per_s", "index_chunks_per_s", "index_mb_per_s", "baseline_chunks_per_s",
+    for key in ("index_files_per_s", "index_chunks_per_s", "index_mb_per_s", "baseline_chunks_per_s", "model_free_share",
                 "ratio_wall", "ratio_cpu"):  # fmt: skip
         assert _positive(t[key]), key
 
@@ -45,7 +45,7 @@ def test_bench_index_reports_every_figure(tmp_path: Path) -> None:
     assert lat["searchable_p50_s"] >= lat["indexed_p50_s"]
 
     sizes = result["search"]["sizes"]
-    assert sizes["small"]["chunks"] >= 200 and sizes["large"]["chunks"] >= 400
+    assert sizes["small"]["chunks"] >= 100 and sizes["large"]["chunks"] >= 200
     for fig in sizes.values():
         assert fig["vec0_recall"] >= 0.99  # sqlite-vec scans exactly, like numpy (ties aside)
         for mode in ("numpy", "vector", "keyword", "hybrid"):
