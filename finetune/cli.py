@@ -29,7 +29,9 @@ def _opt(name: str, *flags: str):
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    # soft_wrap keeps paths whole for copy-paste; markup=False keeps "[...]" in messages literal.
+    console.print("[red]error:[/red]", end=" ")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

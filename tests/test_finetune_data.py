@@ -322,3 +322,27 @@ def test_drafting_pairs_with_the_real_generator(tmp_path):
         assert [m["role"] for m in record.messages] == ["user", "assistant"]
         assert all(m["content"] for m in record.messages)
         assert record.source == "notes.md:1 (drafted)"
+
+
+# --- the CLI face ----------------------------------------------------------------------------
+
+
+def test_cli_data_reports_tokens_and_names_bad_lines(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorekeeper.finetune.cli import app
+
+    rows = [{"instruction": f"Name place {i}", "output": f"Place {i}"} for i in range(10)]
+    good = write_jsonl(tmp_path / "good.jsonl", rows)
+    result = CliRunner().invoke(app, ["data", str(good), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["records"] == 10 and summary["formats"] == {"chat": 10} and summary["train_tokens"] > 0
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], '{"instruction": "x", "output": }'])
+    result = CliRunner().invoke(app, ["data", str(bad)])
+    assert result.exit_code == 2
+    assert f"error: {bad}:2: not valid JSON" in result.output
+
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 2 and "no training data" in result.output
