@@ -110,12 +110,13 @@ def test_rslora_and_per_module_rank_alpha_scales_are_carried_into_the_gguf_adapt
     assert result.top1_agreement >= TOP1 and result.mean_kl < TINY_KL, result
 
 
-def test_converted_tokenizer_matches_hf_on_chat_prompts(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # GPT-2 and Qwen2 pre-tokenizers
+def test_converted_tokenizer_matches_hf_on_chat_prompts(arch, tmp_path, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    model_dir, model = ft.make_hf_base(tmp_path, "qwen2", tokenizer_dir)
+    model_dir, model = ft.make_hf_base(tmp_path, arch, tokenizer_dir)
     peft_model = ft.add_random_lora(model, ["q_proj"])
-    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": "qwen2"}
+    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": arch}
     run = ft.write_run(tmp_path, "run-tok", peft_model, base, tokenizer_dir)
     report = export_run(run, name="tok", register=False, verify=False)
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
