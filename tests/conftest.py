@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Session- and module-scoped fixtures run before the per-test data directory below is set: give the
+# whole session a throwaway one too, so no test can ever touch the user's real index or adapters.
+os.environ["LOREKEEPER_HOME"] = tempfile.mkdtemp(prefix="lorekeeper-test-home-")
+os.environ.pop("LOREKEEPER_DB", None)
 
 
 @pytest.fixture(autouse=True)
