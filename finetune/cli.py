@@ -211,6 +211,8 @@ def eval_cmd(
         run_dir = find_run(run)
     except RunNotFound as exc:
         _fail(str(exc))
+    if not run_dir.is_trained():
+        _fail(f"{run_dir.root} has no adapter yet: train it (or --resume it) before evaluating")
     report = evaluate_run(run_dir, n_prompts=prompts, max_new_tokens=max_new_tokens, llama_cpp=llama_cpp)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

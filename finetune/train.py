@@ -154,6 +154,28 @@ def prepare_model(model: Any, config: TrainConfig) -> tuple[Any, list[str]]:
 # Callbacks
 
 
+@dataclass
+class EarlyStopper:
+    """Decides, one held-out loss at a time, whether it improved and whether to stop.
+
+    ``patience`` evaluations in a row without an improvement larger than ``threshold`` stop the
+    run; 0 never stops.
+    """
+
+    patience: int
+    threshold: float = 0.0
+    best: float | None = None
+    misses: int = 0
+
+    def update(self, loss: float) -> tuple[bool, bool]:
+        """(improved, stop) after this evaluation."""
+        if self.best is None or loss < self.best - self.threshold:
+            self.best, self.misses = loss, 0
+            return True, False
+        self.misses += 1
+        return False, bool(self.patience) and self.misses >= self.patience
+
+
 def _trainer_callback_base():
     from transformers import TrainerCallback
 
@@ -218,26 +240,21 @@ def make_callbacks(
 
         def __init__(self, model_ref: list) -> None:
             self.model_ref = model_ref
-            self.best: float | None = None
-            self.misses = 0
+            self.stopper = EarlyStopper(config.early_stopping_patience, config.early_stopping_threshold)
             self.stopped_early = False
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             loss = (metrics or {}).get("eval_loss")
             if loss is None:
                 return
-            if self.best is None or loss < self.best - config.early_stopping_threshold:
-                self.best = float(loss)
-                self.misses = 0
-                if state.global_step > 0 and self.model_ref:
-                    save_adapter(self.model_ref[0], run)
-                    (run.root / "adapter_step.txt").write_text(str(state.global_step), encoding="utf-8")
-            else:
-                self.misses += 1
-                if config.early_stopping_patience and self.misses >= config.early_stopping_patience:
-                    log.info("held-out loss has not improved for %d evaluations: stopping", self.misses)
-                    self.stopped_early = True
-                    control.should_training_stop = True
+            improved, stop = self.stopper.update(float(loss))
+            if improved and state.global_step > 0 and self.model_ref:
+                save_adapter(self.model_ref[0], run)
+                (run.root / "adapter_step.txt").write_text(str(state.global_step), encoding="utf-8")
+            if stop:
+                log.info("held-out loss has not improved for %d evaluations: stopping", self.stopper.misses)
+                self.stopped_early = True
+                control.should_training_stop = True
 
     class RichProgress(base):
         """A progress bar with loss, tokens/s and ETA, on stderr."""
@@ -454,7 +471,7 @@ def train_run(
     if has_heldout and checkpoint is None:
         trainer.evaluate()  # the base model's held-out loss, logged as step 0: the bar to beat
     elif has_heldout:
-        early_cb.best = _best_eval_so_far(run)
+        early_cb.stopper.best = _best_eval_so_far(run)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if has_heldout and trainer.state.global_step % config.eval_steps != 0:
         trainer.evaluate()

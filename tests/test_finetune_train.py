@@ -182,6 +182,22 @@ def test_evaluation_compares_base_and_adapter(trained, use_shared_home):
     assert json.loads(run.eval_result.read_text())["transformers"] == hf
 
 
+def test_llama_cpp_perplexity_on_the_exported_adapter(trained, use_shared_home):
+    """After export, the same held-out ids through llama.cpp: base GGUF alone vs with the adapter."""
+    from lorekeeper.finetune.evaluate import evaluate_run
+    from lorekeeper.finetune.export import export_run
+
+    run, _, _ = trained
+    export_run(run.root, register=False)
+    report = evaluate_run(run, n_prompts=0, llama_cpp=True)
+    cpp, hf = report["llama_cpp"], report["transformers"]
+    assert "skipped" not in cpp, cpp
+    assert cpp["adapter"]["tokens"] == hf["adapter"]["tokens"]
+    assert cpp["adapter"]["perplexity"] < cpp["base"]["perplexity"]
+    # The base GGUF is Q4_1 and training saw it as NF4, so the engines agree closely, not exactly.
+    assert abs(cpp["adapter"]["loss"] - hf["adapter"]["loss"]) < 0.25 * hf["adapter"]["loss"]
+
+
 def test_unknown_target_module_lists_the_real_ones(tmp_path, use_shared_home):
     from lorekeeper.finetune.train import TargetModuleError, train_run
 
@@ -209,3 +225,16 @@ def test_cuda_4bit_with_paged_optimizer(tmp_path):
         (tmp_path / "run" / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text()
     )
     assert state["global_step"] == 12
+
+
+def test_early_stopping_waits_for_patience_misses():
+    from lorekeeper.finetune.train import EarlyStopper
+
+    stopper = EarlyStopper(patience=2, threshold=0.01)
+    assert stopper.update(3.0) == (True, False)
+    assert stopper.update(2.5) == (True, False)
+    assert stopper.update(2.495) == (False, False), "an improvement under the threshold is a miss"
+    assert stopper.update(2.6) == (False, True)
+    assert stopper.best == 2.5
+    never = EarlyStopper(patience=0)
+    assert [never.update(x)[1] for x in (1.0, 2.0, 3.0, 4.0)] == [False] * 4
