@@ -200,6 +200,9 @@ def eval_cmd(
     llama_cpp: bool = typer.Option(
         True, "--llama-cpp/--no-llama-cpp", help="Also measure the exported GGUF(s)."
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="llama.cpp threads (default: its own choice)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Held-out perplexity of the base and of base+adapter, and answers side by side."""
@@ -213,7 +216,9 @@ def eval_cmd(
         _fail(str(exc))
     if not run_dir.is_trained():
         _fail(f"{run_dir.root} has no adapter yet: train it (or --resume it) before evaluating")
-    report = evaluate_run(run_dir, n_prompts=prompts, max_new_tokens=max_new_tokens, llama_cpp=llama_cpp)
+    report = evaluate_run(
+        run_dir, n_prompts=prompts, max_new_tokens=max_new_tokens, llama_cpp=llama_cpp, threads=threads
+    )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

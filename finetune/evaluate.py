@@ -65,7 +65,7 @@ def transformers_nll(model: Any, examples: Sequence[Example]) -> dict[str, float
 
 
 def llama_cpp_nll(
-    model_path: Path, examples: Sequence[Example], lora_path: Path | None = None
+    model_path: Path, examples: Sequence[Example], lora_path: Path | None = None, n_threads: int | None = None
 ) -> dict[str, float]:
     """The same measure in llama.cpp (``logits_all=True``), on the same token ids."""
     import numpy as np
@@ -78,6 +78,8 @@ def llama_cpp_nll(
         n_ctx=n_ctx,
         n_batch=n_ctx,
         logits_all=True,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
         verbose=False,
     )
     total, count = 0.0, 0
@@ -116,7 +118,9 @@ def exported_files(run: RunDir, ref: BaseRef) -> dict[str, Path]:
     return found
 
 
-def _prompt_for(record: Record, tokenizer: Any, max_prompt_tokens: int = 48) -> tuple[list[int], str, str]:
+def _prompt_for(
+    record: Record, tokenizer: Any, answer_tokens: int, max_prompt_tokens: int = 48
+) -> tuple[list[int], str, str]:
     """(prompt ids, prompt text, reference answer) of a held-out record, for side-by-side answers."""
     if record.kind == "chat":
         messages = record.prompt_messages() or []
@@ -128,7 +132,11 @@ def _prompt_for(record: Record, tokenizer: Any, max_prompt_tokens: int = 48) -> 
         return list(ids), record.prompt or "", record.completion or ""
     all_ids = tokenizer(record.text or "", add_special_tokens=False)["input_ids"]
     cut = min(max_prompt_tokens, max(1, len(all_ids) // 2))
-    return list(all_ids[:cut]), tokenizer.decode(all_ids[:cut]), tokenizer.decode(all_ids[cut : cut + 64])
+    return (
+        list(all_ids[:cut]),
+        tokenizer.decode(all_ids[:cut]),
+        tokenizer.decode(all_ids[cut : cut + answer_tokens]),
+    )
 
 
 def side_by_side(
@@ -140,7 +148,7 @@ def side_by_side(
     device = next(model.parameters()).device
     samples = []
     for record in list(records)[:n]:
-        ids, prompt, reference = _prompt_for(record, tokenizer)
+        ids, prompt, reference = _prompt_for(record, tokenizer, max_new_tokens)
         inputs = torch.tensor([ids], device=device)
         answers = {}
         for label in ("base", "adapter"):
@@ -163,8 +171,13 @@ def evaluate_run(
     max_new_tokens: int = 64,
     llama_cpp: bool = True,
     device: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of base vs adapter (transformers, and llama.cpp when exported) plus sample answers."""
+    """Perplexity of base vs adapter (transformers, and llama.cpp when exported) plus sample answers.
+
+    ``threads`` caps llama.cpp's threads (default: its own choice); on a busy machine one thread
+    is several times faster than threads that wait on each other.
+    """
     from .train import load_trained
 
     ref = BaseRef.load(run.base)
@@ -191,10 +204,12 @@ def evaluate_run(
     elif "adapter" not in files or "base" not in files:
         report["llama_cpp"] = {"skipped": f"no export yet: run `lorekeeper finetune export {run.name}`"}
     else:
-        section: dict[str, Any] = {"base": llama_cpp_nll(files["base"], examples)}
-        section["adapter"] = llama_cpp_nll(files["base"], examples, lora_path=files["adapter"])
+        section: dict[str, Any] = {"base": llama_cpp_nll(files["base"], examples, n_threads=threads)}
+        section["adapter"] = llama_cpp_nll(
+            files["base"], examples, lora_path=files["adapter"], n_threads=threads
+        )
         if "merged" in files:
-            section["merged"] = llama_cpp_nll(files["merged"], examples)
+            section["merged"] = llama_cpp_nll(files["merged"], examples, n_threads=threads)
         section["files"] = {k: str(v) for k, v in files.items()}
         report["llama_cpp"] = section
     run.eval_result.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

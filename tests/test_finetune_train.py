@@ -189,7 +189,7 @@ def test_llama_cpp_perplexity_on_the_exported_adapter(trained, use_shared_home):
 
     run, _, _ = trained
     export_run(run.root, register=False)
-    report = evaluate_run(run, n_prompts=0, llama_cpp=True)
+    report = evaluate_run(run, n_prompts=0, llama_cpp=True, threads=1)
     cpp, hf = report["llama_cpp"], report["transformers"]
     assert "skipped" not in cpp, cpp
     assert cpp["adapter"]["tokens"] == hf["adapter"]["tokens"]
