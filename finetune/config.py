@@ -107,6 +107,8 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be at least 1")
         if self.learning_rate <= 0:
             raise bad("learning_rate", "must be positive")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise bad("warmup_ratio", "must be in [0, 1): it is a share of all steps")
         if self.lr_scheduler not in SCHEDULER_CHOICES:
             raise bad("lr_scheduler", f"choose one of {', '.join(SCHEDULER_CHOICES)}")
         if self.optimizer not in OPTIMIZER_CHOICES:

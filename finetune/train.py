@@ -394,6 +394,12 @@ def train_run(
         ref = resolve_base(config.base)
     config.save(run.config)
     ref.save(run.base)
+    if checkpoint is None and run.adapter.exists():
+        import shutil
+
+        shutil.rmtree(
+            run.adapter
+        )  # a fresh start: an adapter left from an earlier attempt must not pass as this one
 
     set_seed(config.seed)
     model, tokenizer = load_base(
