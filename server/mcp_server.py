@@ -26,7 +26,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -61,6 +61,7 @@ MAX_LISTED_DOCUMENTS = 2000  # resources/list is not paginated by the SDK: keep 
 MAX_K = 200
 MAX_GENERATE_TOKENS = 4096
 NOTIFY_COALESCE_SECONDS = 0.25  # a burst of file events becomes one list-changed notification
+PROGRESS_INTERVAL = 0.05  # at most 20 token notifications a second; each carries what piled up
 
 INSTRUCTIONS = (
     "lorekeeper gives you the user's own documents (a live index of folders they chose) and a small "
@@ -722,14 +723,13 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
                 except LookupError as exc:
                     raise _to_tool_error(exc) from exc
 
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        relay = _TokenRelay(asyncio.get_running_loop())
         stop = threading.Event()
 
         def on_token(piece: str) -> None:
             if stop.is_set():
                 raise _Cancelled()
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            relay.push(piece)
 
         def work() -> generation.GroundedAnswer:
             try:
@@ -747,26 +747,13 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
                     prepared, generator, temperature=temperature, adapter=adapter, on_token=on_token
                 )
             finally:
-                loop.call_soon_threadsafe(pieces.put_nowait, None)
+                relay.close()
 
         async def stream_progress() -> None:
-            sent = 0
-            while True:
-                piece = await pieces.get()
-                if piece is None:
-                    return
-                batch = [piece]
-                finished = False
-                while not pieces.empty():  # send what piled up while the last notification went out
-                    more = pieces.get_nowait()
-                    if more is None:
-                        finished = True
-                        break
-                    batch.append(more)
-                sent += len(batch)
-                await ctx.report_progress(sent, float(max_tokens), "".join(batch))
-                if finished:
-                    return
+            async def send(count: int, text: str) -> None:
+                await ctx.report_progress(count, float(max_tokens), text)
+
+            await relay.forward(send)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -851,6 +838,54 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
         if state.watcher is not None:
             await anyio.to_thread.run_sync(state.watcher.unwatch, str(folder))
         return FolderResult(path=str(folder), removed=1)
+
+
+class _TokenRelay:
+    """Carries answer pieces from the generation thread to progress notifications.
+
+    The thread only appends, and wakes the event loop for the first piece of a batch; the loop sends
+    at most one notification per ``PROGRESS_INTERVAL`` with everything that piled up. The generation
+    thread shares the GIL with the loop, so a notification per token would slow the model down.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pieces: list[str] = []
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def push(self, piece: str) -> None:
+        with self._lock:
+            self._pieces.append(piece)
+            first = len(self._pieces) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def forward(self, send: Callable[[int, str], Awaitable[None]]) -> None:
+        """Call ``send(pieces so far, new text)`` until the thread closes the relay."""
+        sent = 0
+        last = float("-inf")
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            delay = last + PROGRESS_INTERVAL - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            with self._lock:
+                batch, self._pieces = self._pieces, []
+                closed = self._closed
+            if batch:
+                sent += len(batch)
+                last = self._loop.time()
+                await send(sent, "".join(batch))
+            if closed:
+                return
 
 
 class _Cancelled(Exception):
