@@ -13,7 +13,8 @@ Three figures, each against a baseline measured in the same run on the same mach
    ``search()`` call on the same index (what the protocol adds).
 
 The index is built from real text nobody here wrote (the Python standard library's sources) with the
-real embedder; it is kept in ``--workdir`` so later runs skip the build (about 5 minutes on two cores).
+real embedder; it is kept in ``--workdir`` so later runs skip the build (10-30 minutes on two cores;
+the measurements themselves take about a minute).
 
     python scripts/bench_mcp.py                      # full run
     python scripts/bench_mcp.py --chunks 1000 --runs 2 --queries 50   # quick look
