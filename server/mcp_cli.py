@@ -35,16 +35,6 @@ def _db(ctx: typer.Context, db: Path | None) -> Path | None:
     return root.get("db") if isinstance(root, dict) else None
 
 
-def _calm_openmp() -> None:
-    """Make idle OpenMP threads sleep instead of spin, before torch or llama.cpp load.
-
-    Both the embedder (torch) and llama.cpp use OpenMP. With its default busy-waiting, a desktop
-    that is doing anything else turns a 20 ms query embedding into ~700 ms and can cut generation
-    to a few tokens a second (measured on two loaded cores). ``OMP_WAIT_POLICY`` set by the user wins.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def _configure_generator(
     generator: str | None, model: str | None, n_ctx: int | None = None, threads: int | None = None
 ) -> None:
@@ -102,7 +92,6 @@ def serve(
     threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Start the MCP server (stdio by default, as AI assistants launch it)."""
-    _calm_openmp()
     from .mcp_server import ServerOptions, create_server, load_or_create_token, run_http, run_stdio
 
     for folder in watch or []:
@@ -223,7 +212,6 @@ def ask(
     threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Answer a question from your documents with the local model, citing its sources."""
-    _calm_openmp()
     from lorekeeper import plugins
 
     from . import generation

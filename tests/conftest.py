@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `lorekeeper` sets it: see server/cli.py calm_openmp
 # Session- and module-scoped fixtures run before the per-test data directory below is set: give the
 # whole session a throwaway one too, so no test can ever touch the user's real index or adapters.
 os.environ["LOREKEEPER_HOME"] = tempfile.mkdtemp(prefix="lorekeeper-test-home-")
