@@ -22,10 +22,12 @@ from lorekeeper.plugins.base import ChatMessage, Embedder, Generator
 
 logger = logging.getLogger(__name__)
 
+# The sources go in the system message and the question alone in the user turn: small models
+# (SmolLM2-135M) answer the question asked far more often that way than when a long user turn ends
+# with it (measured on the demo documents: "The answer is: 2." against the right sentence).
 GROUNDED_SYSTEM = (
-    "You answer questions using only the numbered sources the user gives you. "
-    "After each statement, cite the sources it comes from by number in square brackets, "
-    "like [1] or [2][3]. If the sources do not contain the answer, say that you do not know."
+    "You are a helpful assistant. Answer the user's question using the numbered sources below, "
+    "and cite them like [1] or [2][3]. If the sources do not contain the answer, say that you do not know."
 )
 PLAIN_SYSTEM = "You are a helpful assistant. Answer clearly and briefly."
 NO_SOURCES_NOTE = "No indexed document matched this question."
@@ -182,8 +184,7 @@ def _to_source(number: int, hit: Any, tokens: int) -> Source:
 def _grounded_messages(question: str, blocks: Sequence[str], system: str | None) -> list[ChatMessage]:
     system_text = GROUNDED_SYSTEM if not system else f"{GROUNDED_SYSTEM}\n\n{system}"
     sources = "\n\n".join(blocks) if blocks else NO_SOURCES_NOTE
-    user = f"Sources:\n\n{sources}\n\nQuestion: {question}"
-    return [ChatMessage("system", system_text), ChatMessage("user", user)]
+    return [ChatMessage("system", f"{system_text}\n\nSources:\n\n{sources}"), ChatMessage("user", question)]
 
 
 def _plain_messages(question: str, system: str | None) -> list[ChatMessage]:

@@ -290,7 +290,8 @@ def test_grounded_answer_flags_citations_that_point_to_no_source(
     assert [s.path for s in result.cited_sources] == [str(note)]
     assert any("[7]" in w and "no source" in w for w in result.warnings)
     sent = fake_openai.requests[0]["body"]["messages"]
-    assert "[1] " + str(note) in sent[-1]["content"]  # the model saw the numbered source
+    assert "[1] " + str(note) in sent[0]["content"]  # the model saw the numbered source
+    assert sent[-1] == {"role": "user", "content": "How often to oil the chain?"}
 
 
 def test_answer_without_context_uses_the_model_alone(llama: LlamaCppGenerator) -> None:
