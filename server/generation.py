@@ -29,7 +29,6 @@ GROUNDED_SYSTEM = (
     "You are a helpful assistant. Answer the user's question using the numbered sources below, "
     "and cite them like [1] or [2][3]. If the sources do not contain the answer, say that you do not know."
 )
-PLAIN_SYSTEM = "You are a helpful assistant. Answer clearly and briefly."
 NO_SOURCES_NOTE = "No indexed document matched this question."
 
 # [1], [2, 3], [4; 5], [1-3]: any bracketed list of numbers and ranges.
@@ -188,7 +187,11 @@ def _grounded_messages(question: str, blocks: Sequence[str], system: str | None)
 
 
 def _plain_messages(question: str, system: str | None) -> list[ChatMessage]:
-    return [ChatMessage("system", system or PLAIN_SYSTEM), ChatMessage("user", question)]
+    # No system message of our own: the model's chat template supplies its default one, exactly as
+    # when fine-tuning data without a system turn was formatted, so an adapter sees what it learnt on.
+    if system:
+        return [ChatMessage("system", system), ChatMessage("user", question)]
+    return [ChatMessage("user", question)]
 
 
 def build_prompt(

@@ -300,3 +300,12 @@ def test_answer_without_context_uses_the_model_alone(llama: LlamaCppGenerator) -
     )
     assert result.answer and result.sources == [] and not result.use_context
     assert result.completion_tokens >= 1 and result.first_token_seconds is not None
+
+
+def test_model_alone_gets_no_system_turn_of_ours(llama: LlamaCppGenerator) -> None:
+    """Without context, the chat template's own default system turn applies: the same formatting
+    fine-tuning used for data without a system turn, so an adapter is asked as it was trained."""
+    prepared = generation.build_prompt("Who is the treasurer?", [], llama, max_tokens=8, use_context=False)
+    assert [(m.role, m.content) for m in prepared.messages] == [("user", "Who is the treasurer?")]
+    custom = generation.build_prompt("Hi", [], llama, max_tokens=8, use_context=False, system="Be terse.")
+    assert [m.role for m in custom.messages] == ["system", "user"]
