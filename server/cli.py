@@ -183,7 +183,9 @@ def search(
     since: str = typer.Option(None, "--since", help="Only files modified after this ISO date or time."),
     mode: str = typer.Option("hybrid", "--mode", help="hybrid, vector or keyword."),
     vector_weight: float = typer.Option(1.0, "--vector-weight", help="Weight of meaning in hybrid fusion."),
-    keyword_weight: float = typer.Option(1.0, "--keyword-weight", help="Weight of keywords in hybrid fusion."),
+    keyword_weight: float = typer.Option(
+        1.0, "--keyword-weight", help="Weight of keywords in hybrid fusion."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a readable list."),
 ) -> None:
     """Search the index by meaning and keywords."""
@@ -300,18 +302,15 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.
 
 def _mount_subcommands() -> None:
     # `finetune` is only imported here, by the command that starts it; its heavy imports wait
-    # inside its commands.
+    # inside its commands. The MCP commands (serve, mcp-config, ask) live beside the server.
     from lorekeeper.finetune.cli import app as finetune_app
+
+    from . import mcp_cli
 
     app.add_typer(
         finetune_app, name="finetune", help="Train QLoRA adapters on your data and export them as GGUF."
     )
-    try:
-        from . import mcp_cli
-    except ImportError as exc:  # pragma: no cover - only while the MCP layer is missing
-        logging.getLogger(__name__).debug("MCP commands unavailable: %s", exc)
-    else:
-        mcp_cli.register(app)
+    mcp_cli.register(app)
 
 
 _mount_subcommands()
