@@ -6,7 +6,7 @@ never needs to know how lorekeeper stores or chooses among them.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

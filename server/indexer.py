@@ -204,7 +204,11 @@ class Indexer:
                 if not rows:
                     return embedded
                 cached = self.store.cached_vectors(model, [r.chunk_hash for r in rows])
-                todo = {r.chunk_hash: embed_text(r.text, r.heading_path) for r in rows if r.chunk_hash not in cached}
+                todo = {
+                    r.chunk_hash: embed_text(r.text, r.heading_path)
+                    for r in rows
+                    if r.chunk_hash not in cached
+                }
                 if todo:
                     cached.update(zip(todo.keys(), self.embedder.embed(list(todo.values()))))
                     embedded += len(todo)
@@ -266,7 +270,13 @@ class Indexer:
 
         def problem(status: str, reason: str, size: int | None = None, mtime: float | None = None) -> None:
             self.store.record_problem(
-                path=path, root_id=root.id, status=status, error=reason, size=size, mtime=mtime, loader=loader_id
+                path=path,
+                root_id=root.id,
+                status=status,
+                error=reason,
+                size=size,
+                mtime=mtime,
+                loader=loader_id,
             )
             report.count(path, status)
 
@@ -287,10 +297,18 @@ class Indexer:
         if os.path.islink(path):
             target = os.path.realpath(path)
             if self.store.root_for(target) is None:
-                problem(STATUS_SKIPPED, f"symlink to {target}, outside the watched folders; add that folder to index it")
+                problem(
+                    STATUS_SKIPPED,
+                    f"symlink to {target}, outside the watched folders; add that folder to index it",
+                )
                 return None
         doc = self.store.get_document(path)
-        if doc is not None and doc.size == st.st_size and doc.mtime == st.st_mtime and doc.loader == loader_id:
+        if (
+            doc is not None
+            and doc.size == st.st_size
+            and doc.mtime == st.st_mtime
+            and doc.loader == loader_id
+        ):
             report.count(path, "unchanged")
             return None
         limit = config.max_file_bytes()
@@ -320,7 +338,12 @@ class Indexer:
             problem(STATUS_SKIPPED, "empty file: nothing to index", st.st_size, st.st_mtime)
             return None
         content_hash = hashlib.sha256(data).hexdigest()
-        if doc is not None and doc.content_hash == content_hash and doc.loader == loader_id and doc.status == "indexed":
+        if (
+            doc is not None
+            and doc.content_hash == content_hash
+            and doc.loader == loader_id
+            and doc.status == "indexed"
+        ):
             self.store.touch_document(path, st.st_size, st.st_mtime)
             report.count(path, "unchanged")
             return None
@@ -337,7 +360,12 @@ class Indexer:
             return None
         except Exception as exc:  # a loader bug must not stop the rest of the folder
             log.exception("loader %s failed on %s", loader.name, path)
-            problem(STATUS_FAILED, f"{loader.name} loader error: {type(exc).__name__}: {exc}", st.st_size, st.st_mtime)
+            problem(
+                STATUS_FAILED,
+                f"{loader.name} loader error: {type(exc).__name__}: {exc}",
+                st.st_size,
+                st.st_mtime,
+            )
             return None
         warnings = list(getattr(loaded, "warnings", []) or [])
         chunks = chunk_units(
@@ -360,7 +388,9 @@ class Indexer:
             note="; ".join(warnings) or None,
         )
 
-    def _adopt_moved(self, path: str, root: Root, content_hash: str, loader_id: str, st: os.stat_result) -> bool:
+    def _adopt_moved(
+        self, path: str, root: Root, content_hash: str, loader_id: str, st: os.stat_result
+    ) -> bool:
         """A new path whose bytes match an indexed document that no longer exists: a move."""
         for doc in self.store.find_by_hash(content_hash):
             if doc.loader == loader_id and doc.status == "indexed" and not os.path.exists(doc.path):

@@ -205,7 +205,9 @@ def _allowed_documents(
     return allowed
 
 
-def _vector_candidates(conn, qvec: np.ndarray, fetch: int, allowed: set[int] | None) -> list[tuple[int, float]]:
+def _vector_candidates(
+    conn, qvec: np.ndarray, fetch: int, allowed: set[int] | None
+) -> list[tuple[int, float]]:
     blob = vector_blob(qvec)
     if allowed is None:
         rows = conn.execute(
