@@ -16,6 +16,11 @@ from typing import Any
 import numpy as np
 
 
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Token spans without a tokenizer: one per run of word characters or per other symbol."""
+    return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
+
+
 class LoaderError(Exception):
     """A file could not be turned into text. The message says why, for the index's error column."""
 
@@ -92,7 +97,7 @@ class Embedder(abc.ABC):
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character spans of the tokens of ``text``, so chunks can be cut to fit the
         window exactly. The default counts runs of word characters and single symbols."""
-        return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
+        return word_spans(text)
 
 
 @dataclass

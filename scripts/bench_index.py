@@ -578,7 +578,8 @@ def _synthetic_documents(settings: Settings, skip: set[Path]) -> Iterator[tuple[
     """(relative path, chunks) cut from real files not used in part 1, then again from all of them
     as numbered copies: real text for the keyword index, made without running the model."""
     from lorekeeper import plugins
-    from lorekeeper.server.chunker import Chunk, chunk_units, word_spans
+    from lorekeeper.plugins.base import word_spans
+    from lorekeeper.server.chunker import Chunk, chunk_units
 
     files = collect_corpus(None, None, settings.seed + 2)
     fresh = [f for f in files if f[1] not in skip]

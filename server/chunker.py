@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lorekeeper.plugins.base import TextUnit
+from lorekeeper.plugins.base import TextUnit, word_spans
 
 # (start, end) character spans of each token of a text, in the embedder's tokenizer.
 TokenSpans = Callable[[str], list[tuple[int, int]]]
@@ -50,11 +50,6 @@ class Chunk:
             self.chunk_hash = hashlib.sha256(self.embed_text.encode("utf-8", "surrogatepass")).hexdigest()[
                 :32
             ]
-
-
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """A tokenizer-free stand-in: one token per run of word characters or per other symbol."""
-    return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
 
 
 def chunk_units(

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -84,6 +85,15 @@ def _progress() -> Progress:
     )
 
 
+def _ticker(progress: Progress, task) -> Callable[[int, int, str], None]:
+    """The indexer's progress callback, drawn on a rich progress bar."""
+
+    def tick(done: int, total: int, current: str) -> None:
+        progress.update(task, completed=done, total=total, path=os.path.basename(current))
+
+    return tick
+
+
 def _report_line(report) -> str:
     parts = [f"{report.indexed} indexed", f"{report.unchanged} unchanged"]
     for name in ("moved", "removed", "failed", "skipped"):
@@ -111,11 +121,7 @@ def add(
                 fail(f"{path} is a file; give the folder that contains it")
             with _progress() as progress:
                 task = progress.add_task(f"indexing {path}", total=None, path="")
-
-                def tick(done: int, total: int, current: str, task=task, progress=progress) -> None:
-                    progress.update(task, completed=done, total=total, path=os.path.basename(current))
-
-                report = indexer.add_root(path, progress=tick)
+                report = indexer.add_root(path, progress=_ticker(progress, task))
             console.print(f"[green]{path.resolve()}[/green]: {_report_line(report)}")
             problems = [(p, o) for p, o in report.outcomes.items() if o in ("failed", "skipped")]
             if problems:
@@ -267,11 +273,7 @@ def reindex(
         indexer = Indexer(store)
         with _progress() as progress:
             task = progress.add_task("reindexing", total=None, path="")
-
-            def tick(done: int, total: int, current: str) -> None:
-                progress.update(task, completed=done, total=total, path=os.path.basename(current))
-
-            report = indexer.reconcile(root, progress=tick)
+            report = indexer.reconcile(root, progress=_ticker(progress, task))
     console.print(_report_line(report))
 
 

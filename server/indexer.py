@@ -168,20 +168,28 @@ class Indexer:
         src, dst = os.path.abspath(str(src)), os.path.abspath(str(dst))
         with self._lock:
             root = self.store.root_for(dst)
-            if root is None or self._ignored(root, dst) or os.path.isdir(dst):
+            is_dir = os.path.isdir(dst)
+            if root is None or self._ignored(root, dst, is_dir=is_dir):
                 self.remove_file(src)
-                return "removed" if root is None else self.reconcile_dir(dst)
+                return "removed"
+            if is_dir:
+                self.remove_file(src)
+                return self.reconcile_dir(dst)
             doc = self.store.get_document(src)
-            if doc is not None and doc.status == "indexed" and plugins.loader_for(Path(dst)) is not None:
-                loader = plugins.loader_for(Path(dst))
-                if self._loader_id(loader) == doc.loader:
-                    try:
-                        st = os.stat(dst)
-                    except OSError:
-                        st = None
-                    if st is not None and st.st_size == doc.size:
-                        self.store.move_document(src, dst, root.id, mtime=st.st_mtime)
-                        return "moved"
+            loader = plugins.loader_for(Path(dst))
+            if (
+                doc is not None
+                and doc.status == "indexed"
+                and loader is not None
+                and self._loader_id(loader) == doc.loader
+            ):
+                try:
+                    st = os.stat(dst)
+                except OSError:
+                    st = None
+                if st is not None and st.st_size == doc.size:
+                    self.store.move_document(src, dst, root.id, mtime=st.st_mtime)
+                    return "moved"
             self.remove_file(src)
             return self.index_file(dst)
 
