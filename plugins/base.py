@@ -21,6 +21,10 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
 
 
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the model's context window; the message says by how much."""
+
+
 class LoaderError(Exception):
     """A file could not be turned into text. The message says why, for the index's error column."""
 

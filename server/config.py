@@ -17,6 +17,7 @@ DB_ENV = "LOREKEEPER_DB"
 MAX_FILE_MB_ENV = "LOREKEEPER_MAX_FILE_MB"
 
 DEFAULT_MAX_FILE_MB = 50.0
+DEFAULT_HTTP_PORT = 8765  # `lorekeeper serve --http`
 
 
 def data_dir() -> Path:
@@ -45,6 +46,11 @@ def runs_dir() -> Path:
     path = data_dir() / "runs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def token_path() -> Path:
+    """The bearer token of ``lorekeeper serve --http`` (mode 0600)."""
+    return data_dir() / "token"
 
 
 def max_file_bytes() -> int:

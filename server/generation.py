@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorekeeper.plugins.base import ChatMessage, Embedder, Generator
+from lorekeeper.plugins.base import ChatMessage, Embedder, Generator, PromptTooLongError
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ NO_SOURCES_NOTE = "No indexed document matched this question."
 _CITATION = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|-|–|and)\s*\d+)*)\s*\]")
 _NUMBER_OR_RANGE = re.compile(r"(\d+)\s*(?:[-–]\s*(\d+))?")
 _MAX_RANGE = 50  # "[1-100000]" is noise, not 100000 citations
-
-
-class PromptTooLongError(ValueError):
-    """The question (with the system prompt and answer room) does not fit the context window."""
 
 
 def describe_location(start_line: int | None, end_line: int | None, page: int | None) -> str:

@@ -65,7 +65,7 @@ def serve(
     ctx: typer.Context,
     http: bool = typer.Option(False, "--http", help="Serve Streamable HTTP instead of stdio."),
     host: str = typer.Option("127.0.0.1", "--host", help="HTTP address to bind (keep it local)."),
-    port: int = typer.Option(8765, "--port", help="HTTP port."),
+    port: int = typer.Option(config.DEFAULT_HTTP_PORT, "--port", help="HTTP port."),
     token: str = typer.Option(
         None,
         "--token",
@@ -108,9 +108,7 @@ def serve(
     server = create_server(options)
     if http:
         secret = load_or_create_token(token)
-        err.print(
-            f"lorekeeper MCP server: http://{host}:{port}/mcp (bearer token in {config.data_dir() / 'token'})"
-        )
+        err.print(f"lorekeeper MCP server: http://{host}:{port}/mcp (bearer token in {config.token_path()})")
         run_http(server, host=host, port=port, token=secret, allowed_origins=allow_origin or [])
     else:
         run_stdio(server)
@@ -125,7 +123,7 @@ def _launcher(db: Path | None) -> tuple[str, list[str]]:
 
 
 def config_snippets(
-    db: Path | None = None, http: bool = False, port: int = 8765, token: str | None = None
+    db: Path | None = None, http: bool = False, port: int = config.DEFAULT_HTTP_PORT, token: str | None = None
 ) -> dict:
     """The JSON each client wants, keyed by client name."""
     env = {"LOREKEEPER_HOME": os.environ["LOREKEEPER_HOME"]} if os.environ.get("LOREKEEPER_HOME") else {}
@@ -162,7 +160,7 @@ def mcp_config(
     ctx: typer.Context,
     client: str = typer.Option("all", "--client", help="claude, cursor, vscode or all."),
     http: bool = typer.Option(False, "--http", help="Snippets for a running `lorekeeper serve --http`."),
-    port: int = typer.Option(8765, "--port", help="The HTTP port the server uses."),
+    port: int = typer.Option(config.DEFAULT_HTTP_PORT, "--port", help="The HTTP port the server uses."),
     show_token: bool = typer.Option(
         False, "--show-token", help="Put the real bearer token in HTTP snippets."
     ),
@@ -216,9 +214,10 @@ def ask(
 
     from . import generation
     from .mcp_server import doc_uri
+    from .search import MAX_K
 
-    if not 1 <= k <= 200:
-        _fail(f"-k {k} is out of range: use 1 to 200")
+    if not 1 <= k <= MAX_K:
+        _fail(f"-k {k} is out of range: use 1 to {MAX_K}")
     if max_tokens < 1:
         _fail(f"--max-tokens {max_tokens}: must be at least 1")
     if not 0.0 <= temperature <= 2.0:

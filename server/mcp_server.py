@@ -49,6 +49,7 @@ from lorekeeper import plugins
 from lorekeeper.plugins.base import Embedder, Generator
 
 from . import config, generation
+from .search import MAX_K
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,8 @@ SERVER_NAME = "lorekeeper"
 DOC_SCHEME = "lorekeeper://doc/"
 STATUS_URI = "lorekeeper://status"
 TOKEN_ENV = "LOREKEEPER_TOKEN"
-DEFAULT_PORT = 8765
+DEFAULT_PORT = config.DEFAULT_HTTP_PORT
 MAX_LISTED_DOCUMENTS = 2000  # resources/list is not paginated by the SDK: keep the answer small
-MAX_K = 200
 MAX_GENERATE_TOKENS = 4096
 NOTIFY_COALESCE_SECONDS = 0.25  # a burst of file events becomes one list-changed notification
 PROGRESS_INTERVAL = 0.05  # at most 20 token notifications a second; each carries what piled up
@@ -272,11 +272,6 @@ class AppState:
             except Exception:
                 logger.exception("stopping the watcher failed")
         self.store.close()
-
-    def watched_paths(self) -> set[str]:
-        if self.watcher is None:
-            return set()
-        return {r.path for r in self.store.roots()}
 
     def resolve_document(self, raw: str) -> Path:
         """The indexed file a document URI names, or a ``DocumentAccessError`` saying why not.
@@ -627,8 +622,6 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
         """
         from .search import search
 
-        if not query.strip():
-            raise ToolError("query is empty: give a few words or a question to search for")
         state = _state(ctx)
         after = _parse_time(modified_after)
         try:
@@ -733,18 +726,18 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
 
         def work() -> generation.GroundedAnswer:
             try:
-                prepared = generation.prepare(
+                return generation.answer_question(
                     prompt,
                     generator=generator,
                     store=state.store,
                     embedder=state.embedder,
                     k=k,
                     max_tokens=max_tokens,
+                    temperature=temperature,
+                    adapter=adapter,
                     system=system,
                     use_context=use_context,
-                )
-                return generation.run(
-                    prepared, generator, temperature=temperature, adapter=adapter, on_token=on_token
+                    on_token=on_token,
                 )
             finally:
                 relay.close()
@@ -762,9 +755,7 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
         except BaseException as exc:
             stop.set()
             cause = _unwrap(exc)
-            if isinstance(cause, (ValueError, LookupError, RuntimeError, OSError)) and not isinstance(
-                cause, _Cancelled
-            ):
+            if isinstance(cause, (ValueError, LookupError, RuntimeError, OSError)):
                 raise _to_tool_error(cause) from cause
             raise
         result = _generate_result(answer)
@@ -937,12 +928,8 @@ def _generate_result(answer: generation.GroundedAnswer) -> GenerateResult:
 
 def _status(state: AppState) -> IndexStatusOut:
     st = state.store.status()
-    watched = state.watched_paths()
-    pending = int(getattr(st, "pending", 0) or 0)
-    watcher = state.watcher
-    if watcher is not None:
-        waiting = getattr(watcher, "pending", 0)
-        pending = max(pending, int(waiting() if callable(waiting) else waiting or 0))
+    watcher = state.watcher  # it watches every registered root
+    pending = watcher.pending() if watcher is not None else 0
     return IndexStatusOut(
         db_path=str(st.db_path),
         roots=[
@@ -952,7 +939,7 @@ def _status(state: AppState) -> IndexStatusOut:
                 chunks=r.chunks,
                 failed=r.failed,
                 skipped=r.skipped,
-                watched=r.path in watched,
+                watched=watcher is not None,
             )
             for r in st.roots
         ],
@@ -1071,10 +1058,6 @@ def run_stdio(server: LorekeeperMCP) -> None:
     anyio.run(server.run_stdio_async)
 
 
-def token_path() -> Path:
-    return config.data_dir() / "token"
-
-
 def load_or_create_token(explicit: str | None = None) -> str:
     """The HTTP bearer token: ``explicit`` (flag), ``LOREKEEPER_TOKEN``, or the stored one.
 
@@ -1085,7 +1068,7 @@ def load_or_create_token(explicit: str | None = None) -> str:
     env = os.environ.get(TOKEN_ENV)
     if env:
         return env
-    path = token_path()
+    path = config.token_path()
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077 and os.name == "posix":

@@ -108,7 +108,6 @@ class IndexStatus:
     last_change: float | None
     embed_model: str | None
     embed_dim: int | None
-    pending: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

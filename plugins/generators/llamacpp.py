@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ...server import config
-from ..base import ChatMessage, Generator
+from ..base import ChatMessage, Generator, PromptTooLongError
 from ..hookspecs import hookimpl
 from ..models import ModelNotFound, default_gguf_path
 
@@ -44,10 +44,6 @@ class UnknownAdapterError(LookupError):
 
 class AdapterLoadError(RuntimeError):
     """llama.cpp refused an adapter file (wrong base model, corrupt file)."""
-
-
-class PromptTooLongError(ValueError):
-    """The formatted prompt does not fit the model's context window."""
 
 
 def _env_int(name: str, default: int | None) -> int | None:
