@@ -79,11 +79,9 @@ def gguf_architecture(path: Path) -> str | None:
     try:
         from gguf import GGUFReader
 
-        reader = GGUFReader(str(path), "r")
-        field = reader.get_field("general.architecture")
-        if field is None:
-            return None
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
+        from .gguf_arch import gguf_field
+
+        return gguf_field(GGUFReader(str(path), "r"), "general.architecture", None)
     except Exception as exc:  # an unreadable header is reported when the model itself is loaded
         log.debug("could not read the architecture of %s: %s", path, exc)
         return None
@@ -134,7 +132,10 @@ def load_tokenizer(ref: BaseRef):
     """The base's tokenizer, chat template included (for a GGUF, both come from its metadata)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, **_pretrained_kwargs(ref))
+    return _with_pad_token(AutoTokenizer.from_pretrained(ref.path, **_pretrained_kwargs(ref)))
+
+
+def _with_pad_token(tokenizer):
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any known token will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -152,7 +153,7 @@ def _drop_gguf_marker(model) -> None:
 
 
 def default_dtype(device: str):
-    """bf16 where the hardware computes in it fast (CUDA with bf16, or the CPU), else fp16 on CUDA."""
+    """bf16 on CUDA GPUs that compute in it, fp16 on other GPUs, fp32 on the CPU."""
     import torch
 
     if device.startswith("cuda"):
@@ -220,9 +221,7 @@ def load_base(
     # A GGUF is dequantized once into a cached plain copy: transformers cannot quantize a GGUF while
     # loading it, and reading the copy is faster than converting the GGUF again on every run.
     source = dequantized_dir(ref) if ref.kind == GGUF else Path(ref.path)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(source))
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 

@@ -230,6 +230,7 @@ def runs() -> None:
     """List the fine-tuning runs under the runs directory."""
     from lorekeeper.server.config import runs_dir
 
+    from .plot import read_metrics
     from .runs import RunDir
 
     table = Table(title=str(runs_dir()))
@@ -240,12 +241,10 @@ def runs() -> None:
         if not run.config.is_file():
             continue
         last_eval, steps = "-", "-"
-        if run.metrics.is_file():
-            for line in run.metrics.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                steps = str(row.get("step", steps))
-                if "eval_loss" in row:
-                    last_eval = f"{row['eval_loss']:.4f}"
+        for row in read_metrics(run.metrics):
+            steps = str(row.get("step", steps))
+            if "eval_loss" in row:
+                last_eval = f"{row['eval_loss']:.4f}"
         table.add_row(run.name, "yes" if run.is_trained() else "no", steps, last_eval)
     Console().print(table)
 

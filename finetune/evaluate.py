@@ -102,7 +102,7 @@ def llama_cpp_nll(
 
 def exported_files(run: RunDir, ref: BaseRef) -> dict[str, Path]:
     """The GGUFs `lorekeeper finetune export` wrote for this run (adapter, base, merged), where present."""
-    export = run.root / "export"
+    export = run.export
     found: dict[str, Path] = {}
     adapters = sorted(export.glob("*.lora.gguf"))
     if adapters:

@@ -36,6 +36,7 @@ from .gguf_writer import (
     write_model_from_hf,
 )
 from .lora_tensors import AdapterFormatError, LoraAdapter, load_adapter
+from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,12 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _read_base(run_dir: Path) -> Any:
+def _read_base(run: RunDir) -> Any:
     from .base_model import BaseRef
 
-    path = run_dir / "base.json"
-    if not path.is_file():
-        raise ExportError(f"{run_dir} has no base.json: is it a fine-tuning run directory?")
-    return BaseRef.load(path)
+    if not run.base.is_file():
+        raise ExportError(f"{run.root} has no base.json: is it a fine-tuning run directory?")
+    return BaseRef.load(run.base)
 
 
 def file_sha256(path: Path) -> str:
@@ -193,9 +193,10 @@ def export_run(
     if not adapter and not merged and not quantize:
         raise ExportError("nothing to export: ask for the adapter, a merged model, or a quantized model")
     name = _check_name(name or run_dir.name)
-    out = Path(output_dir).expanduser().resolve() if output_dir else run_dir / "export"
-    base = _read_base(run_dir)
-    lora = load_adapter(run_dir / "adapter")
+    run = RunDir(run_dir)
+    out = Path(output_dir).expanduser().resolve() if output_dir else run.export
+    base = _read_base(run)
+    lora = load_adapter(run.adapter)
 
     if base.kind == "gguf":
         import gguf
@@ -213,7 +214,7 @@ def export_run(
         config = json.loads(config_path.read_text(encoding="utf-8"))
         shape = shape_from_hf_config(config)
         base_gguf = None
-    tokenizer_dir = run_dir / "tokenizer" if (run_dir / "tokenizer" / "tokenizer.json").is_file() else None
+    tokenizer_dir = run.tokenizer if (run.tokenizer / "tokenizer.json").is_file() else None
 
     report = ExportReport(
         name=name,

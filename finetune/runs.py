@@ -54,6 +54,11 @@ class RunDir:
         return self.root / "tokenizer"
 
     @property
+    def export(self) -> Path:
+        """Where `lorekeeper finetune export` writes the run's GGUF files by default."""
+        return self.root / "export"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -203,8 +203,6 @@ def make_callbacks(
         def __init__(self) -> None:
             self.start = time.perf_counter()
             self.start_tokens = collator.tokens_seen
-            self.first_eval: float | None = None
-            self.best_eval: float | None = None
             self.last_eval: float | None = None
             self.last_loss: float | None = None
 
@@ -226,8 +224,6 @@ def make_callbacks(
                 self.last_loss = row["loss"]
             if "eval_loss" in row:
                 self.last_eval = row["eval_loss"]
-                if self.first_eval is None:
-                    self.first_eval = row["eval_loss"]
                 row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
             row["tokens"] = collator.tokens_seen
             row["tokens_per_s"] = round(self.tokens_per_second(), 2)
@@ -249,8 +245,7 @@ def make_callbacks(
                 return
             improved, stop = self.stopper.update(float(loss))
             if improved and state.global_step > 0 and self.model_ref:
-                save_adapter(self.model_ref[0], run)
-                (run.root / "adapter_step.txt").write_text(str(state.global_step), encoding="utf-8")
+                save_adapter(self.model_ref[0], run, state.global_step)
             if stop:
                 log.info("held-out loss has not improved for %d evaluations: stopping", self.stopper.misses)
                 self.stopped_early = True
@@ -323,8 +318,9 @@ def trainer_class():
     return LorekeeperTrainer
 
 
-def save_adapter(model: Any, run: RunDir) -> None:
-    """The adapter alone (peft save_pretrained), written aside and renamed into adapter/."""
+def save_adapter(model: Any, run: RunDir, step: int) -> None:
+    """The adapter alone (peft save_pretrained), written aside and renamed into adapter/; the
+    training step it comes from goes beside it in adapter_step.txt."""
     import shutil
 
     tmp = run.root / "adapter.partial"
@@ -334,6 +330,7 @@ def save_adapter(model: Any, run: RunDir) -> None:
     if run.adapter.exists():
         shutil.rmtree(run.adapter)
     tmp.replace(run.adapter)
+    (run.root / "adapter_step.txt").write_text(str(step), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,21 +474,20 @@ def train_run(
     if has_heldout and checkpoint is None:
         trainer.evaluate()  # the base model's held-out loss, logged as step 0: the bar to beat
     elif has_heldout:
-        early_cb.stopper.best = _best_eval_so_far(run)
+        early_cb.stopper.best = min(_eval_losses(run), default=None)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if has_heldout and trainer.state.global_step % config.eval_steps != 0:
         trainer.evaluate()
     if not has_heldout or not run.is_trained():
-        save_adapter(trainer.model, run)
-        (run.root / "adapter_step.txt").write_text(str(trainer.state.global_step), encoding="utf-8")
+        save_adapter(trainer.model, run, trainer.state.global_step)
     plot_loss(run.metrics, run.loss_plot, title=f"{run.name}: {ref.display_name}")
-    first = _first_eval(run)
+    losses = _eval_losses(run)
     return TrainResult(
         steps=trainer.state.global_step,
         train_loss=float(output.training_loss) if output.training_loss is not None else None,
         eval_loss=metrics_cb.last_eval,
-        first_eval_loss=first,
-        best_eval_loss=_best_eval_so_far(run),
+        first_eval_loss=losses[0] if losses else None,
+        best_eval_loss=min(losses, default=None),
         stopped_early=early_cb.stopped_early,
         seconds=time.perf_counter() - started,
         tokens=collator.tokens_seen,
@@ -502,16 +498,6 @@ def _eval_losses(run: RunDir) -> list[float]:
     from .plot import read_metrics
 
     return [row["eval_loss"] for row in read_metrics(run.metrics) if "eval_loss" in row]
-
-
-def _first_eval(run: RunDir) -> float | None:
-    losses = _eval_losses(run)
-    return losses[0] if losses else None
-
-
-def _best_eval_so_far(run: RunDir) -> float | None:
-    losses = _eval_losses(run)
-    return min(losses) if losses else None
 
 
 def load_trained(
@@ -527,10 +513,3 @@ def load_trained(
     model = PeftModel.from_pretrained(model, str(run.adapter))
     model.eval()
     return model, tokenizer
-
-
-def describe_result(result: TrainResult) -> str:
-    return (
-        f"{result.steps} steps in {result.seconds:.0f} s, {result.tokens:,} tokens; "
-        f"held-out loss {result.eval_loss_text}{' (stopped early)' if result.stopped_early else ''}"
-    )

@@ -83,12 +83,13 @@ def config_for(args, data: Path):
 def run_lorekeeper(args, data: Path, device: str) -> dict:
     from rich.console import Console
 
+    from lorekeeper.finetune.plot import read_metrics
     from lorekeeper.finetune.runs import RunDir
     from lorekeeper.finetune.train import train_run
 
     run = RunDir(Path(tempfile.mkdtemp(prefix="bench-run-")))
     train_run(config_for(args, data), run, device=device, console=Console(stderr=True, quiet=True))
-    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    rows = read_metrics(run.metrics)
     steps = {r["step"]: r for r in rows if "loss" in r}
     start, end = steps[args.warmup], steps[args.steps]
     tokens = end["tokens"] - start["tokens"]
