@@ -555,9 +555,11 @@ class PackedCollator:
 # Everything together
 
 
-def _tokenize_all(
+def tokenize_all(
     records: Sequence[Record], tokenizer: Any, config: TrainConfig, summary: DataSummary
 ) -> list[Example]:
+    """Token rows of ``records``, cut to ``config.max_seq_len`` as training cuts them; rows with no
+    loss tokens are dropped. What was cut or dropped is counted in ``summary``."""
     examples: list[Example] = []
     for record in records:
         example = tokenize_record(record, tokenizer, config.train_on_prompt)
@@ -602,8 +604,8 @@ def build_datasets(
         records, config.eval_fraction, config.eval_max_records, config.seed
     )
     summary.train_records, summary.heldout_records = len(train_records), len(heldout_records)
-    train_examples = _tokenize_all(train_records, tokenizer, config, summary)
-    heldout_examples = _tokenize_all(heldout_records, tokenizer, config, summary)
+    train_examples = tokenize_all(train_records, tokenizer, config, summary)
+    heldout_examples = tokenize_all(heldout_records, tokenizer, config, summary)
     if not train_examples:
         raise DataError(
             f"no trainable tokens in {where}: every record lost its answer tokens (truncated away or empty); "

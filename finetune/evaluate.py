@@ -14,12 +14,14 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .base_model import BaseRef
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Example, Record, fit_to_length, load_records, tokenize_record
+from .data import IGNORE_INDEX, DataSummary, Example, Record, load_records, tokenize_all
+from .parity import log_softmax
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,8 @@ def heldout_examples(run: RunDir, tokenizer: Any) -> tuple[list[Record], list[Ex
     if not run.heldout.is_file():
         return [], []
     records = load_records(run.heldout)
-    examples: list[Example] = []
-    for record in records:
-        example = tokenize_record(record, tokenizer, config.train_on_prompt)
-        pieces, _ = fit_to_length(example, record.kind, config.max_seq_len, "truncate")
-        examples.extend(p for p in pieces if any(label != IGNORE_INDEX for label in p.labels))
+    # always truncate: a held-out record too long for the window is still scored on what fits
+    examples = tokenize_all(records, tokenizer, replace(config, overlong="truncate"), DataSummary())
     return records, examples
 
 
@@ -87,9 +86,7 @@ def llama_cpp_nll(
         for example in examples:
             llm.reset()
             llm.eval(example.input_ids)
-            logits = np.asarray(llm.scores[: len(example.input_ids)], dtype=np.float64)
-            logits -= logits.max(axis=-1, keepdims=True)
-            log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            log_probs = log_softmax(np.asarray(llm.scores[: len(example.input_ids)], dtype=np.float64))
             for t in range(len(example.input_ids) - 1):
                 target = example.labels[t + 1]
                 if target != IGNORE_INDEX:

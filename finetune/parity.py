@@ -31,7 +31,7 @@ class ParityReport:
         )
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -43,8 +43,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> ParityReport
     cand = np.asarray(candidate[:, :vocab], dtype=np.float64)
     if ref.shape != cand.shape:
         raise ValueError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
-    log_p = _log_softmax(ref)
-    log_q = _log_softmax(cand)
+    log_p = log_softmax(ref)
+    log_q = log_softmax(cand)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
     return ParityReport(
         positions=int(ref.shape[0]),
