@@ -69,6 +69,9 @@ class ExportReport:
     alpha: float = 0.0
     lora_modules: int = 0
     files: list[Path] = field(default_factory=list)
+    # probe texts llama.cpp tokenizes differently from the tokenizer the run trained with (only
+    # checked for tokenizers converted from a Hugging Face directory; a GGUF base's is copied as is)
+    tokenizer_mismatches: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +90,11 @@ class ExportReport:
             if path is not None:
                 size = f" ({path.stat().st_size / 1e6:.1f} MB)" if path.is_file() else ""
                 lines.append(f"  {label}: {path}{size}")
+        if self.tokenizer_mismatches:
+            lines.append(
+                "  warning: llama.cpp tokenizes these probe texts differently from the trained tokenizer:"
+            )
+            lines.extend(f"    {m}" for m in self.tokenizer_mismatches)
         return "\n".join(lines)
 
 
@@ -130,6 +138,25 @@ def check_llama_cpp_loads(base_gguf: Path, adapter_gguf: Path | None = None) -> 
         what = f"adapter {adapter_gguf} on {base_gguf}" if adapter_gguf else str(base_gguf)
         raise ExportError(f"llama.cpp refused the exported {what}: {exc}") from exc
     llm.close()
+
+
+def check_tokenizer(gguf_path: Path, tokenizer_dir: Path) -> list[str]:
+    """Probe texts that llama.cpp, reading the converted GGUF, tokenizes unlike the run's tokenizer.
+
+    A difference is reported, not fatal: some Hugging Face tokenizers follow rules llama.cpp has
+    no setting for (a SentencePiece tokenizer converted with ``legacy=False`` puts no word-start
+    marker after a special token; llama.cpp always does), and the model still runs.
+    """
+    from transformers import AutoTokenizer
+
+    from .parity import tokenizer_mismatches
+
+    found = [
+        str(m) for m in tokenizer_mismatches(gguf_path, AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    ]
+    for line in found:
+        log.warning("tokenizer of %s differs from the trained one on %s", gguf_path.name, line)
+    return found
 
 
 def register_adapter(
@@ -226,7 +253,7 @@ def export_run(
     )
 
     def hf_model(final: Path, with_adapter: LoraAdapter | None, kind: str) -> Path:
-        return write_model_from_hf(
+        written = write_model_from_hf(
             final,
             Path(base.path),
             tokenizer_dir or Path(base.path),
@@ -236,6 +263,9 @@ def export_run(
             kind,
             name,
         )
+        if verify and not report.tokenizer_mismatches:
+            report.tokenizer_mismatches = check_tokenizer(written, tokenizer_dir or Path(base.path))
+        return written
 
     if adapter:
         if base_gguf is None:

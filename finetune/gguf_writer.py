@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -418,13 +419,73 @@ def _adds_special(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
     return len(with_special) > len(plain) and with_special[edge] == token_id
 
 
-def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> None:
-    """Byte-level BPE tokenizer -> GGUF ``tokenizer.*`` metadata, chat template and BOS rule included.
+def _token_arrays(size: int) -> tuple[list[str], list[gguf.TokenType]]:
+    """Placeholder tokens for ids the tokenizer leaves empty (a config vocab padded past it)."""
+    return [f"[PAD{i}]" for i in range(size)], [gguf.TokenType.UNUSED] * size
 
-    The tokenizer is loaded the way training loaded it (``AutoTokenizer``) and described from its
-    live state, not from tokenizer.json on disk: transformers may replace parts of the saved
-    tokenizer (a model-specific class brings its own pre-tokenizer), and the GGUF must reproduce
-    the ids the adapter was trained on.
+
+def _is_byte_level_bpe(model: dict[str, Any], decoder: str | None) -> bool:
+    return model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel"
+
+
+def _is_sentencepiece_bpe(model: dict[str, Any], tok_json: dict[str, Any]) -> bool:
+    """A SentencePiece BPE model as transformers converts it (Llama 2, Mistral, Phi-3, Gemma):
+    BPE over ``▁``-marked text with raw bytes as the fallback for characters outside the vocabulary."""
+    decoders = tok_json.get("decoder") or {}
+    kinds = [d.get("type") for d in decoders.get("decoders", [decoders])]
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "ByteFallback" in kinds
+
+
+def _adds_space_prefix(tok_json: dict[str, Any]) -> bool:
+    """Whether the tokenizer marks the start of the text as a word start (``▁``), as SentencePiece's
+    ``add_dummy_prefix`` does: a Prepend normalizer (older conversions) or a Metaspace pre-tokenizer
+    that prepends (newer ones). Gemma's tokenizer does neither."""
+
+    def steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        if not part:
+            return []
+        return list(part.get(key, [])) if part.get("type") == "Sequence" else [part]
+
+    for step in steps(tok_json.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+            return True
+    for step in steps(tok_json.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme") or (
+                "always" if step.get("add_prefix_space", True) else "never"
+            )
+            return scheme != "never"
+    return False
+
+
+def _sentencepiece_scores(vocab: dict[str, int], merges: list[str]) -> dict[int, float]:
+    """Merge priorities as SentencePiece scores: llama.cpp's SPM tokenizer joins, at each step, the
+    adjacent pair whose joined piece has the highest score, and Hugging Face's BPE joins the pair
+    with the lowest merge rank; scoring each piece by minus the rank of the first merge that makes
+    it gives both the same order. Pieces no merge makes (characters, bytes, specials) score below
+    every merge, so llama.cpp never prefers them to a real merge."""
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        idx = vocab.get(left + right)
+        if idx is not None and idx not in scores:
+            scores[idx] = -float(rank)
+    floor = -float(len(merges))
+    return {idx: scores.get(idx, floor - idx) for idx in vocab.values()}
+
+
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> None:
+    """A Hugging Face tokenizer -> GGUF ``tokenizer.*`` metadata, chat template and BOS rule included.
+
+    Two families convert: byte-level BPE (GPT-2 style: Llama 3, Qwen2, SmolLM) becomes llama.cpp's
+    ``gpt2`` tokenizer with its pre-tokenizer named; SentencePiece BPE with byte fallback (Llama 2,
+    Mistral, Phi-3, Gemma) becomes llama.cpp's ``llama`` tokenizer with scores derived from the
+    merges. The tokenizer is loaded the way training loaded it (``AutoTokenizer``) and described
+    from its live state, not from tokenizer.json on disk: transformers may replace parts of the
+    saved tokenizer, and the GGUF must reproduce the ids the adapter was trained on.
     """
     from transformers import AutoTokenizer
 
@@ -440,30 +501,51 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size:
     tok_json = json.loads(backend.to_str())
     model = tok_json.get("model", {})
     decoder = (tok_json.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+    byte_level = _is_byte_level_bpe(model, decoder)
+    if not byte_level and not _is_sentencepiece_bpe(model, tok_json):
         raise UnsupportedTokenizer(
-            f"{tokenizer_dir}: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) convert "
-            f"from a Hugging Face directory, this one is {model.get('type')} with a {decoder} decoder; "
-            "export from a GGUF base of this model instead"
+            f"{tokenizer_dir}: the exporter converts byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM) and "
+            f"SentencePiece BPE ones with byte fallback (Llama 2, Mistral, Phi-3, Gemma); this one is "
+            f"{model.get('type')} with a {decoder} decoder: export from a GGUF base of this model instead"
         )
     vocab: dict[str, int] = model["vocab"]
     added = tok_json.get("added_tokens", [])
-    size = max([vocab_size, *(i + 1 for i in vocab.values()), *(a["id"] + 1 for a in added)])
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
+    needed = max([0, *(i + 1 for i in vocab.values()), *(a["id"] + 1 for a in added)])
+    if needed > vocab_size:
+        raise UnsupportedTokenizer(
+            f"the tokenizer in {tokenizer_dir} has token ids up to {needed - 1}, but the model's embedding "
+            f"has {vocab_size} rows (vocab_size in config.json): tokens were added without resizing the "
+            "model; resize its embeddings (model.resize_token_embeddings) before training, or drop the tokens"
+        )
+    size = vocab_size
+    tokens, types = _token_arrays(size)
     for text, idx in vocab.items():
         tokens[idx] = text
         types[idx] = gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json.get("pre_tokenizer")))
+        writer.add_token_merges(merges)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_add_space_prefix(_adds_space_prefix(tok_json))
+        scores = [0.0] * size
+        for idx, score in _sentencepiece_scores(vocab, merges).items():
+            scores[idx] = score
+        for text, idx in vocab.items():
+            if _BYTE_PIECE.match(text):
+                types[idx] = gguf.TokenType.BYTE
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+        writer.add_token_scores(scores)
     for token in added:
+        if token["id"] == tokenizer.unk_token_id and not byte_level:
+            continue
         tokens[token["id"]] = token["content"]
         types[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
     for token_id, add in (
         (tokenizer.bos_token_id, writer.add_bos_token_id),
         (tokenizer.eos_token_id, writer.add_eos_token_id),

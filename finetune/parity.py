@@ -103,12 +103,83 @@ def llama_cpp_logits(
         llm.close()
 
 
-def gguf_tokenize(model_path: Path | str, text: str) -> list[int]:
+def gguf_tokenize(model_path: Path | str, text: str, add_bos: bool = True) -> list[int]:
     """Token ids llama.cpp produces for ``text`` the way it tokenizes a prompt (BOS per the GGUF)."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
     try:
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
     finally:
         llm.close()
+
+
+# Texts a converted tokenizer is checked on: words, digits, runs of spaces and newlines, code,
+# accents and characters only byte fallback can spell. None starts with a space: SentencePiece and
+# llama.cpp put a word-start marker before a leading space and Hugging Face does not, a difference
+# that no GGUF setting removes and that prompts never meet (they start with the chat template).
+PROBE_TEXTS = (
+    "The meeting on 2024-05-17 moved to room 12B; budget: 3,450.75 EUR.",
+    "def area(r):\n    return 3.14159 * r ** 2  # circle\n\n\tdone",
+    "Résumé, déjà vu, naïve café – 東京 🚀 and  two  spaces.",
+)
+PROBE_CHATS = (
+    [{"role": "user", "content": "What is 12 + 30? Answer in 2 words."}],
+    [
+        {"role": "user", "content": "Summarise:\n- item one\n- déjà vu 🚀"},
+        {"role": "assistant", "content": "Two items."},
+        {"role": "user", "content": "And the date 2024-05-17?"},
+    ],
+)
+
+
+@dataclass(frozen=True)
+class TokenizerMismatch:
+    """One probe text that llama.cpp tokenizes differently from the Hugging Face tokenizer."""
+
+    text: str
+    position: int  # first differing token
+    hf: list[int]
+    gguf: list[int]
+
+    def __str__(self) -> str:
+        at = self.position
+        return (
+            f"{self.text[:60]!r}: token {at} differs (Hugging Face {self.hf[at : at + 4]}, "
+            f"llama.cpp {self.gguf[at : at + 4]})"
+        )
+
+
+def probe_texts(tokenizer: Any) -> list[str]:
+    """Plain probe texts plus, where the tokenizer has a chat template, probe chats rendered with it."""
+    texts = list(PROBE_TEXTS)
+    if getattr(tokenizer, "chat_template", None):
+        for chat in PROBE_CHATS:
+            try:
+                texts.append(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+            except Exception:  # a template with its own rules (roles, system turns) may refuse a probe
+                continue
+    return texts
+
+
+def tokenizer_mismatches(model_path: Path | str, tokenizer: Any) -> list[TokenizerMismatch]:
+    """Tokenize the probe texts with llama.cpp (from the GGUF) and with ``tokenizer``; list the
+    texts whose ids differ. Special tokens written in the text count as special on both sides,
+    and BOS is added by each side's own rule, so a double BOS shows as a difference too."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    bos = tokenizer.bos_token
+    found = []
+    try:
+        for text in probe_texts(tokenizer):
+            starts_with_bos = bool(bos) and text.startswith(bos)
+            hf_ids = list(tokenizer(text, add_special_tokens=not starts_with_bos)["input_ids"])
+            gguf_ids = list(llm.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos, special=True))
+            if hf_ids != gguf_ids:
+                at = next((i for i, (a, b) in enumerate(zip(hf_ids, gguf_ids)) if a != b), None)
+                at = min(len(hf_ids), len(gguf_ids)) if at is None else at
+                found.append(TokenizerMismatch(text, at, hf_ids, gguf_ids))
+    finally:
+        llm.close()
+    return found

@@ -2,7 +2,8 @@
 
 Each architecture is built from a transformers config (hidden 64, 2 layers) with the SmolLM2
 tokenizer (read from the shipped GGUF, nothing downloaded), so the vocabulary is real and the
-GGUF tokenizer can be checked against the Hugging Face one. The LoRA B matrices are random (peft
+GGUF tokenizer can be checked against the Hugging Face one; SentencePiece tokenizers in the styles
+of Llama 2 / Mistral, Phi-3 and Gemma are trained here on local text for the same check. The LoRA B matrices are random (peft
 initialises them to zero), so an adapter that were dropped or mis-scaled would change the logits.
 """
 
@@ -26,12 +27,12 @@ ARCH_TARGETS = {
 }
 
 
-def tiny_config(arch: str):
-    """A two-layer config of ``arch`` with grouped-query attention and the SmolLM2 vocabulary."""
+def tiny_config(arch: str, vocab: int = VOCAB):
+    """A two-layer config of ``arch`` with grouped-query attention (SmolLM2's vocabulary size by default)."""
     import transformers
 
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -84,7 +85,116 @@ def smollm2_tokenizer_dir(root: Path) -> Path:
     return target
 
 
-def make_hf_base(root: Path, arch: str, tokenizer_dir: Path, seed: int = 0):
+# SentencePiece tokenizers as Llama 2 / Mistral v0.1 (word-start marker before every text
+# segment), Phi-3 (converted with legacy=False: marker at the very start only) and Gemma (no marker)
+# ship them, each with a chat template in its model's style. Trained here on real text (standard
+# library sources), so nothing is downloaded.
+SPM_VOCAB = 1000
+SPM_FLAVOURS = {
+    "llama2": dict(
+        dummy_prefix=True,
+        legacy=True,
+        add_bos=True,
+        cls="LlamaTokenizer",
+        extra=[],
+        template=(
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"
+        ),
+    ),
+    "phi3": dict(
+        dummy_prefix=True,
+        legacy=False,
+        add_bos=False,
+        cls="LlamaTokenizer",
+        extra=["<|user|>", "<|assistant|>", "<|end|>"],
+        template=(
+            "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        ),
+    ),
+    "gemma": dict(
+        dummy_prefix=False,
+        legacy=False,
+        add_bos=True,
+        cls="GemmaTokenizer",
+        extra=["<start_of_turn>", "<end_of_turn>"],
+        template=(
+            "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] "
+            "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
+            "{% endif %}"
+        ),
+    ),
+}
+
+
+def spm_tokenizer_dir(root: Path, flavour: str) -> Path:
+    """A SentencePiece BPE tokenizer with byte fallback, converted by transformers as for a real
+    model folder (tokenizer.json next to tokenizer.model), with ``flavour``'s chat template."""
+    import glob
+    import shutil
+    import sysconfig
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    spec = SPM_FLAVOURS[flavour]
+    target = root / f"spm-{flavour}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    source = root / f"spm-{flavour}-source"
+    source.mkdir(parents=True, exist_ok=True)
+    corpus = source / "corpus.txt"
+    files = sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")))[:60]
+    corpus.write_text(
+        "\n".join(Path(f).read_text(encoding="utf-8", errors="ignore") for f in files)
+        + "\nRésumé déjà vu naïve café 東京 🚀",
+        encoding="utf-8",
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(source / "tokenizer"),
+        vocab_size=SPM_VOCAB - len(spec["extra"]),
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=spec["dummy_prefix"],
+        split_digits=True,
+        character_coverage=1.0,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    config = {
+        "tokenizer_class": spec["cls"],
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "legacy": spec["legacy"],
+        "add_bos_token": spec["add_bos"],
+    }
+    (source / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if spec["extra"]:
+        tokenizer.add_special_tokens({"additional_special_tokens": spec["extra"]})
+    tokenizer.chat_template = spec["template"]
+    tokenizer.save_pretrained(target)
+    shutil.copy(source / "tokenizer.model", target / "tokenizer.model")
+    saved = json.loads((target / "tokenizer_config.json").read_text(encoding="utf-8"))
+    # save_pretrained drops these; real Llama 2 / Phi-3 / Gemma folders carry them
+    saved["legacy"] = spec["legacy"]
+    saved["add_bos_token"] = spec["add_bos"]
+    (target / "tokenizer_config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    return target
+
+
+def make_hf_base(root: Path, arch: str, tokenizer_dir: Path, seed: int = 0, vocab: int = VOCAB):
     """Save a tiny random ``arch`` model (weights + tokenizer) as a Hugging Face directory."""
     import shutil
 
@@ -92,7 +202,7 @@ def make_hf_base(root: Path, arch: str, tokenizer_dir: Path, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
     with torch.no_grad():  # norms start at exactly 1 (or 0 for Gemma): perturb so layouts matter
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

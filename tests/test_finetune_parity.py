@@ -129,6 +129,76 @@ def test_converted_tokenizer_matches_hf_on_chat_prompts(arch, tmp_path, tokenize
         assert gguf_ids[:2] != [hf_tok.bos_token_id] * 2
 
 
+# --- SentencePiece tokenizers (Llama 2 / Mistral, Phi-3, Gemma) from a Hugging Face folder ----------
+
+
+@pytest.fixture(scope="module")
+def spm_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("spm")
+
+
+@pytest.mark.parametrize(
+    "arch,flavour",
+    [("mistral", "llama2"), ("phi3", "phi3"), ("gemma", "gemma")],
+)
+def test_sentencepiece_tokenizer_folder_exports_with_its_ids_and_logits(arch, flavour, spm_root, tmp_path):
+    """A model folder whose tokenizer is SentencePiece BPE with byte fallback (tokenizer.json as
+    transformers converts it) exports as llama.cpp's SPM tokenizer: the same ids as the trained
+    tokenizer on chat prompts, one BOS by the folder's own rule, and logits that match."""
+    from transformers import AutoTokenizer
+
+    tok_dir = ft.spm_tokenizer_dir(spm_root, flavour)
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+    model_dir, model = ft.make_hf_base(tmp_path, arch, tok_dir, vocab=len(hf_tok))
+    rng = np.random.default_rng(5)
+    ids = [hf_tok.bos_token_id] + rng.integers(3, len(hf_tok), POSITIONS - 1).tolist()
+    peft_model = ft.add_random_lora(model, ft.ARCH_TARGETS[arch])
+    adapted = transformers_logits(peft_model, ids)
+    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": arch}
+    run = ft.write_run(tmp_path, "run-spm", peft_model, base, tok_dir)
+
+    report = export_run(run, name="spm", merged=True, outtype="f16", register=False)
+
+    for result in (
+        compare_logits(adapted, llama_cpp_logits(report.base_gguf, ids, report.adapter_gguf)),
+        compare_logits(adapted, llama_cpp_logits(report.merged_gguf, ids)),
+    ):
+        assert result.top1_agreement >= TOP1 and result.mean_kl < TINY_KL, result
+    chats = [
+        hf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        for m in ([CHATS[0][0]], [CHATS[1][1], CHATS[1][2], CHATS[1][3]])
+    ]
+    if flavour == "phi3":
+        # converted with legacy=False: Hugging Face puts no word-start marker after a special token,
+        # llama.cpp always does. No GGUF setting says otherwise, so the export says so, naming the text.
+        assert len(report.tokenizer_mismatches) == 2, report.tokenizer_mismatches
+        assert all(m.startswith("'<|user|>") and "token 1 differs" in m for m in report.tokenizer_mismatches)
+        assert "llama.cpp tokenizes these probe texts differently" in str(report)
+        chats = []  # the plain probe texts matched: only the two chat probes were reported
+    else:
+        assert report.tokenizer_mismatches == []
+    for text in chats:
+        starts_with_bos = text.startswith(hf_tok.bos_token)
+        hf_ids = hf_tok(text, add_special_tokens=not starts_with_bos)["input_ids"]
+        gguf_ids = gguf_tokenize(report.base_gguf, text, add_bos=not starts_with_bos)
+        assert gguf_ids == hf_ids
+        assert gguf_ids[:2] != [hf_tok.bos_token_id] * 2
+
+
+def test_tokenizer_with_more_ids_than_the_model_has_rows_is_refused(spm_root, tmp_path):
+    from lorekeeper.finetune.gguf_writer import UnsupportedTokenizer
+
+    tok_dir = ft.spm_tokenizer_dir(spm_root, "llama2")
+    model_dir, model = ft.make_hf_base(tmp_path, "mistral", tok_dir, vocab=ft.SPM_VOCAB - 10)
+    peft_model = ft.add_random_lora(model, ["q_proj"])
+    base = {"kind": "hf", "path": str(model_dir), "gguf_file": None, "architecture": "mistral"}
+    run = ft.write_run(tmp_path, "run-short", peft_model, base, tok_dir)
+
+    with pytest.raises(UnsupportedTokenizer, match=r"token ids up to 999.*990 rows.*resize_token_embeddings"):
+        export_run(run, name="short", register=False)
+    assert not list(run.glob("export/*.gguf"))  # nothing half-written left behind
+
+
 # --- the real SmolLM2 ----------------------------------------------------------------------------
 
 
