@@ -350,6 +350,11 @@ def run(
         )
     if finish == "length":
         warnings.append(f"the answer stopped at max_tokens={prepared.max_tokens}")
+    adapter_warning = getattr(generator, "adapter_warning", None)
+    if adapter is not None and adapter_warning is not None:
+        note = adapter_warning(adapter)
+        if note:
+            warnings.append(note)
     return GroundedAnswer(
         answer=answer,
         sources=prepared.sources,

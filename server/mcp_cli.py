@@ -189,11 +189,41 @@ def mcp_config(
         sys.stdout.write(f"// {WHERE[name]}\n{json.dumps(snippets[name], indent=2)}\n\n")
 
 
+def _adapter_base_model(adapter: str, generator_name: str | None) -> str | None:
+    """The base model adapter ``adapter`` was exported for, when no model was chosen: a fine-tuned
+    adapter answers on the model it was trained on, as Ollama pairs an adapter with its FROM model."""
+    if (generator_name or os.environ.get("LOREKEEPER_GENERATOR") or "llamacpp") != "llamacpp":
+        return None
+    from lorekeeper.plugins.generators.llamacpp import adapter_base
+
+    base = adapter_base(adapter)
+    if base is None:
+        return None
+    from lorekeeper.plugins.models import ModelNotFound, default_gguf_path
+
+    try:
+        if base.resolve() == default_gguf_path().resolve():
+            return None
+    except ModelNotFound:
+        pass
+    if not base.is_file():
+        typer.echo(
+            f"adapter {adapter!r} was exported for {base}, which is gone; trying the default model",
+            err=True,
+        )
+        return None
+    typer.echo(f"using adapter {adapter!r} on its base model {base}", err=True)
+    return str(base)
+
+
 def ask(
     ctx: typer.Context,
     question: str = typer.Argument(..., help="The question to answer from your documents."),
     adapter: str = typer.Option(
-        None, "--adapter", help="A fine-tuned LoRA adapter (name in the adapters dir)."
+        None,
+        "--adapter",
+        help="A fine-tuned LoRA adapter (name in the adapters dir); runs on its own base model "
+        "unless --model or LOREKEEPER_MODEL says otherwise.",
     ),
     k: int = typer.Option(8, "-k", help="Passages to retrieve (1-200)."),
     no_context: bool = typer.Option(
@@ -222,6 +252,8 @@ def ask(
         _fail(f"--max-tokens {max_tokens}: must be at least 1")
     if not 0.0 <= temperature <= 2.0:
         _fail(f"--temperature {temperature}: use a value from 0 to 2")
+    if adapter is not None and model is None and not os.environ.get("LOREKEEPER_MODEL"):
+        model = _adapter_base_model(adapter, generator_name)
     _configure_generator(generator_name, model, n_ctx, threads)
     try:
         generator = plugins.get_generator(generator_name)

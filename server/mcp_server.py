@@ -169,6 +169,17 @@ class FailedOut(BaseModel):
     reason: str
 
 
+class AdapterOut(BaseModel):
+    name: str = Field(description="pass it as generate's adapter")
+    base_model: str | None = Field(default=None, description="the base model it was fine-tuned on")
+    architecture: str | None = None
+    created: str | None = None
+    runs_on_server_model: bool | None = Field(
+        default=None,
+        description="whether this server's model is that base (null: the adapter does not say)",
+    )
+
+
 class IndexStatusOut(BaseModel):
     db_path: str
     roots: list[RootOut]
@@ -181,6 +192,9 @@ class IndexStatusOut(BaseModel):
     watcher_running: bool
     watcher_error: str | None = Field(
         default=None, description="why the index is not kept live, if it is not"
+    )
+    adapters: list[AdapterOut] = Field(
+        default_factory=list, description="fine-tuned LoRA adapters generate can apply"
     )
 
 
@@ -951,7 +965,40 @@ def _status(state: AppState) -> IndexStatusOut:
         embed_model=st.embed_model,
         watcher_running=watcher is not None,
         watcher_error=state.watcher_error or _watcher_errors(watcher),
+        adapters=_adapters(state),
     )
+
+
+def _adapters(state: AppState) -> list[AdapterOut]:
+    """The registered adapters, and whether each was trained on the model this server runs."""
+    from lorekeeper.plugins.generators.llamacpp import adapter_record, known_adapters
+
+    names = known_adapters()
+    if not names:
+        return []
+    generator = state.generator
+    runs_base_of = getattr(generator, "runs_base_of", None) if generator.supports_adapters else None
+    out = []
+    for name in names:
+        record = adapter_record(name)
+        if runs_base_of is not None:
+            try:
+                matches = runs_base_of(name)
+            except Exception as exc:  # a missing model file: say unknown rather than fail the status
+                logger.warning("could not compare adapter %s with the server's model: %s", name, exc)
+                matches = None
+        else:
+            matches = False
+        out.append(
+            AdapterOut(
+                name=name,
+                base_model=record.get("base_model"),
+                architecture=record.get("architecture"),
+                created=record.get("created"),
+                runs_on_server_model=matches,
+            )
+        )
+    return out
 
 
 def _watcher_errors(watcher: Any) -> str | None:
@@ -974,6 +1021,10 @@ def _status_text(result: IndexStatusOut) -> str:
         lines.append(f"! {f.path}: {f.status}: {f.reason}")
     if len(result.failed) > 20:
         lines.append(f"... and {len(result.failed) - 20} more")
+    for a in result.adapters:
+        note = {True: "", False: ", not this server's model", None: ""}[a.runs_on_server_model]
+        base = f" (base {a.base_model}{note})" if a.base_model else ""
+        lines.append(f"adapter {a.name}{base}")
     return "\n".join(lines)
 
 

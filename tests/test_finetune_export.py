@@ -343,3 +343,57 @@ def test_lm_head_lora_on_tied_model_refused_as_adapter_and_untied_when_merged(ti
     ids = [1] + rng.integers(3, ft.VOCAB, 127).tolist()
     result = compare_logits(transformers_logits(peft_model, ids), llama_cpp_logits(report.merged_gguf, ids))
     assert result.mean_kl < 1e-5, result
+
+
+def test_adapter_answers_on_its_own_base_and_another_model_is_refused_or_warned(tiny, tmp_path):
+    """An adapter exported for a base converted from a Hugging Face folder: `lorekeeper ask --adapter`
+    runs it on that base by itself; a generator running another model says which base it needs
+    (llama.cpp cannot attach it to SmolLM2) or, when the shapes fit but the weights differ, warns."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lorekeeper.plugins.generators.llamacpp import AdapterLoadError, LlamaCppGenerator
+    from lorekeeper.plugins.models import default_gguf_path
+    from lorekeeper.server import generation
+    from lorekeeper.server.cli import app
+
+    shipped = default_gguf_path()  # read before the CLI sets LOREKEEPER_MODEL for this process
+    run = _copy_run(tiny, tmp_path)
+    report = export_run(run, name="tiny-notes", merged=True)
+
+    asked = CliRunner().invoke(
+        app, ["ask", "Hello?", "--adapter", "tiny-notes", "--no-context", "--max-tokens", "4", "--json"]
+    )
+    assert asked.exit_code == 0, asked.output
+    answer = json.loads(asked.stdout)
+    assert (answer["model"], answer["adapter"]) == (report.base_gguf.name, "tiny-notes")
+    assert not any("trained on" in w for w in answer["warnings"])
+    assert f"on its base model {report.base_gguf}" in asked.output
+
+    smollm2 = LlamaCppGenerator(shipped, n_ctx=256)
+    try:
+        with pytest.raises(
+            AdapterLoadError, match=rf"exported for the base model {report.base_gguf}.*--model"
+        ):
+            generation.answer_question(
+                "Hello?", generator=smollm2, use_context=False, max_tokens=4, adapter="tiny-notes"
+            )
+    finally:
+        smollm2.close()
+
+    def ask_with(model: Path) -> generation.GroundedAnswer:
+        generator = LlamaCppGenerator(model, n_ctx=256)
+        try:
+            return generation.answer_question(
+                "Hello?", generator=generator, use_context=False, max_tokens=4, adapter="tiny-notes"
+            )
+        finally:
+            generator.close()
+
+    # the merged model has the base's shapes, so llama.cpp attaches the adapter, but it is not the base
+    warned = ask_with(report.merged_gguf)
+    assert any(f"trained on {report.base_gguf}" in w for w in warned.warnings), warned.warnings
+    # a byte-identical copy of the base elsewhere is the base
+    copy = shutil.copy(report.base_gguf, tmp_path / "moved-base.gguf")
+    assert not any("trained on" in w for w in ask_with(Path(copy)).warnings)

