@@ -781,8 +781,8 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
     @server.tool(title="Index status", annotations=READ_ONLY)
     async def index_status(ctx: Context) -> Annotated[CallToolResult, IndexStatusOut]:
         """Report which folders are indexed, how many documents and chunks there are, pending work,
-        and files that failed with their reasons. Use it when retrieve finds nothing, to check what
-        the index covers."""
+        files that failed with their reasons, and the fine-tuned adapters generate can apply. Use it
+        when retrieve finds nothing, to check what the index covers."""
         state = _state(ctx)
         result = await anyio.to_thread.run_sync(_status, state)
         return CallToolResult(
