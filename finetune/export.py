@@ -144,8 +144,9 @@ def check_tokenizer(gguf_path: Path, tokenizer_dir: Path) -> list[str]:
     """Probe texts that llama.cpp, reading the converted GGUF, tokenizes unlike the run's tokenizer.
 
     A difference is reported, not fatal: some Hugging Face tokenizers follow rules llama.cpp has
-    no setting for (a SentencePiece tokenizer converted with ``legacy=False`` puts no word-start
-    marker after a special token; llama.cpp always does), and the model still runs.
+    no setting for (a SentencePiece tokenizer converted with ``legacy=False`` marks only the very
+    start of a text as a word start; the GGUF keeps chat prompts exact, so a raw text's first word
+    differs), and the model still runs.
     """
     from transformers import AutoTokenizer
 

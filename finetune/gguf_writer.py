@@ -437,9 +437,17 @@ def _is_sentencepiece_bpe(model: dict[str, Any], tok_json: dict[str, Any]) -> bo
 
 
 def _adds_space_prefix(tok_json: dict[str, Any]) -> bool:
-    """Whether the tokenizer marks the start of the text as a word start (``▁``), as SentencePiece's
-    ``add_dummy_prefix`` does: a Prepend normalizer (older conversions) or a Metaspace pre-tokenizer
-    that prepends (newer ones). Gemma's tokenizer does neither."""
+    """The GGUF's ``add_space_prefix``: whether llama.cpp marks text as a word start (``▁``), which it
+    does at the start of the text and again after every special token.
+
+    SentencePiece's ``add_dummy_prefix`` shows in a converted tokenizer as a Prepend normalizer
+    (older conversions) or a Metaspace pre-tokenizer that prepends ``always`` (``legacy=True``):
+    both mark every text segment, special tokens included, as llama.cpp does. Gemma marks none.
+    A Metaspace with ``prepend_scheme: first`` (``legacy=False``, as Phi-3 folders may be) marks
+    only the very start of the text, which llama.cpp cannot express: the prefix is left off, so
+    that chat prompts, which start with a special token or BOS and have one at every turn, get the
+    ids the model was trained on; only a raw text's first word then differs, and export says so.
+    """
 
     def steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
         if not part:
@@ -454,7 +462,7 @@ def _adds_space_prefix(tok_json: dict[str, Any]) -> bool:
             scheme = step.get("prepend_scheme") or (
                 "always" if step.get("add_prefix_space", True) else "never"
             )
-            return scheme != "never"
+            return scheme == "always"
     return False
 
 
