@@ -12,6 +12,9 @@ import json
 import logging
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +126,25 @@ def keep_4bit_layers_trainable_on_cpu(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@contextmanager
+def _quiet_checkpointing_renames() -> Iterator[None]:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing; peft and the
+    Trainer still call the old names, whose FutureWarnings tell a user nothing they can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def _enable_checkpointing(model: Any) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_model(model: Any, config: TrainConfig) -> tuple[Any, list[str]]:
     """Wrap the base in a LoRA adapter (peft), after readying a 4-bit base for training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -131,13 +153,14 @@ def prepare_model(model: Any, config: TrainConfig) -> tuple[Any, list[str]]:
     model.config.use_cache = False
     keep_4bit_layers_trainable_on_cpu(model)
     if config.quantize_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with _quiet_checkpointing_renames():
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=config.lora_r,
@@ -147,7 +170,8 @@ def prepare_model(model: Any, config: TrainConfig) -> tuple[Any, list[str]]:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), targets
+    with _quiet_checkpointing_renames():
+        return get_peft_model(model, lora), targets
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,7 +473,8 @@ def train_run(
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=device == "cpu",
-        gradient_checkpointing=False,  # done by prepare_model, before peft wraps the model
+        # checkpointing is switched on by prepare_model, before peft wraps the model; the
+        # Trainer's own switch stays at its default, off
     )
     Metrics, EarlyStop, Progress = make_callbacks(run, config, collator, console, total_steps)
     metrics_cb = Metrics()
@@ -475,7 +500,8 @@ def train_run(
         trainer.evaluate()  # the base model's held-out loss, logged as step 0: the bar to beat
     elif has_heldout:
         early_cb.stopper.best = min(_eval_losses(run), default=None)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with _quiet_checkpointing_renames():
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if has_heldout and trainer.state.global_step % config.eval_steps != 0:
         trainer.evaluate()
     if not has_heldout or not run.is_trained():
@@ -510,6 +536,7 @@ def load_trained(
     ref = BaseRef.load(run.base)
     use_4bit = config.quantize_4bit if quantize_4bit is None else quantize_4bit
     model, tokenizer = load_base(ref, quantize_4bit=use_4bit, device=device)
-    model = PeftModel.from_pretrained(model, str(run.adapter))
+    with _quiet_checkpointing_renames():
+        model = PeftModel.from_pretrained(model, str(run.adapter))
     model.eval()
     return model, tokenizer
