@@ -235,6 +235,7 @@ class AppState:
     watcher_error: str | None = None
     _generator: Generator | None = None
     _generator_lock: threading.Lock = field(default_factory=threading.Lock)
+    _base_generators: dict[str, Generator] = field(default_factory=dict)  # adapter bases, one at a time
     _starter: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -245,6 +246,31 @@ class AppState:
                 if self._generator is None:
                     self._generator = plugins.get_generator(self.options.generator)
         return self._generator
+
+    def generator_for(self, adapter: str | None) -> Generator:
+        """The generator that answers with ``adapter``: the server's own, unless the adapter was
+        exported for another base model (its ``NAME.json`` says which) that is still on disk; then
+        one running that base, loaded on first use and kept (one such base at a time) beside the
+        server's own model, as Ollama loads a fine-tune's FROM model."""
+        generator = self.generator
+        runs_base_of = getattr(generator, "runs_base_of", None)
+        if adapter is None or runs_base_of is None or runs_base_of(adapter) is not False:
+            return generator
+        from lorekeeper.plugins.generators.llamacpp import adapter_base
+
+        base = adapter_base(adapter)
+        if base is None or not base.is_file():
+            return generator  # it says, refusing or warning, which base the adapter needs
+        key = str(base.resolve())
+        with self._generator_lock:
+            other = self._base_generators.get(key)
+            if other is None:
+                for old in self._base_generators.values():
+                    old.close()
+                self._base_generators.clear()
+                logger.info("loading %s, the base model of adapter %s", base, adapter)
+                other = self._base_generators[key] = type(generator)(base)
+        return other
 
     def start_watching(self) -> None:
         """Register ``--watch`` folders and start the watcher; runs on a background thread.
@@ -286,6 +312,10 @@ class AppState:
             except Exception:
                 logger.exception("stopping the watcher failed")
         self.store.close()
+        with self._generator_lock:
+            for other in self._base_generators.values():
+                other.close()
+            self._base_generators.clear()
 
     def resolve_document(self, raw: str) -> Path:
         """The indexed file a document URI names, or a ``DocumentAccessError`` saying why not.
@@ -729,6 +759,10 @@ def _register_tools(server: LorekeeperMCP, options: ServerOptions) -> None:
                     await anyio.to_thread.run_sync(check, adapter)
                 except LookupError as exc:
                     raise _to_tool_error(exc) from exc
+            try:
+                generator = await anyio.to_thread.run_sync(state.generator_for, adapter)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise _to_tool_error(exc) from exc
 
         relay = _TokenRelay(asyncio.get_running_loop())
         stop = threading.Event()

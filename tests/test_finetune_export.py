@@ -397,3 +397,36 @@ def test_adapter_answers_on_its_own_base_and_another_model_is_refused_or_warned(
     # a byte-identical copy of the base elsewhere is the base
     copy = shutil.copy(report.base_gguf, tmp_path / "moved-base.gguf")
     assert not any("trained on" in w for w in ask_with(Path(copy)).warnings)
+
+
+def test_mcp_generate_answers_an_adapter_on_its_own_base_beside_the_servers_model(tiny, tmp_path):
+    """The MCP server runs SmolLM2; `generate(adapter=...)` for an adapter fine-tuned on another base
+    loads that base (once) and answers with it, and requests without the adapter stay on SmolLM2."""
+    import anyio
+    from mcp import Client
+
+    from lorekeeper.plugins.models import default_gguf_path
+    from lorekeeper.server.mcp_server import ServerOptions, create_server
+
+    report = export_run(_copy_run(tiny, tmp_path), name="tiny-mcp")
+    server = create_server(ServerOptions(db_path=tmp_path / "index.db", start_watcher=False))
+    ask = {"prompt": "Hello?", "use_context": False, "max_tokens": 4, "temperature": 0}
+
+    async def main():
+        async with Client(server) as client:
+            status = await client.call_tool("index_status", {})
+            tuned = [await client.call_tool("generate", {**ask, "adapter": "tiny-mcp"}) for _ in range(2)]
+            plain = await client.call_tool("generate", ask)
+            return status, tuned, plain, list(server.state._base_generators)
+
+    status, tuned, plain, loaded = anyio.run(main)
+    listed = {a["name"]: a for a in status.structured_content["adapters"]}
+    assert listed["tiny-mcp"]["runs_on_server_model"] is False
+    assert listed["tiny-mcp"]["base_model"] == str(report.base_gguf)
+    for result in tuned:
+        assert not result.is_error, result.content
+        out = result.structured_content
+        assert (out["model"], out["adapter"]) == (report.base_gguf.name, "tiny-mcp")
+        assert not any("trained on" in w for w in out["warnings"])
+    assert loaded == [str(report.base_gguf.resolve())]  # loaded once, kept
+    assert not plain.is_error and plain.structured_content["model"] == default_gguf_path().name

@@ -274,6 +274,29 @@ class LlamaCppGenerator(Generator):
             f"({self._current_model().name}): its answers may be off; generate with --model {adapter_base(name)}"
         )
 
+    def _load_adapter(self, name: str) -> Any:
+        """Adapter ``name`` loaded for this model (once); the caller holds ``self._lock``."""
+        import llama_cpp
+
+        adapter = self._adapters.get(name)
+        if adapter is not None:
+            return adapter
+        path = self._adapter_path(name)
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+        if not adapter:
+            base = adapter_base(name)
+            if base is not None and self.runs_base_of(name) is False:
+                raise AdapterLoadError(
+                    f"adapter {name!r} was exported for the base model {base}, and llama.cpp cannot "
+                    f"attach it to {self._current_model()}: generate with --model {base} "
+                    "(or LOREKEEPER_MODEL)"
+                )
+            raise AdapterLoadError(
+                f"llama.cpp could not load adapter {path}: is it a LoRA GGUF made for {self.model_id}?"
+            )
+        self._adapters[name] = adapter
+        return adapter
+
     def _use_adapter(self, name: str | None) -> None:
         """Attach ``name`` (or no adapter) to the loaded context without reloading the model."""
         import llama_cpp
@@ -284,22 +307,7 @@ class LlamaCppGenerator(Generator):
         if name is None:
             rc = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
         else:
-            adapter = self._adapters.get(name)
-            if adapter is None:
-                path = self._adapter_path(name)
-                adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode("utf-8"))
-                if not adapter:
-                    base = adapter_base(name)
-                    if base is not None and self.runs_base_of(name) is False:
-                        raise AdapterLoadError(
-                            f"adapter {name!r} was exported for the base model {base}, and llama.cpp cannot "
-                            f"attach it to {self._current_model()}: generate with --model {base} "
-                            "(or LOREKEEPER_MODEL), or `lorekeeper serve --model` for the MCP server"
-                        )
-                    raise AdapterLoadError(
-                        f"llama.cpp could not load adapter {path}: is it a LoRA GGUF made for {self.model_id}?"
-                    )
-                self._adapters[name] = adapter
+            adapter = self._load_adapter(name)
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
             scales = (ctypes.c_float * 1)(1.0)
             rc = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales)
