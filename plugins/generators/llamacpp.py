@@ -5,8 +5,9 @@ points at another GGUF). The chat template comes from the GGUF's own metadata, s
 formatted exactly as the model was trained, and token counts for prompt budgeting use that same
 template and tokenizer. LoRA adapters (``NAME.gguf`` in the adapters directory) are attached to the
 loaded model per request: switching adapters never reloads the base weights. ``NAME.json`` beside
-an adapter records the base model it was exported for; an adapter made for another model is refused
-(llama.cpp cannot attach it) or, when the shapes happen to fit, answered with a warning.
+an adapter records the base model it was exported for (``ask`` and the MCP server run an adapter on
+that base); on another model, an adapter is refused when llama.cpp cannot attach it, and answered
+with a warning when the shapes happen to fit.
 
 Settings, all optional (environment, or constructor arguments from the CLI):
 
@@ -269,9 +270,10 @@ class LlamaCppGenerator(Generator):
         """A warning for answers made with adapter ``name`` on a model it was not exported for."""
         if self.runs_base_of(name) is not False:
             return None
+        base = adapter_base(name)
         return (
-            f"adapter {name!r} was trained on {adapter_base(name)}, not on this model "
-            f"({self._current_model().name}): its answers may be off; generate with --model {adapter_base(name)}"
+            f"adapter {name!r} was trained on {base}, not on this model "
+            f"({self._current_model().name}): its answers may be off; generate with --model {base}"
         )
 
     def _load_adapter(self, name: str) -> Any:
