@@ -15,7 +15,6 @@ on. Every file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -24,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from lorekeeper.plugins.models import file_sha256
 
 from .gguf_arch import ModelShape, UnsupportedArchitecture, shape_from_gguf, shape_from_hf_config
 from .gguf_writer import (
@@ -112,14 +113,6 @@ def _read_base(run: RunDir) -> Any:
     if not run.base.is_file():
         raise ExportError(f"{run.root} has no base.json: is it a fine-tuning run directory?")
     return BaseRef.load(run.base)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_llama_cpp_loads(base_gguf: Path, adapter_gguf: Path | None = None) -> None:
@@ -253,7 +246,10 @@ def export_run(
         lora_modules=len(lora.modules),
     )
 
+    tokenizer_checked = False  # the base and the merged model carry the same converted tokenizer
+
     def hf_model(final: Path, with_adapter: LoraAdapter | None, kind: str) -> Path:
+        nonlocal tokenizer_checked
         written = write_model_from_hf(
             final,
             Path(base.path),
@@ -264,8 +260,9 @@ def export_run(
             kind,
             name,
         )
-        if verify and not report.tokenizer_mismatches:
+        if verify and not tokenizer_checked:
             report.tokenizer_mismatches = check_tokenizer(written, tokenizer_dir or Path(base.path))
+            tokenizer_checked = True
         return written
 
     if adapter:

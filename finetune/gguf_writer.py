@@ -419,11 +419,6 @@ def _adds_special(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
     return len(with_special) > len(plain) and with_special[edge] == token_id
 
 
-def _token_arrays(size: int) -> tuple[list[str], list[gguf.TokenType]]:
-    """Placeholder tokens for ids the tokenizer leaves empty (a config vocab padded past it)."""
-    return [f"[PAD{i}]" for i in range(size)], [gguf.TokenType.UNUSED] * size
-
-
 def _is_byte_level_bpe(model: dict[str, Any], decoder: str | None) -> bool:
     return model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel"
 
@@ -525,8 +520,9 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size:
             f"has {vocab_size} rows (vocab_size in config.json): tokens were added without resizing the "
             "model; resize its embeddings (model.resize_token_embeddings) before training, or drop the tokens"
         )
-    size = vocab_size
-    tokens, types = _token_arrays(size)
+    size = vocab_size  # ids past the tokenizer's (a config vocab padded past it) stay placeholders
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
     for text, idx in vocab.items():
         tokens[idx] = text
         types[idx] = gguf.TokenType.NORMAL

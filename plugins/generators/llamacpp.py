@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 from ...server import config
 from ..base import ChatMessage, Generator, PromptTooLongError
 from ..hookspecs import hookimpl
-from ..models import ModelNotFound, default_gguf_path
+from ..models import ModelNotFound, default_gguf_path, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +76,6 @@ def adapter_base(name: str) -> Path | None:
     """The base GGUF adapter ``name`` was exported for, when its record names one."""
     base = adapter_record(name).get("base_model")
     return Path(base) if isinstance(base, str) and base else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def known_adapters() -> list[str]:
@@ -260,7 +251,7 @@ class LlamaCppGenerator(Generator):
         if not wanted:
             return False
         if self._model_sha256 is None:
-            self._model_sha256 = _sha256(current)
+            self._model_sha256 = file_sha256(current)
         return wanted == self._model_sha256
 
     def _current_model(self) -> Path:
