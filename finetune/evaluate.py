@@ -68,11 +68,12 @@ def llama_cpp_nll(
 ) -> dict[str, float]:
     """The same measure in llama.cpp (``logits_all=True``), on the same token ids."""
     import numpy as np
-    from llama_cpp import Llama
+
+    from lorekeeper.plugins.llama_open import open_llama
 
     n_ctx = max(len(e.input_ids) for e in examples) + 8
-    llm = Llama(
-        model_path=str(model_path),
+    llm = open_llama(
+        model_path,
         lora_path=str(lora_path) if lora_path else None,
         n_ctx=n_ctx,
         n_batch=n_ctx,

@@ -117,11 +117,11 @@ def _read_base(run: RunDir) -> Any:
 
 def check_llama_cpp_loads(base_gguf: Path, adapter_gguf: Path | None = None) -> None:
     """Load the model (and adapter) in llama.cpp once, so a broken export is caught before use."""
-    from llama_cpp import Llama
+    from lorekeeper.plugins.llama_open import open_llama
 
     try:
-        llm = Llama(
-            model_path=str(base_gguf),
+        llm = open_llama(
+            base_gguf,
             lora_path=str(adapter_gguf) if adapter_gguf else None,
             n_ctx=32,
             n_threads=1,

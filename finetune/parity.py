@@ -79,13 +79,14 @@ def llama_cpp_logits(
     exported weights, and an F16 cache adds rounding that no export choice can remove.
     """
     import llama_cpp
-    from llama_cpp import Llama
+
+    from lorekeeper.plugins.llama_open import open_llama
 
     kv_type = llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None
 
     n = len(ids)
-    llm = Llama(
-        model_path=str(model_path),
+    llm = open_llama(
+        model_path,
         lora_path=str(lora_path) if lora_path else None,
         n_ctx=max(n, 64),
         n_batch=max(n, 64),
@@ -105,9 +106,9 @@ def llama_cpp_logits(
 
 def gguf_tokenize(model_path: Path | str, text: str, add_bos: bool = True) -> list[int]:
     """Token ids llama.cpp produces for ``text`` the way it tokenizes a prompt (BOS per the GGUF)."""
-    from llama_cpp import Llama
+    from lorekeeper.plugins.llama_open import open_llama
 
-    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    llm = open_llama(model_path, vocab_only=True)
     try:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
     finally:
@@ -166,9 +167,9 @@ def tokenizer_mismatches(model_path: Path | str, tokenizer: Any) -> list[Tokeniz
     """Tokenize the probe texts with llama.cpp (from the GGUF) and with ``tokenizer``; list the
     texts whose ids differ. Special tokens written in the text count as special on both sides,
     and BOS is added by each side's own rule, so a double BOS shows as a difference too."""
-    from llama_cpp import Llama
+    from lorekeeper.plugins.llama_open import open_llama
 
-    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    llm = open_llama(model_path, vocab_only=True)
     bos = tokenizer.bos_token
     found = []
     try:

@@ -115,13 +115,10 @@ def build_index(workdir: Path, target_chunks: int) -> Path:
 
 def raw_llama(n_ctx: int, threads: int | None):
     """llama-cpp-python on the packaged GGUF with the generator plugin's own settings."""
-    from llama_cpp import Llama
-
+    from lorekeeper.plugins.llama_open import open_llama
     from lorekeeper.plugins.models import default_gguf_path
 
-    return Llama(
-        model_path=str(default_gguf_path()), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=-1, verbose=False
-    )
+    return open_llama(default_gguf_path(), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=-1)
 
 
 def raw_prompt_tokens(llm) -> tuple[list[int], list[str], object]:

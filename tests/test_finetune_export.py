@@ -130,9 +130,9 @@ def test_merged_model_carries_tokenizer_chat_template_and_bos_rule(tiny, tmp_pat
     assert _field(merged, "tokenizer.ggml.bos_token_id") == hf_tok.bos_token_id
     assert len(_field(merged, "tokenizer.ggml.tokens")) == ft.VOCAB
 
-    from llama_cpp import Llama
+    from lorekeeper.plugins.llama_open import open_llama
 
-    llm = Llama(model_path=str(merged), n_ctx=256, verbose=False)
+    llm = open_llama(merged, n_ctx=256)
     try:
         out = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
     finally:

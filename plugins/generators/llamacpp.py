@@ -138,8 +138,9 @@ class LlamaCppGenerator(Generator):
         return self._llm
 
     def _load(self) -> None:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from ..llama_open import open_llama
 
         path = self.model_path
         n_ctx = self._n_ctx if self._n_ctx is not None else _env_int(N_CTX_ENV, DEFAULT_N_CTX)
@@ -148,8 +149,8 @@ class LlamaCppGenerator(Generator):
         if n_ctx is not None and n_ctx < 64:
             raise ValueError(f"{N_CTX_ENV}={n_ctx} is too small: the context window needs at least 64 tokens")
         logger.info("loading %s (n_ctx=%s, threads=%s, gpu_layers=%s)", path, n_ctx, n_threads, gpu_layers)
-        llm = Llama(
-            model_path=str(path),
+        llm = open_llama(
+            path,
             n_ctx=n_ctx or 0,
             n_threads=n_threads,
             n_gpu_layers=gpu_layers,
