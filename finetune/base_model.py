@@ -169,13 +169,13 @@ def default_device() -> str:
 
 def _dequantized_cache_dir(ref: BaseRef) -> Path:
     """A plain safetensors copy of a GGUF base, so 4-bit loading can quantize it like any HF model."""
-    from lorekeeper.server.config import data_dir
+    from lorekeeper.server.settings import Settings
 
     gguf = ref.gguf_path
     assert gguf is not None
     stat = gguf.stat()
     key = f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    return data_dir() / "cache" / "dequantized" / key
+    return Settings.load().cache_dir / "dequantized" / key
 
 
 def dequantized_dir(ref: BaseRef) -> Path:

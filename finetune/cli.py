@@ -228,15 +228,16 @@ def eval_cmd(
 @app.command()
 def runs() -> None:
     """List the fine-tuning runs under the runs directory."""
-    from lorekeeper.server.config import runs_dir
+    from lorekeeper.server.settings import Settings
 
     from .plot import read_metrics
     from .runs import RunDir
 
-    table = Table(title=str(runs_dir()))
+    runs_dir = Settings.load().runs_dir
+    table = Table(title=str(runs_dir))
     for col in ("run", "trained", "steps", "held-out loss"):
         table.add_column(col)
-    for path in sorted(runs_dir().iterdir()):
+    for path in sorted(runs_dir.iterdir()):
         run = RunDir(path)
         if not run.config.is_file():
             continue

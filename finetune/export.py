@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import shutil
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-from lorekeeper.plugins.models import file_sha256
 
 from .gguf_arch import ModelShape, UnsupportedArchitecture, shape_from_gguf, shape_from_hf_config
 from .gguf_writer import (
     OUTTYPES,
     ExportError,
-    atomic_file,
     quantize_gguf,
     write_lora_adapter,
     write_merged_from_gguf,
@@ -41,7 +35,6 @@ from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 __all__ = [
     "AdapterFormatError",
@@ -100,11 +93,12 @@ class ExportReport:
 
 
 def _check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ExportError(
-            f"adapter name {name!r} is not valid: use letters, digits, '.', '_' or '-' (e.g. 'notes-v1')"
-        )
-    return name
+    from lorekeeper.server.adapters import AdapterError, validate_name
+
+    try:
+        return validate_name(name)
+    except AdapterError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _read_base(run: RunDir) -> Any:
@@ -161,33 +155,27 @@ def register_adapter(
     adapter: LoraAdapter,
     shape: ModelShape,
     run_dir: Path,
+    settings: Any = None,
 ) -> tuple[Path, Path]:
-    """Copy the adapter into ``adapters_dir()`` as NAME.gguf and describe it in NAME.json."""
-    from lorekeeper.server.config import adapters_dir
+    """Register the adapter by name in the adapter registry (GGUF and record replaced as a pair)."""
+    from lorekeeper.server.adapters import AdapterRecord, AdapterRegistry
+    from lorekeeper.server.settings import Settings
 
-    target = adapters_dir() / f"{_check_name(name)}.gguf"
-    if target.exists():
-        log.info("replacing the registered adapter %s", target)
-    with atomic_file(target) as tmp:
-        shutil.copyfile(adapter_gguf, tmp)
+    settings = settings or Settings.load()
+    registry = AdapterRegistry(settings.adapters_dir)
     suffixes = sorted({m.module.rsplit(".", 1)[-1] for m in adapter.modules.values()})
-    info = {
-        "name": name,
-        "adapter_file": target.name,
-        "base_model": str(base_gguf),
-        "base_sha256": file_sha256(base_gguf),
-        "architecture": shape.spec.name,
-        "rank": adapter.rank,
-        "alpha": adapter.alpha,
-        "use_rslora": adapter.use_rslora,
-        "target_modules": suffixes,
-        "run_dir": str(run_dir),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    meta = target.with_suffix(".json")
-    with atomic_file(meta) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return target, meta
+    record = AdapterRecord(
+        name=name,
+        base_model=str(base_gguf),
+        base_sha256=registry.sha256(Path(base_gguf)),
+        architecture=shape.spec.name,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        use_rslora=adapter.use_rslora,
+        target_modules=suffixes,
+        run_dir=str(run_dir),
+    )
+    return registry.register(name, adapter_gguf, record)
 
 
 def export_run(

@@ -1,6 +1,6 @@
 """The layout of a fine-tuning run directory, shared by training, evaluation and export.
 
-A run lives in ``runs_dir()/<name>`` (or wherever ``--output`` points)::
+A run lives in ``<data dir>/runs/<name>`` (or wherever ``--output`` points)::
 
     config.json         the full TrainConfig
     base.json           the BaseRef the adapter was trained on
@@ -96,21 +96,21 @@ def default_run_name() -> str:
 
 
 def new_run_dir(name: str | None = None, output: Path | None = None) -> RunDir:
-    """Where a new (or resumed) run writes: ``output`` if given, else ``runs_dir()/name``."""
+    """Where a new (or resumed) run writes: ``output`` if given, else the runs folder of the data directory."""
     if output is not None:
         return RunDir(Path(output).expanduser().resolve())
-    from lorekeeper.server.config import runs_dir
+    from lorekeeper.server.settings import Settings
 
-    return RunDir(runs_dir() / (name or default_run_name()))
+    return RunDir(Settings.load().runs_dir / (name or default_run_name()))
 
 
 def find_run(spec: str | Path) -> RunDir:
-    """A run by path, or by name under ``runs_dir()``."""
+    """A run by path, or by name in the runs folder of the data directory."""
     path = Path(spec).expanduser()
     if not path.is_dir():
-        from lorekeeper.server.config import runs_dir
+        from lorekeeper.server.settings import Settings
 
-        path = runs_dir() / str(spec)
+        path = Settings.load().runs_dir / str(spec)
     if not (path / "config.json").is_file():
         raise RunNotFound(
             f"no fine-tuning run at {str(spec)!r} (looked for config.json in {path}): "

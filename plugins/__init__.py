@@ -1,25 +1,32 @@
 """The plugin system: built-in loaders, embedders and generators, plus third-party plugins.
 
 Built-in features are plugins themselves (``DEFAULT_PLUGINS``). Third-party plugins register
-through the ``lorekeeper`` entry-point group. ``LOREKEEPER_LOAD_PLUGINS`` is an allow-list: when set
-(comma-separated distribution or module names), only those third-party plugins load; set it to an
-empty string to load none. Under pytest no entry points load unless the allow-list names them, so
-a plugin installed on the developer's machine cannot change test results.
+through the ``lorekeeper`` entry-point group. The ``load_plugins`` setting is an allow-list: when
+set (comma-separated distribution or module names), only those third-party plugins load; set it
+empty to load none. Under pytest no entry points load unless the allow-list names them, so a plugin
+installed on the developer's machine cannot change test results.
+
+Every ``get_*`` function takes the ``Settings`` the caller resolved (``Settings.load()`` when
+omitted) and hands it to the plugins' hooks: the settings travel as an argument, never through
+the environment.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from . import hookspecs
 from .base import Embedder, Generator, Loader
+
+if TYPE_CHECKING:
+    from lorekeeper.server.settings import Settings
 
 DEFAULT_PLUGINS = (
     "lorekeeper.plugins.loaders.text",
@@ -34,7 +41,6 @@ DEFAULT_PLUGINS = (
 )
 
 ENTRY_POINT_GROUP = "lorekeeper"
-ALLOW_ENV = "LOREKEEPER_LOAD_PLUGINS"
 
 pm = pluggy.PluginManager("lorekeeper")
 pm.add_hookspecs(hookspecs)
@@ -43,14 +49,15 @@ _lock = threading.Lock()
 _loaded = False
 
 
-def _allowed_names() -> set[str] | None:
-    raw = os.environ.get(ALLOW_ENV)
-    if raw is None:
-        return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
+def _settings(settings: Settings | None) -> Settings:
+    if settings is not None:
+        return settings
+    from lorekeeper.server.settings import Settings
+
+    return Settings.load()
 
 
-def load_plugins() -> None:
+def load_plugins(settings: Settings | None = None) -> None:
     """Register the built-in plugins and the allowed third-party ones, once per process."""
     global _loaded
     with _lock:
@@ -60,7 +67,8 @@ def load_plugins() -> None:
             module = importlib.import_module(name)
             if not pm.is_registered(module):
                 pm.register(module, name=name)
-        allowed = _allowed_names()
+        names = _settings(settings).load_plugins
+        allowed = set(names) if names is not None else None
         under_test = "pytest" in sys.modules and allowed is None
         if not under_test:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -72,17 +80,18 @@ def load_plugins() -> None:
         _loaded = True
 
 
-def _collect(hook) -> list:
-    load_plugins()
+def _collect(hook_name: str, settings: Settings | None) -> list:
+    settings = _settings(settings)
+    load_plugins(settings)
     items: list = []
-    hook(register=items.append)
+    getattr(pm.hook, hook_name)(register=items.append, settings=settings)
     return items
 
 
-def get_loaders() -> list[Loader]:
+def get_loaders(settings: Settings | None = None) -> list[Loader]:
     """Every registered loader; for each extension the last registered wins (see ``loader_for``)."""
     # pluggy calls the most recently registered plugin first; reverse so that later ones win.
-    return list(reversed(_collect(pm.hook.register_loaders)))
+    return list(reversed(_collect("register_loaders", settings)))
 
 
 _loader_cache: dict[str, Loader] | None = None
@@ -92,7 +101,7 @@ def loaders_by_extension() -> dict[str, Loader]:
     global _loader_cache
     if _loader_cache is None:
         table: dict[str, Loader] = {}
-        for loader in get_loaders():
+        for loader in get_loaders(None):
             for ext in loader.extensions:
                 table[ext.lower()] = loader
         _loader_cache = table
@@ -108,14 +117,18 @@ def loader_for(path: Path) -> Loader | None:
     return table.get(path.suffix.lower())
 
 
-def get_embedders() -> list[Embedder]:
-    return _collect(pm.hook.register_embedders)
+def get_embedders(settings: Settings | None = None) -> list[Embedder]:
+    return _collect("register_embedders", settings)
 
 
-def get_embedder(model_id: str | None = None) -> Embedder:
-    """The embedder with ``model_id`` (or ``LOREKEEPER_EMBEDDER``), else the built-in default."""
-    wanted = model_id or os.environ.get("LOREKEEPER_EMBEDDER")
-    embedders = get_embedders()
+def get_embedder(model_id: str | None = None, settings: Settings | None = None) -> Embedder:
+    """The embedder with ``model_id`` (or the ``embedder`` setting), else the built-in default.
+
+    Which embedder an existing index needs is the indexer's business (``indexer.embedder_for``).
+    """
+    settings = _settings(settings)
+    wanted = model_id or settings.embedder
+    embedders = get_embedders(settings)
     if not embedders:
         raise LookupError("no embedder plugin is registered")
     if wanted is None:
@@ -127,14 +140,16 @@ def get_embedder(model_id: str | None = None) -> Embedder:
     raise LookupError(f"no embedder named {wanted!r}; known: {known}")
 
 
-def get_generators() -> list[Generator]:
-    return _collect(pm.hook.register_generators)
+def get_generators(settings: Settings | None = None) -> list[Generator]:
+    return _collect("register_generators", settings)
 
 
-def get_generator(name: str | None = None) -> Generator:
-    """The generator called ``name`` (or ``LOREKEEPER_GENERATOR``), else the built-in llama.cpp one."""
-    wanted = name or os.environ.get("LOREKEEPER_GENERATOR") or "llamacpp"
-    generators = get_generators()
+def get_generator(name: str | None = None, settings: Settings | None = None) -> Generator:
+    """The generator called ``name`` (or the ``generator`` setting: llama.cpp by default), built
+    from ``settings`` (model, context window, threads, endpoint)."""
+    settings = _settings(settings)
+    wanted = name or settings.generator
+    generators = get_generators(settings)
     for gen in generators:
         if gen.name == wanted:
             return _shared(gen)
@@ -146,14 +161,21 @@ _instances: dict[tuple[type, str], object] = {}
 
 
 def _shared(obj):
-    """One instance per class and model per process, so a model is loaded once."""
-    key = (type(obj), getattr(obj, "model_id", "") or getattr(obj, "name", ""))
+    """One instance per class and configuration per process, so a model is loaded once.
+
+    A plugin object may define ``cache_key`` (everything its construction depended on); else its
+    model id (or name) tells instances apart.
+    """
+    key = (
+        type(obj),
+        getattr(obj, "cache_key", None) or getattr(obj, "model_id", "") or getattr(obj, "name", ""),
+    )
     with _lock:
         return _instances.setdefault(key, obj)
 
 
-def plugin_names() -> list[str]:
-    load_plugins()
+def plugin_names(settings: Settings | None = None) -> list[str]:
+    load_plugins(settings)
     return [name for name, _ in pm.list_name_plugin()]
 
 

@@ -120,11 +120,18 @@ class GenerationResult:
 
 
 class Generator(abc.ABC):
-    """Answers chat messages, streaming text pieces as they are produced."""
+    """Answers chat messages, streaming text pieces as they are produced.
+
+    ``sampling_options`` names the keyword arguments beyond the basic ones that ``stream`` accepts
+    (``top_p``, ``min_p``, ``repeat_penalty``, ``adapter_scale``); callers pass only those. A
+    generator that applies LoRA adapters sets ``supports_adapters`` and overrides the three adapter
+    methods below.
+    """
 
     name: str = "generator"
     model_id: str = "generator"
     supports_adapters: bool = False
+    sampling_options: tuple[str, ...] = ()
 
     @property
     def context_window(self) -> int:
@@ -146,6 +153,24 @@ class Generator(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the model's tokenizer; the rough default is words * 4/3."""
         return max(1, int(len(text.split()) * 4 / 3))
+
+    def check_adapter(self, name: str) -> Path:
+        """The file of adapter ``name``; raises ``LookupError`` (unknown) or ``ValueError`` (cannot)."""
+        raise ValueError(
+            f"the {self.name} generator cannot apply adapter {name!r}: use the llamacpp generator"
+        )
+
+    def runs_base_of(self, name: str) -> bool | None:
+        """Whether this generator runs the base model adapter ``name`` was trained on (None: unknown)."""
+        return None
+
+    def adapter_warning(self, name: str) -> str | None:
+        """A warning to attach to answers made with adapter ``name``, if any."""
+        return None
+
+    def close(self) -> None:
+        """Free the model (a worker process, a connection); the generator may be used again later."""
+        return None
 
     def count_message_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Tokens the chat-formatted ``messages`` take, template included."""

@@ -1,12 +1,15 @@
 """The hooks a lorekeeper plugin can implement.
 
 Each hook receives a ``register`` callback and calls it once per thing it provides, so a plugin
-never needs to know how lorekeeper stores or chooses among them.
+never needs to know how lorekeeper stores or chooses among them. Hooks also receive ``settings``
+(a ``lorekeeper.server.settings.Settings``: model paths, devices, endpoints); an implementation
+that does not need it simply leaves the argument out of its signature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -15,7 +18,7 @@ hookimpl = pluggy.HookimplMarker("lorekeeper")
 
 
 @hookspec
-def register_loaders(register: Callable) -> None:
+def register_loaders(register: Callable, settings: Any) -> None:
     """Register file loaders: ``register(loader)`` with a ``lorekeeper.plugins.base.Loader``.
 
     A loader turns one file into text units that keep their provenance (lines, page, headings).
@@ -25,7 +28,7 @@ def register_loaders(register: Callable) -> None:
 
 
 @hookspec
-def register_embedders(register: Callable) -> None:
+def register_embedders(register: Callable, settings: Any) -> None:
     """Register embedders: ``register(embedder)`` with a ``lorekeeper.plugins.base.Embedder``.
 
     An embedder turns a batch of texts into unit-length vectors and names its model id and dimension;
@@ -34,7 +37,7 @@ def register_embedders(register: Callable) -> None:
 
 
 @hookspec
-def register_generators(register: Callable) -> None:
+def register_generators(register: Callable, settings: Any) -> None:
     """Register text generators: ``register(generator)`` with a ``lorekeeper.plugins.base.Generator``.
 
     A generator answers chat messages with streamed text; the MCP ``generate`` tool and

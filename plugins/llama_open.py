@@ -10,8 +10,8 @@ here, on the one code path every model load takes: the generator, the fine-tunin
 evaluation, parity checks and the benchmark scripts.
 
 The decision (``use_repack``) is a pure function of the setting and the CPU, so it is unit-tested
-on flag sets; the setting is ``LOREKEEPER_LLAMA_REPACK``: ``auto`` (default: off on an AMX CPU, on
-elsewhere), ``on`` or ``off``.
+on flag sets; the setting is ``llama_repack`` (``LOREKEEPER_LLAMA_REPACK``): ``auto`` (default: off
+on an AMX CPU, on elsewhere), ``on`` or ``off``.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ _logged_decision = False
 
 
 def repack_setting(raw: str | None = None) -> str:
-    """The repack setting, ``auto`` unless ``LOREKEEPER_LLAMA_REPACK`` (or ``raw``) says otherwise."""
-    value = (raw if raw is not None else os.environ.get(REPACK_ENV, "")).strip().lower() or "auto"
+    """The repack setting: ``raw``, else the ``llama_repack`` setting (``auto`` by default)."""
+    if raw is None:
+        from lorekeeper.server.settings import Settings
+
+        raw = Settings.load().llama_repack
+    value = str(raw).strip().lower() or "auto"
     aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
     value = aliases.get(value, value)
     if value not in REPACK_CHOICES:
-        raise ValueError(
-            f"{REPACK_ENV}={raw if raw is not None else os.environ.get(REPACK_ENV)!r}: use auto, on or off"
-        )
+        raise ValueError(f"llama_repack={raw!r} ({REPACK_ENV}): use one of auto, on, off")
     return value
 
 
@@ -137,6 +139,32 @@ def _model_params(repack: bool):
             low.llama_model_default_params = original
 
 
+@contextmanager
+def quiet_native_stderr(enabled: bool = True):
+    """Send what native code writes to stderr (llama.cpp's own log) to /dev/null meanwhile.
+
+    llama.cpp prints hundreds of lines on a load ("cannot use buft ...", metadata) and some warnings
+    bypass llama-cpp-python's ``verbose=False``. Python exceptions still carry the real error.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def open_llama(
     model_path: str | Path,
     *,
@@ -153,6 +181,7 @@ def open_llama(
 
     ``repack`` None means ``decide_repack()`` (the setting, then the CPU). Other keyword arguments
     go to ``Llama`` unchanged. A vocabulary-only load runs no matrix code and is never affected.
+    llama.cpp's own log is silenced unless ``verbose``.
     """
     from llama_cpp import Llama
 
@@ -161,7 +190,9 @@ def open_llama(
         raise FileNotFoundError(f"{path}: no such model file; give the path of a .gguf model")
     if repack is None:
         repack = True if vocab_only else decide_repack()
-    with _model_params(repack):
+    if vocab_only and not n_ctx:
+        n_ctx = 512  # llama-cpp-python still makes a (weightless) context; 0 would mean the full window
+    with _model_params(repack), quiet_native_stderr(not verbose):
         return Llama(
             model_path=str(path),
             n_ctx=n_ctx,

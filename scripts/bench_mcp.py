@@ -142,6 +142,9 @@ def raw_prompt_tokens(llm) -> tuple[list[int], list[str], object]:
 
 
 def run_raw(llm, max_tokens: int) -> dict:
+    from lorekeeper.server.settings import Settings
+
+    defaults = Settings.load()  # the same sampling the server's generate uses
     tokens, stop, criteria = raw_prompt_tokens(llm)
     # No reset: like the server's generator, reuse the KV cache of an identical prompt prefix.
     started = time.perf_counter()
@@ -151,6 +154,9 @@ def run_raw(llm, max_tokens: int) -> dict:
         prompt=tokens,
         max_tokens=max_tokens,
         temperature=0.0,
+        top_p=defaults.top_p,
+        min_p=defaults.min_p,
+        repeat_penalty=defaults.repeat_penalty,
         stop=stop,
         stopping_criteria=criteria,
         stream=True,

@@ -1,12 +1,20 @@
-"""Grounded generation: answer a question from the user's indexed documents, with citations.
+"""Grounded generation: answer a question from the user's indexed documents, with checked citations.
 
 Shared by the MCP ``generate`` tool and ``lorekeeper ask`` so both behave the same. The flow:
-retrieve chunks, fit as many as the model's context window allows (counted with the model's own
-tokenizer and chat template, lowest-ranked dropped first and reported), number them [1]..[n], let
-the model answer, then check every citation in the answer against the numbered sources.
+retrieve chunks; fit as many as the model's context window allows (counted with the model's own
+tokenizer and chat template, lowest-ranked dropped first and reported); number them [1]..[n]; let
+the model answer, stopping it if it starts to loop; then check every sentence of the answer
+against the sources (``citations.check_answer``). A source is *cited* only when it supports a
+sentence. An answer none of whose sentences is supported is not presented as sourced: it says the
+documents do not hold the answer, or (the ``extractive_fallback`` setting) quotes the passage that
+best answers the question.
 
 The question is never shortened: if it cannot fit together with the requested answer length, the
 caller gets a ``PromptTooLongError`` saying by how much, rather than an answer to half a question.
+
+Document text is data, not instructions: the sources travel in the user turn, each fenced as
+``<source id="n" ...>`` with anything that looks like a fence inside it neutralised, and the system
+turn only tells the model how to use them.
 """
 
 from __future__ import annotations
@@ -15,37 +23,29 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorekeeper.plugins.base import ChatMessage, Embedder, Generator, PromptTooLongError
 
+from . import citations
+from .render import describe_location
+from .settings import Settings
+
 logger = logging.getLogger(__name__)
 
-# The sources go in the system message and the question alone in the user turn: small models
-# (SmolLM2-135M) answer the question asked far more often that way than when a long user turn ends
-# with it (measured on the demo documents: "The answer is: 2." against the right sentence).
 GROUNDED_SYSTEM = (
-    "You are a helpful assistant. Answer the user's question using the numbered sources below, "
-    "and cite them like [1] or [2][3]. If the sources do not contain the answer, say that you do not know."
+    "You answer questions using only the numbered sources in the user's message. Answer in one to "
+    "three sentences, copy the facts exactly as the sources state them, and put the source number "
+    "after each fact, like [1]. Do not list the sources at the end. If the sources do not contain the "
+    "answer, say: I could not find that in your documents."
 )
-NO_SOURCES_NOTE = "No indexed document matched this question."
+NO_SOURCES_NOTE = "(no indexed document matched this question)"
+NOT_FOUND = "I could not find that in your documents."
+FALLBACK_PREFIX = "The closest passage in your documents"
 
-# [1], [2, 3], [4; 5], [1-3]: any bracketed list of numbers and ranges.
-_CITATION = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|-|–|and)\s*\d+)*)\s*\]")
-_NUMBER_OR_RANGE = re.compile(r"(\d+)\s*(?:[-–]\s*(\d+))?")
-_MAX_RANGE = 50  # "[1-100000]" is noise, not 100000 citations
-
-
-def describe_location(start_line: int | None, end_line: int | None, page: int | None) -> str:
-    """Where in a file a chunk is, for people: ``line 4``, ``lines 3-9``, ``page 2``."""
-    parts = []
-    if page is not None:
-        parts.append(f"page {page}")
-    if start_line is not None:
-        end = end_line if end_line is not None else start_line
-        parts.append(f"line {start_line}" if end == start_line else f"lines {start_line}-{end}")
-    return ", ".join(parts)
+__all__ = ["PromptTooLongError", "answer_question", "build_prompt", "prepare", "run"]
 
 
 @dataclass
@@ -66,14 +66,6 @@ class Source:
     @property
     def location(self) -> str:
         return describe_location(self.start_line, self.end_line, self.page)
-
-    def label(self) -> str:
-        bits = [self.path]
-        if self.location:
-            bits.append(f"({self.location})")
-        if self.heading_path:
-            bits.append("> " + " > ".join(self.heading_path))
-        return " ".join(bits)
 
 
 @dataclass
@@ -106,20 +98,29 @@ class PreparedPrompt:
 
 @dataclass
 class GroundedAnswer:
-    answer: str
+    answer: str  # what to show: the checked answer (see the module docstring)
     sources: list[Source]  # every source shown to the model, numbered
-    cited: list[int]  # source numbers the answer cites that exist
-    invalid_citations: list[int]  # numbers the answer cites that point to no source
+    cited: list[int]  # sources that support a sentence of the answer
+    invalid_citations: list[int]  # numbers the model wrote that point to no source
     dropped: list[DroppedChunk]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length" or "loop"
     use_context: bool
     seconds: float
     first_token_seconds: float | None
     model: str
     adapter: str | None = None
     warnings: list[str] = field(default_factory=list)
+    streamed_text: str = ""  # what the model produced, as it streamed
+    check: citations.CheckedAnswer | None = None  # per-sentence support (grounded answers)
+    supported: bool | None = None  # whether a source supports the answer (None: nothing to check)
+    fallback: bool = False  # the answer is a quoted passage, the model's answer being unsupported
+    fallback_span: citations.Span | None = None  # that passage
+
+    @property
+    def flagged_citations(self) -> list[int]:
+        return list(self.check.flagged) if self.check else []
 
     @property
     def cited_sources(self) -> list[Source]:
@@ -127,38 +128,19 @@ class GroundedAnswer:
         return [s for s in self.sources if s.number in wanted]
 
 
-# ---------------------------------------------------------------------------- citations
-
-
-def parse_citations(answer: str) -> list[int]:
-    """Every source number the answer cites, in order of first appearance."""
-    seen: list[int] = []
-    for match in _CITATION.finditer(answer):
-        for num in _NUMBER_OR_RANGE.finditer(match.group(1)):
-            start = int(num.group(1))
-            end = int(num.group(2)) if num.group(2) else start
-            if end < start or end - start > _MAX_RANGE:
-                end = start
-            for n in range(start, end + 1):
-                if n not in seen:
-                    seen.append(n)
-    return seen
-
-
-def check_citations(answer: str, source_count: int) -> tuple[list[int], list[int]]:
-    """Split the answer's citations into (valid, pointing to no source)."""
-    numbers = parse_citations(answer)
-    valid = [n for n in numbers if 1 <= n <= source_count]
-    invalid = [n for n in numbers if not 1 <= n <= source_count]
-    return valid, invalid
-
-
 # ---------------------------------------------------------------------------- prompt building
+
+
+def _fence(text: str) -> str:
+    """Document text with anything that could close or open our fences made harmless."""
+    return re.sub(r"</?\s*(source|sources|system|user|assistant|tool[\w-]*)\b", r"‹\1", text, flags=re.I)
 
 
 def _source_block(number: int, hit: Any) -> str:
     src = _to_source(number, hit, 0)
-    return f"[{number}] {src.label()}\n{hit.text.strip()}"
+    where = f' location="{src.location}"' if src.location else ""
+    section = f' section="{_fence(" > ".join(src.heading_path))}"' if src.heading_path else ""
+    return f'<source id="{number}" file="{_fence(src.path)}"{where}{section}>\n{_fence(hit.text.strip())}\n</source>'
 
 
 def _to_source(number: int, hit: Any, tokens: int) -> Source:
@@ -179,7 +161,8 @@ def _to_source(number: int, hit: Any, tokens: int) -> Source:
 def _grounded_messages(question: str, blocks: Sequence[str], system: str | None) -> list[ChatMessage]:
     system_text = GROUNDED_SYSTEM if not system else f"{GROUNDED_SYSTEM}\n\n{system}"
     sources = "\n\n".join(blocks) if blocks else NO_SOURCES_NOTE
-    return [ChatMessage("system", f"{system_text}\n\nSources:\n\n{sources}"), ChatMessage("user", question)]
+    user = f"Sources:\n\n{sources}\n\nQuestion: {question}"
+    return [ChatMessage("system", system_text), ChatMessage("user", user)]
 
 
 def _plain_messages(question: str, system: str | None) -> list[ChatMessage]:
@@ -210,10 +193,7 @@ def build_prompt(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     window = generator.context_window
-    if use_context:
-        bare = _grounded_messages(question, [], system)
-    else:
-        bare = _plain_messages(question, system)
+    bare = _grounded_messages(question, [], system) if use_context else _plain_messages(question, system)
     bare_tokens = generator.count_message_tokens(bare)
     if bare_tokens + max_tokens > window:
         if bare_tokens >= window:
@@ -235,27 +215,25 @@ def build_prompt(
     dropped: list[DroppedChunk] = []
     prompt_tokens = bare_tokens
     for hit in hits:
-        number = len(kept) + 1
-        block = _source_block(number, hit)
-        candidate = _grounded_messages(question, [*blocks, block], system)
-        tokens = generator.count_message_tokens(candidate)
+        block = _source_block(len(kept) + 1, hit)
+        tokens = generator.count_message_tokens(_grounded_messages(question, [*blocks, block], system))
         if tokens <= budget:
             blocks.append(block)
             kept.append((hit, tokens - prompt_tokens))
             prompt_tokens = tokens
-        else:
-            dropped.append(
-                DroppedChunk(
-                    path=str(hit.path),
-                    rank=int(getattr(hit, "rank", 0)),
-                    tokens=generator.count_tokens(block),
-                    reason=f"did not fit: the prompt would take {tokens} of {budget} tokens "
-                    f"({window}-token window minus {max_tokens} for the answer)",
-                    start_line=getattr(hit, "start_line", None),
-                    end_line=getattr(hit, "end_line", None),
-                    page=getattr(hit, "page", None),
-                )
+            continue
+        dropped.append(
+            DroppedChunk(
+                path=str(hit.path),
+                rank=int(getattr(hit, "rank", 0)),
+                tokens=generator.count_tokens(block),
+                reason=f"did not fit: the prompt would take {tokens} of {budget} tokens "
+                f"({window}-token window minus {max_tokens} for the answer)",
+                start_line=getattr(hit, "start_line", None),
+                end_line=getattr(hit, "end_line", None),
+                page=getattr(hit, "page", None),
             )
+        )
     messages = _grounded_messages(question, blocks, system)
     sources = [_to_source(i + 1, hit, tokens) for i, (hit, tokens) in enumerate(kept)]
     return PreparedPrompt(
@@ -263,17 +241,50 @@ def build_prompt(
     )
 
 
+# ---------------------------------------------------------------------------- loops
+
+
+class LoopGuard:
+    """Spots an answer that has started repeating itself, so generation can stop there.
+
+    Small models, greedy or nearly so, fall into cycles ("--env_name=myenv --env_name=myenv ...").
+    A cycle is the same run of 1 to 40 words three times in a row (a run of 6 words or more: twice
+    in a row, which a sensible answer never does). ``cut`` is where the repetition began.
+    """
+
+    MAX_PERIOD = 40
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.cut: int | None = None
+
+    def feed(self, piece: str) -> bool:
+        """Add a piece of the answer; True once a loop is found."""
+        self.text += piece
+        if self.cut is None:
+            self.cut = self._find()
+        return self.cut is not None
+
+    def _find(self) -> int | None:
+        words = [(m.start(), m.group(0).lower()) for m in re.finditer(r"\S+", self.text)]
+        n = len(words)
+        tokens = [w for _, w in words]
+        for period in range(1, min(self.MAX_PERIOD, n // 2) + 1):
+            repeats = 3 if period < 6 else 2
+            if period * repeats > n:
+                continue
+            tail = tokens[n - period :]
+            if all(tokens[n - period * r : n - period * (r - 1)] == tail for r in range(2, repeats + 1)):
+                if len(set(tail)) == 1 and period > 1:
+                    continue  # counted at its own period
+                return words[n - period * (repeats - 1)][0]
+        return None
+
+
 # ---------------------------------------------------------------------------- the whole flow
 
 
-def retrieve_for(
-    question: str,
-    *,
-    store: Any,
-    embedder: Embedder,
-    k: int,
-    **filters: Any,
-) -> list[Any]:
+def retrieve_for(question: str, *, store: Any, embedder: Embedder, k: int, **filters: Any) -> list[Any]:
     """Search the index for the question (hybrid by default); filters go to ``search`` unchanged."""
     from lorekeeper.server.search import search
 
@@ -290,6 +301,7 @@ def prepare(
     max_tokens: int = 256,
     system: str | None = None,
     use_context: bool = True,
+    settings: Settings | None = None,
     **filters: Any,
 ) -> PreparedPrompt:
     """Retrieve (when ``use_context``) and build the prompt; raises before any model time is spent."""
@@ -299,67 +311,71 @@ def prepare(
     if use_context:
         if store is None or embedder is None:
             raise ValueError("grounded generation needs the index: pass store and embedder")
+        if settings is not None:
+            filters = {"vector_weight": settings.vector_weight, "keyword_weight": settings.keyword_weight,
+                       "rrf_k": settings.rrf_k, **filters}  # fmt: skip
         hits = retrieve_for(question.strip(), store=store, embedder=embedder, k=k, **filters)
     return build_prompt(
         question, hits, generator, max_tokens=max_tokens, system=system, use_context=use_context
     )
 
 
+def sampling_for(generator: Generator, settings: Settings, temperature: float | None) -> dict[str, Any]:
+    """The sampling arguments ``generator.stream`` takes: temperature plus the options it declares."""
+    options: dict[str, Any] = {"temperature": settings.temperature if temperature is None else temperature}
+    for name in ("top_p", "min_p", "repeat_penalty"):
+        if name in generator.sampling_options:
+            options[name] = getattr(settings, name)
+    return options
+
+
+def _generate(
+    prepared: PreparedPrompt,
+    generator: Generator,
+    sampling: dict[str, Any],
+    adapter: str | None,
+    on_token: Callable[[str], None] | None,
+) -> tuple[str, str, float, float | None]:
+    """Stream the model's answer, stopping at a loop: (text, finish reason, seconds, first token)."""
+    started = time.perf_counter()
+    first: float | None = None
+    guard = LoopGuard()
+    finish = "stop"
+    stream = generator.stream(prepared.messages, max_tokens=prepared.max_tokens, adapter=adapter, **sampling)
+    with closing(stream):  # stopping early (a loop, a client gone, an error) frees the model at once
+        for piece in stream:
+            if first is None:
+                first = time.perf_counter() - started
+            if on_token is not None:
+                on_token(piece)
+            if guard.feed(piece):
+                finish = "loop"
+                break
+    text = guard.text if guard.cut is None else guard.text[: guard.cut]
+    return text, finish, time.perf_counter() - started, first
+
+
 def run(
     prepared: PreparedPrompt,
     generator: Generator,
     *,
-    temperature: float = 0.2,
+    temperature: float | None = None,
     adapter: str | None = None,
     on_token: Callable[[str], None] | None = None,
+    settings: Settings | None = None,
 ) -> GroundedAnswer:
-    """Let the model answer the prepared prompt, streaming pieces to ``on_token``, then check citations."""
-    started = time.perf_counter()
-    first: float | None = None
-    pieces: list[str] = []
-    for piece in generator.stream(
-        prepared.messages, max_tokens=prepared.max_tokens, temperature=temperature, adapter=adapter
-    ):
-        if first is None:
-            first = time.perf_counter() - started
-        pieces.append(piece)
-        if on_token is not None:
-            on_token(piece)
-    seconds = time.perf_counter() - started
-    answer = "".join(pieces).strip()
-    completion_tokens = generator.count_tokens(answer)
-    finish = "length" if completion_tokens >= prepared.max_tokens else "stop"
-    valid, invalid = check_citations(answer, len(prepared.sources))
-    warnings: list[str] = []
-    if invalid:
-        listed = ", ".join(f"[{n}]" for n in invalid)
-        if prepared.sources:
-            warnings.append(
-                f"the answer cites {listed}, which point to no source (sources are [1]..[{len(prepared.sources)}])"
-            )
-        else:
-            warnings.append(f"the answer cites {listed}, but no sources were given")
-    if prepared.dropped:
-        warnings.append(
-            f"{len(prepared.dropped)} of {prepared.retrieved} retrieved chunks did not fit the context window "
-            "and were left out (see dropped)"
-        )
-    if prepared.use_context and not prepared.sources:
-        warnings.append(
-            "no indexed chunk was given to the model: the answer is not grounded in your documents"
-        )
-    if finish == "length":
-        warnings.append(f"the answer stopped at max_tokens={prepared.max_tokens}")
-    adapter_warning = getattr(generator, "adapter_warning", None)
-    if adapter is not None and adapter_warning is not None:
-        note = adapter_warning(adapter)
-        if note:
-            warnings.append(note)
-    return GroundedAnswer(
-        answer=answer,
+    """Let the model answer the prepared prompt, streaming pieces to ``on_token``, then check it."""
+    settings = settings or Settings.load()
+    sampling = sampling_for(generator, settings, temperature)
+    raw, finish, seconds, first = _generate(prepared, generator, sampling, adapter, on_token)
+    completion_tokens = generator.count_tokens(raw)
+    if finish == "stop" and completion_tokens >= prepared.max_tokens:
+        finish = "length"
+    result = GroundedAnswer(
+        answer=raw.strip(),
         sources=prepared.sources,
-        cited=valid,
-        invalid_citations=invalid,
+        cited=[],
+        invalid_citations=[],
         dropped=prepared.dropped,
         prompt_tokens=prepared.prompt_tokens,
         completion_tokens=completion_tokens,
@@ -369,8 +385,86 @@ def run(
         first_token_seconds=first,
         model=generator.model_id,
         adapter=adapter,
-        warnings=warnings,
+        streamed_text=raw,
     )
+    if prepared.use_context:
+        _check_grounding(result, prepared, settings.extractive_fallback)
+    _add_warnings(result, prepared, generator)
+    return result
+
+
+def _check_grounding(result: GroundedAnswer, prepared: PreparedPrompt, fallback: bool) -> None:
+    """Check the answer's sentences against the sources; say so when nothing supports it."""
+    texts = [s.text for s in prepared.sources]
+    check = citations.check_answer(result.answer, texts)
+    result.check = check
+    result.cited = check.cited
+    result.invalid_citations = check.invalid
+    result.supported = check.supported
+    result.answer = check.text
+    if check.supported or not prepared.sources:
+        unsupported = [s for s in check.claims if not s.supported]
+        if unsupported and check.supported:
+            result.warnings.append(
+                f"{len(unsupported)} of {len(check.claims)} sentences of the answer are not supported by any source"
+            )
+        return
+    best = citations.best_sentence_for(prepared.question, texts) if fallback else None
+    if best is not None:
+        result.answer = f'{FALLBACK_PREFIX} [{best.source}]: "{best.text}"'
+        result.cited = [best.source]
+        result.fallback = True
+        result.fallback_span = best
+        result.warnings.append(
+            "no source supports the model's answer, so the passage that best matches the question is "
+            "quoted instead (the model said: " + _short(result.streamed_text) + ")"
+        )
+    else:
+        result.answer = NOT_FOUND
+        said = _short(result.streamed_text)
+        if said and NOT_FOUND.lower() not in result.streamed_text.lower():
+            result.warnings.append(f"no source supports the model's answer ({said})")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return repr(flat[:limit] + ("…" if len(flat) > limit else ""))
+
+
+def _add_warnings(result: GroundedAnswer, prepared: PreparedPrompt, generator: Generator) -> None:
+    warnings = result.warnings
+    if result.invalid_citations:
+        listed = ", ".join(f"[{n}]" for n in result.invalid_citations)
+        if prepared.sources:
+            warnings.append(
+                f"the answer cites {listed}, which point to no source (sources are [1]..[{len(prepared.sources)}])"
+            )
+        else:
+            warnings.append(f"the answer cites {listed}, but no sources were given")
+    if result.check is not None and result.check.flagged:
+        listed = ", ".join(f"[{n}]" for n in result.check.flagged)
+        warnings.append(f"the model cited {listed} for sentences those sources do not support")
+    if result.check is not None and result.check.stripped_source_list:
+        warnings.append(
+            "the model wrote its own list of sources; it was removed (the real sources are listed)"
+        )
+    if prepared.dropped:
+        warnings.append(
+            f"{len(prepared.dropped)} of {prepared.retrieved} retrieved chunks did not fit the context window "
+            "and were left out (see dropped)"
+        )
+    if prepared.use_context and not prepared.sources:
+        warnings.append(
+            "no indexed chunk was given to the model: the answer is not grounded in your documents"
+        )
+    if result.finish_reason == "length":
+        warnings.append(f"the answer stopped at max_tokens={prepared.max_tokens}")
+    if result.finish_reason == "loop":
+        warnings.append("the model started repeating itself; the answer was cut where the repetition began")
+    if result.adapter is not None:
+        note = generator.adapter_warning(result.adapter)
+        if note:
+            warnings.append(note)
 
 
 def answer_question(
@@ -379,25 +473,31 @@ def answer_question(
     generator: Generator,
     store: Any = None,
     embedder: Embedder | None = None,
-    k: int = 8,
-    max_tokens: int = 256,
-    temperature: float = 0.2,
+    k: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
     adapter: str | None = None,
     system: str | None = None,
     use_context: bool = True,
     on_token: Callable[[str], None] | None = None,
+    settings: Settings | None = None,
+    adapters: Any = None,
     **filters: Any,
 ) -> GroundedAnswer:
-    """Retrieve, fit, generate and check citations in one call."""
+    """Retrieve, fit, generate and check in one call; unset numbers come from ``settings``."""
+    settings = settings or Settings.load()
     prepared = prepare(
         question,
         generator=generator,
         store=store,
         embedder=embedder,
-        k=k,
-        max_tokens=max_tokens,
+        k=settings.k if k is None else k,
+        max_tokens=settings.max_tokens if max_tokens is None else max_tokens,
         system=system,
         use_context=use_context,
+        settings=settings,
         **filters,
     )
-    return run(prepared, generator, temperature=temperature, adapter=adapter, on_token=on_token)
+    return run(
+        prepared, generator, temperature=temperature, adapter=adapter, on_token=on_token, settings=settings
+    )

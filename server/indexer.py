@@ -25,15 +25,16 @@ import numpy as np
 from lorekeeper import plugins
 from lorekeeper.plugins.base import Embedder, LoaderError
 
-from . import config
 from .chunker import Chunk, chunk_units, embed_text
 from .ignore import IgnoreRules
+from .settings import Settings
 from .store import STATUS_FAILED, STATUS_SKIPPED, Root, Store
 
 log = logging.getLogger(__name__)
 
 EMBED_BATCH_CHUNKS = 256  # chunks gathered across files before one call to the embedder
 OVERLAP_TOKENS = 32
+CACHE_KEEP_DAYS = 30  # cached vectors no chunk uses are dropped after this long
 
 Progress = Callable[[int, int, str], None]  # (done, total, path)
 
@@ -78,13 +79,37 @@ class _Prepared:
     note: str | None
 
 
+def embedder_for(store: Store, settings: Settings) -> Embedder:
+    """The embedder for an index: the one it was built with, unless the ``embedder`` setting names
+    another (an ``Indexer`` with that one re-embeds the index; a search alone refuses to mix them).
+
+    This is the one rule every command and the server follow.
+    """
+    recorded = store.embed_model
+    wanted = settings.embedder or recorded
+    return plugins.get_embedder(wanted, settings)
+
+
+def check_search_embedder(store: Store, embedder: Embedder) -> None:
+    """A search embeds its query with ``embedder``: refuse when the index holds another model's vectors."""
+    recorded = store.embed_model
+    if recorded and recorded != embedder.model_id:
+        raise ValueError(
+            f"the index was built with the embedder {recorded!r}, not {embedder.model_id!r}: run "
+            "`lorekeeper reindex` to re-embed it with the new one, or drop the embedder setting"
+        )
+
+
 class Indexer:
     """Indexes files under the store's roots with one embedder. Safe to call from several threads:
     indexing work is serialised, searches are not blocked."""
 
-    def __init__(self, store: Store, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self, store: Store, embedder: Embedder | None = None, *, settings: Settings | None = None
+    ) -> None:
         self.store = store
-        self.embedder = embedder or plugins.get_embedder()
+        self.settings = settings or Settings.load()
+        self.embedder = embedder or embedder_for(store, self.settings)
         self._lock = threading.RLock()
         self._rules: dict[str, IgnoreRules] = {}
         self.store.ensure_embedder(self.embedder.model_id, self.embedder.dimension)
@@ -126,6 +151,11 @@ class Indexer:
                     if doc.path not in present:
                         self.store.delete_document(doc.path)
                         report.count(doc.path, "removed")
+            # vectors of chunks that are gone stay cached a while (a file moved back re-embeds
+            # nothing), then go: without this the cache grows for ever
+            pruned = self.store.prune_cache(CACHE_KEEP_DAYS)
+            if pruned:
+                log.info("dropped %d cached vectors unused for %d days", pruned, CACHE_KEEP_DAYS)
         report.seconds = time.monotonic() - started
         return report
 
@@ -319,12 +349,12 @@ class Indexer:
         ):
             report.count(path, "unchanged")
             return None
-        limit = config.max_file_bytes()
+        limit = self.settings.max_file_bytes
         if st.st_size > limit:
             problem(
                 STATUS_SKIPPED,
-                f"file is {st.st_size / 2**20:.1f} MB, over the {limit / 2**20:.0f} MB limit; "
-                f"raise {config.MAX_FILE_MB_ENV} to index it",
+                f"file is {st.st_size / 2**20:.1f} MB, over the {limit / 2**20:g} MB limit; "
+                "raise it with `lorekeeper config set max_file_mb N` to index it",
                 st.st_size,
                 st.st_mtime,
             )

@@ -9,23 +9,20 @@ twice in one file, or overlapping windows of one passage, come back once.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import datetime, timezone
 
 import numpy as np
 
 from lorekeeper.plugins.base import Embedder
 
-from .store import Store, path_matches, vector_blob
+from .render import describe_location
+from .store import ChunkHit, Store, path_matches
 
 MODES = ("hybrid", "vector", "keyword")
 MAX_K = 200
 RRF_K = 60
-EXACT_SCAN_LIMIT = 20_000  # filtered searches over at most this many chunks are scanned exactly
-VEC_K_LIMIT = 4096  # the most neighbours one vec0 query returns
 
 
 @dataclass
@@ -50,13 +47,45 @@ class SearchHit:
 
     @property
     def location(self) -> str:
-        """``path:12-30``, ``path#page=3`` or the bare path: what a citation shows."""
-        if self.page is not None:
-            return f"{self.path}#page={self.page}"
-        if self.start_line is not None:
-            end = self.end_line if self.end_line is not None else self.start_line
-            return f"{self.path}:{self.start_line}-{end}"
-        return self.path
+        """``lines 12-30``, ``page 3`` (empty when unknown): the one way locations are written."""
+        return describe_location(self.start_line, self.end_line, self.page)
+
+    @classmethod
+    def from_chunk(cls, chunk: ChunkHit) -> SearchHit:
+        return cls(
+            chunk_id=chunk.chunk_id, document_id=chunk.document_id, path=chunk.path, text=chunk.text,
+            score=0.0, start_line=chunk.start_line, end_line=chunk.end_line, page=chunk.page,
+            heading_path=list(chunk.heading_path), mtime=chunk.mtime, root=chunk.root,
+            char_start=chunk.char_start, char_end=chunk.char_end,
+        )  # fmt: skip
+
+
+def parse_since(value: float | int | str | None) -> float | None:
+    """A "modified after" filter as epoch seconds: a number (seconds since 1970) or an ISO 8601 date
+    or time. The one rule, for the CLI and MCP alike: a date or time without a zone is the local time
+    of the machine lorekeeper runs on (what a person at that machine means); ``Z`` or ``+02:00``
+    names another zone."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"modified_after={value!r} is not a date")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a date: use ISO 8601 (2026-05-01, 2026-05-01T12:00, 2026-05-01T12:00Z) "
+            "or seconds since 1970"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.astimezone()  # local time of this machine
+    return parsed.astimezone(timezone.utc).timestamp()
 
 
 def validate(query: str, k: int, mode: str) -> str:
@@ -108,7 +137,6 @@ def search(
     if vector_weight < 0 or keyword_weight < 0:
         raise ValueError("fusion weights must be zero or positive")
     file_types = normalise_types(file_types)
-    conn = store._read()
     allowed = _allowed_documents(store, path_glob, file_types, modified_after, root)
     if allowed is not None and not allowed:
         return []
@@ -120,9 +148,11 @@ def search(
         if embedder is None:
             raise ValueError("vector search needs an embedder")
         qvec = np.asarray(embedder.embed_query(query), dtype=np.float32)
-        vector_list = _vector_candidates(conn, qvec, fetch, allowed)
+        vector_list = store.vector_search(qvec, fetch, allowed)
     if mode in ("hybrid", "keyword"):
-        keyword_list = _keyword_candidates(conn, query, fetch, allowed)
+        match = keyword_query(query)
+        if match is not None:
+            keyword_list = store.keyword_search(match, fetch, allowed)
 
     fused: dict[int, float] = {}
     vec_scores = dict(vector_list)
@@ -137,15 +167,15 @@ def search(
         for rank, (chunk_id, _) in enumerate(keyword_list, 1):
             fused[chunk_id] = fused.get(chunk_id, 0.0) + keyword_weight / (rrf_k + rank)
     order = sorted(fused, key=lambda cid: fused[cid], reverse=True)
-    rows = _load_chunks(conn, order)
+    rows = store.chunk_hits(order)
 
     hits: list[SearchHit] = []
     by_hash: dict[str, SearchHit] = {}
     for chunk_id in order:
-        row = rows.get(chunk_id)
-        if row is None:
+        chunk = rows.get(chunk_id)
+        if chunk is None:
             continue
-        hit, chunk_hash = row
+        hit, chunk_hash = SearchHit.from_chunk(chunk), chunk.chunk_hash
         earlier = by_hash.get(chunk_hash)
         if earlier is not None:
             if earlier.path != hit.path and hit.path not in earlier.also_in:
@@ -185,109 +215,11 @@ def _allowed_documents(
     """Ids of the documents the filters admit; None when there are no filters."""
     if not (path_glob or file_types or modified_after is not None or root):
         return None
-    sql = "SELECT id, path FROM documents WHERE status = 'indexed'"
-    args: list = []
-    if root:
-        sql += " AND root_id = (SELECT id FROM roots WHERE path = ?)"
-        args.append(str(Path(root).expanduser().resolve()))
-    if modified_after is not None:
-        sql += " AND mtime >= ?"
-        args.append(float(modified_after))
-    if file_types:
-        sql += " AND (" + " OR ".join("lower(path) LIKE ?" for _ in file_types) + ")"
-        args.extend("%" + ext for ext in file_types)
     roots = [r.path for r in store.roots()]
-    allowed = set()
-    for doc_id, path in store._read().execute(sql, args):
-        if path_glob and not path_matches(path, path_glob, roots):
-            continue
-        allowed.add(doc_id)
-    return allowed
-
-
-def _vector_candidates(
-    conn, qvec: np.ndarray, fetch: int, allowed: set[int] | None
-) -> list[tuple[int, float]]:
-    blob = vector_blob(qvec)
-    if allowed is None:
-        rows = conn.execute(
-            "SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ? ORDER BY distance",
-            (blob, min(fetch, VEC_K_LIMIT)),
-        ).fetchall()
-        return [(rowid, 1.0 - dist) for rowid, dist in rows]
-    ids = json.dumps(sorted(allowed))
-    n_allowed = conn.execute(
-        "SELECT COUNT(*) FROM chunks WHERE document_id IN (SELECT value FROM json_each(?))", (ids,)
-    ).fetchone()[0]
-    total = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-    if n_allowed == 0:
-        return []
-    if n_allowed > EXACT_SCAN_LIMIT:
-        # many matching chunks: ask the index for more neighbours than needed, keep the matching ones
-        want = min(VEC_K_LIMIT, fetch * math.ceil(total / n_allowed) * 2)
-        rows = conn.execute(
-            "SELECT v.rowid, v.distance, c.document_id FROM chunk_vectors v JOIN chunks c ON c.id = v.rowid "
-            "WHERE v.embedding MATCH ? AND k = ? ORDER BY v.distance",
-            (blob, want),
-        ).fetchall()
-        found = [(rowid, 1.0 - dist) for rowid, dist, doc in rows if doc in allowed][:fetch]
-        if len(found) >= min(fetch, n_allowed):
-            return found
-    rows = conn.execute(
-        "SELECT c.id, vec_distance_cosine(v.embedding, ?) AS dist FROM chunks c "
-        "JOIN chunk_vectors v ON v.rowid = c.id "
-        "WHERE c.document_id IN (SELECT value FROM json_each(?)) ORDER BY dist LIMIT ?",
-        (blob, ids, fetch),
-    ).fetchall()
-    return [(rowid, 1.0 - dist) for rowid, dist in rows]
-
-
-def _keyword_candidates(conn, query: str, fetch: int, allowed: set[int] | None) -> list[tuple[int, float]]:
-    match = keyword_query(query)
-    if match is None:
-        return []
-    if allowed is None:
-        rows = conn.execute(
-            "SELECT rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
-            "ORDER BY s LIMIT ?",
-            (match, fetch),
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            "SELECT f.rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
-            "WHERE chunks_fts MATCH ? AND c.document_id IN (SELECT value FROM json_each(?)) "
-            "ORDER BY s LIMIT ?",
-            (match, json.dumps(sorted(allowed)), fetch),
-        ).fetchall()
-    return [(rowid, -score) for rowid, score in rows]
-
-
-def _load_chunks(conn, ids: list[int]) -> dict[int, tuple[SearchHit, str]]:
-    if not ids:
-        return {}
-    rows = conn.execute(
-        "SELECT c.id, c.document_id, d.path, c.text, c.start_line, c.end_line, c.page, c.heading_path, "
-        "d.mtime, r.path, c.chunk_hash, c.char_start, c.char_end FROM chunks c "
-        "JOIN documents d ON d.id = c.document_id JOIN roots r ON r.id = d.root_id "
-        "WHERE c.id IN (SELECT value FROM json_each(?))",
-        (json.dumps(ids),),
-    ).fetchall()
-    out = {}
-    for row in rows:
-        hit = SearchHit(
-            chunk_id=row[0],
-            document_id=row[1],
-            path=row[2],
-            text=row[3],
-            score=0.0,
-            start_line=row[4],
-            end_line=row[5],
-            page=row[6],
-            heading_path=json.loads(row[7] or "[]"),
-            mtime=row[8],
-            root=row[9],
-            char_start=row[11],
-            char_end=row[12],
+    return {
+        doc_id
+        for doc_id, path in store.filter_documents(
+            root=root, modified_after=modified_after, file_types=file_types
         )
-        out[row[0]] = (hit, row[10])
-    return out
+        if not path_glob or path_matches(path, path_glob, roots)
+    }

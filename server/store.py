@@ -5,7 +5,11 @@ same transaction as the chunks they describe, one transaction per document, so a
 leaves every document either wholly old or wholly new. The database runs in WAL mode: each thread
 reads through its own connection and never waits for the writer.
 
-The store knows nothing of models or MCP: callers hand it chunks and vectors.
+The store knows nothing of models or MCP: callers hand it chunks and vectors, and search asks it
+for candidates through public query methods (``filter_documents``, ``vector_search``,
+``keyword_search``, ``chunk_hits``), so the SQL of one backend stays in one class. That is why this
+module is longer than most: splitting one backend's SQL over several files would scatter the
+one-transaction-per-document rule it keeps.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import numpy as np
 import sqlean
 import sqlite_vec
 
-from . import config
 from .migrations import migrate
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,29 @@ class IndexStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ChunkHit:
+    """A chunk as search returns it: its text, where it is, and what it is a part of."""
+
+    chunk_id: int
+    document_id: int
+    path: str
+    text: str
+    start_line: int | None
+    end_line: int | None
+    page: int | None
+    heading_path: list[str]
+    mtime: float | None
+    root: str | None
+    chunk_hash: str
+    char_start: int | None
+    char_end: int | None
+
+
 Listener = Callable[[str, str], None]
+
+EXACT_SCAN_LIMIT = 20_000  # filtered vector searches over at most this many chunks are scanned exactly
+VEC_K_LIMIT = 4096  # the most neighbours one vec0 query returns
 
 _CHUNK_COLUMNS = (
     "c.id, c.document_id, c.seq, c.text, c.char_start, c.char_end, c.start_line, c.end_line, "
@@ -166,8 +191,24 @@ class Store:
             ) from exc
 
     @classmethod
-    def open(cls, path: Path | str | None = None) -> Store:
-        return cls(Path(path) if path is not None else config.default_db_path())
+    def open(cls, path: Path | str | None = None, *, create: bool = True) -> Store:
+        """Open (or, with ``create``, make) the index at ``path`` (default: the settings' index).
+
+        Commands that only read (search, ask, status) pass ``create=False``: a mistyped path is an
+        error naming it, not a new empty index that finds nothing.
+        """
+        if path is None:
+            from .settings import Settings
+
+            path = Settings.load().db_path
+        path = Path(path).expanduser()
+        if not create and not path.is_file():
+            hint = "the folder does not exist" if not path.parent.is_dir() else "there is no index file there"
+            raise StoreError(
+                f"no lorekeeper index at {path} ({hint}): index a folder first with `lorekeeper add FOLDER`, "
+                "or point --db at an existing index"
+            )
+        return cls(path)
 
     def close(self) -> None:
         with self._readers_lock:
@@ -620,6 +661,118 @@ class Store:
 
     def _touch(self, conn: Any) -> None:
         self._set_meta(conn, "last_change", repr(time.time()))
+
+    # -- search queries ----------------------------------------------------------------------------
+
+    def filter_documents(
+        self,
+        *,
+        root: str | None = None,
+        modified_after: float | None = None,
+        file_types: Sequence[str] | None = None,
+    ) -> list[tuple[int, str]]:
+        """(id, path) of the indexed documents that pass these filters (file types are suffixes
+        with the dot, lower case)."""
+        sql = "SELECT id, path FROM documents WHERE status = 'indexed'"
+        args: list = []
+        if root:
+            sql += " AND root_id = (SELECT id FROM roots WHERE path = ?)"
+            args.append(str(Path(root).expanduser().resolve()))
+        if modified_after is not None:
+            sql += " AND mtime >= ?"
+            args.append(float(modified_after))
+        if file_types:
+            sql += " AND (" + " OR ".join("lower(path) LIKE ?" for _ in file_types) + ")"
+            args.extend("%" + ext for ext in file_types)
+        return [(doc_id, path) for doc_id, path in self._read().execute(sql, args)]
+
+    def vector_search(
+        self, query: np.ndarray, k: int, documents: set[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """(chunk id, cosine similarity) of the ``k`` chunks nearest ``query``, best first; only
+        chunks of ``documents`` when given (filters apply before ranking)."""
+        conn = self._read()
+        if not self._has_vectors(conn):
+            return []
+        blob = vector_blob(query)
+        if documents is None:
+            rows = conn.execute(
+                "SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ? ORDER BY distance",
+                (blob, min(k, VEC_K_LIMIT)),
+            ).fetchall()
+            return [(rowid, 1.0 - dist) for rowid, dist in rows]
+        ids = json.dumps(sorted(documents))
+        n_allowed = conn.execute(
+            "SELECT COUNT(*) FROM chunks WHERE document_id IN (SELECT value FROM json_each(?))", (ids,)
+        ).fetchone()[0]
+        if n_allowed == 0:
+            return []
+        if n_allowed > EXACT_SCAN_LIMIT:
+            # many matching chunks: ask the index for more neighbours than needed, keep the matching ones
+            total = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+            want = min(VEC_K_LIMIT, k * -(-total // n_allowed) * 2)
+            rows = conn.execute(
+                "SELECT v.rowid, v.distance, c.document_id FROM chunk_vectors v JOIN chunks c ON c.id = v.rowid "
+                "WHERE v.embedding MATCH ? AND k = ? ORDER BY v.distance",
+                (blob, want),
+            ).fetchall()
+            found = [(rowid, 1.0 - dist) for rowid, dist, doc in rows if doc in documents][:k]
+            if len(found) >= min(k, n_allowed):
+                return found
+        rows = conn.execute(
+            "SELECT c.id, vec_distance_cosine(v.embedding, ?) AS dist FROM chunks c "
+            "JOIN chunk_vectors v ON v.rowid = c.id "
+            "WHERE c.document_id IN (SELECT value FROM json_each(?)) ORDER BY dist LIMIT ?",
+            (blob, ids, k),
+        ).fetchall()
+        return [(rowid, 1.0 - dist) for rowid, dist in rows]
+
+    def keyword_search(
+        self, match: str, k: int, documents: set[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score, higher is better) for an FTS5 ``match`` expression, best first."""
+        conn = self._read()
+        if documents is None:
+            rows = conn.execute(
+                "SELECT rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
+                "ORDER BY s LIMIT ?",
+                (match, k),
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT f.rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
+                "WHERE chunks_fts MATCH ? AND c.document_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY s LIMIT ?",
+                (match, json.dumps(sorted(documents)), k),
+            ).fetchall()
+        return [(rowid, -score) for rowid, score in rows]
+
+    def chunk_hits(self, ids: Sequence[int]) -> dict[int, ChunkHit]:
+        """The chunks with these ids, with their document's path, mtime and root."""
+        if not ids:
+            return {}
+        rows = (
+            self._read()
+            .execute(
+                "SELECT c.id, c.document_id, d.path, c.text, c.start_line, c.end_line, c.page, c.heading_path, "
+                "d.mtime, r.path, c.chunk_hash, c.char_start, c.char_end FROM chunks c "
+                "JOIN documents d ON d.id = c.document_id JOIN roots r ON r.id = d.root_id "
+                "WHERE c.id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(ids)),),
+            )
+            .fetchall()
+        )
+        out = {}
+        for row in rows:
+            out[row[0]] = ChunkHit(
+                chunk_id=row[0], document_id=row[1], path=row[2], text=row[3], start_line=row[4],
+                end_line=row[5], page=row[6], heading_path=json.loads(row[7] or "[]"), mtime=row[8],
+                root=row[9], chunk_hash=row[10], char_start=row[11], char_end=row[12],
+            )  # fmt: skip
+        return out
+
+    def chunk_count(self) -> int:
+        return self._read().execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
 
     # -- status ----------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -22,6 +23,7 @@ from watchdog.observers.polling import PollingObserver
 
 from .ignore import IGNORE_FILES
 from .indexer import Indexer
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ NETWORK_FILESYSTEMS = {
     "davfs",
     "fuse.rclone",
 }
-POLLING_ENV = "LOREKEEPER_POLLING"
+MAX_ERRORS = 50  # errors kept for status; older ones are in the log
 
 
 @dataclass
@@ -85,20 +87,20 @@ class Watcher:
     def __init__(
         self,
         indexer: Indexer,
-        debounce: float = 0.2,
+        debounce: float | None = None,
         max_delay: float = 2.0,
         reconcile_interval: float = 300.0,
         force_polling: bool | None = None,
         poll_interval: float = 1.0,
+        settings: Settings | None = None,
     ) -> None:
         self.indexer = indexer
-        self.debounce = debounce
+        settings = settings or indexer.settings
+        self.debounce = settings.debounce if debounce is None else debounce
         self.max_delay = max_delay  # a file written continuously is still indexed this often
         self.reconcile_interval = reconcile_interval
         self.poll_interval = poll_interval
-        self.force_polling = (
-            force_polling if force_polling is not None else os.environ.get(POLLING_ENV) == "1"
-        )
+        self.force_polling = force_polling if force_polling is not None else settings.polling
         self._pending: dict[str, _Pending] = {}
         self._cond = threading.Condition()
         self._busy = False
@@ -107,7 +109,7 @@ class Watcher:
         self._observers: dict[str, object] = {}
         self._thread: threading.Thread | None = None
         self.modes: dict[str, str] = {}  # root -> "native" or "polling"
-        self.errors: list[str] = []
+        self.errors: deque[str] = deque(maxlen=MAX_ERRORS)  # the latest few, for status
 
     # -- life cycle ------------------------------------------------------------------------------
 

@@ -20,26 +20,12 @@ os.environ["LOREKEEPER_HOME"] = tempfile.mkdtemp(prefix="lorekeeper-test-home-")
 os.environ.pop("LOREKEEPER_DB", None)
 
 
-CLI_SETTINGS = (
-    "LOREKEEPER_MODEL",
-    "LOREKEEPER_GENERATOR",
-    "LOREKEEPER_N_CTX",
-    "LOREKEEPER_THREADS",
-    "LOREKEEPER_OPENAI_MODEL",
-)
-
-
 @pytest.fixture(autouse=True)
 def lorekeeper_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh data directory per test, so nothing reads or writes the user's real index."""
     home = tmp_path / "lorekeeper-home"
     monkeypatch.setenv("LOREKEEPER_HOME", str(home))
     monkeypatch.delenv("LOREKEEPER_DB", raising=False)
-    # The CLI writes its generator flags (--model, --generator, --n-ctx ...) into the environment for
-    # the plugins to read; restore them after every test so one test's flags never reach the next.
-    for name in CLI_SETTINGS:
-        monkeypatch.setenv(name, "")  # records the value (or absence) to restore
-        monkeypatch.delenv(name)
     return home
 
 

@@ -142,16 +142,17 @@ def test_merged_model_carries_tokenizer_chat_template_and_bos_rule(tiny, tmp_pat
 
 
 def test_export_registers_adapter_by_name_for_the_generator(tiny, tmp_path):
-    from lorekeeper.plugins.generators.llamacpp import known_adapters
     from lorekeeper.plugins.models import file_sha256
-    from lorekeeper.server.config import adapters_dir
+    from lorekeeper.server.adapters import AdapterRegistry
+    from lorekeeper.server.settings import Settings
 
     run = _copy_run(tiny, tmp_path)
     report = export_run(run, name="my-notes")
 
-    assert report.registered_gguf == adapters_dir() / "my-notes.gguf"
+    registry = AdapterRegistry(Settings.load().adapters_dir)
+    assert report.registered_gguf == registry.gguf_path("my-notes")
     assert report.registered_gguf.read_bytes() == report.adapter_gguf.read_bytes()
-    info = json.loads((adapters_dir() / "my-notes.json").read_text())
+    info = json.loads((registry.directory / "my-notes.json").read_text())
     assert info["name"] == "my-notes"
     assert Path(info["base_model"]) == report.base_gguf
     assert info["base_sha256"] == file_sha256(report.base_gguf)
@@ -159,8 +160,9 @@ def test_export_registers_adapter_by_name_for_the_generator(tiny, tmp_path):
     assert Path(info["run_dir"]) == run.resolve()
     assert info["created"].endswith("+00:00")
     assert "q_proj" in info["target_modules"]
-    assert "my-notes" in known_adapters()
-    assert not list(adapters_dir().glob("*.partial"))
+    assert info["adapter_file"] == report.registered_gguf.name
+    assert "my-notes" in registry.names()
+    assert not [p for p in registry.directory.iterdir() if p.name.startswith(".")]  # no temporary files
 
 
 def test_merged_q8_0_uses_gguf_quantizer_and_stays_close(tiny, tmp_path):
@@ -235,9 +237,10 @@ def test_full_disk_leaves_no_gguf_under_the_final_name(tiny, tmp_path):
         assert "disk space" in done.stdout
         left = sorted(p.name for p in small.iterdir())
     assert left == []  # neither a final .gguf nor a temporary .partial file
-    from lorekeeper.server.config import adapters_dir
+    from lorekeeper.server.adapters import AdapterRegistry
+    from lorekeeper.server.settings import Settings
 
-    assert not (adapters_dir() / "full.gguf").exists()
+    assert "full" not in AdapterRegistry(Settings.load().adapters_dir).names()
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -315,7 +318,12 @@ def test_cli_export_command(tiny, tmp_path):
     result = CliRunner().invoke(app, ["export", str(run), "--name", "cli-notes", "--merged", "--json"])
     assert result.exit_code == 0, result.output
     written = json.loads(result.stdout)
-    assert Path(written["registered_gguf"]).name == "cli-notes.gguf"
+    from lorekeeper.server.adapters import AdapterRegistry
+    from lorekeeper.server.settings import Settings
+
+    assert Path(written["registered_gguf"]) == AdapterRegistry(Settings.load().adapters_dir).gguf_path(
+        "cli-notes"
+    )
     assert Path(written["merged_gguf"]).is_file()
 
     bad = CliRunner().invoke(app, ["export", str(run), "--outtype", "q2"])
@@ -358,7 +366,7 @@ def test_adapter_answers_on_its_own_base_and_another_model_is_refused_or_warned(
     from lorekeeper.server import generation
     from lorekeeper.server.cli import app
 
-    shipped = default_gguf_path()  # read before the CLI sets LOREKEEPER_MODEL for this process
+    shipped = default_gguf_path()
     run = _copy_run(tiny, tmp_path)
     report = export_run(run, name="tiny-notes", merged=True)
 
@@ -406,10 +414,12 @@ def test_mcp_generate_answers_an_adapter_on_its_own_base_beside_the_servers_mode
     from mcp import Client
 
     from lorekeeper.plugins.models import default_gguf_path
-    from lorekeeper.server.mcp_server import ServerOptions, create_server
+    from lorekeeper.server.mcp import ServerOptions, create_server
+    from lorekeeper.server.settings import Settings
 
     report = export_run(_copy_run(tiny, tmp_path), name="tiny-mcp")
-    server = create_server(ServerOptions(db_path=tmp_path / "index.db", start_watcher=False))
+    settings = Settings.load({"db": tmp_path / "index.db"})
+    server = create_server(ServerOptions(settings=settings, start_watcher=False))
     ask = {"prompt": "Hello?", "use_context": False, "max_tokens": 4, "temperature": 0}
 
     async def main():

@@ -333,7 +333,9 @@ def test_registered_adapter_is_used_by_the_generator(smollm2, tmp_path, monkeypa
     from safetensors.numpy import load_file, save_file
 
     from lorekeeper.plugins.base import ChatMessage
-    from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, known_adapters
+    from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator
+    from lorekeeper.server.adapters import AdapterRegistry
+    from lorekeeper.server.settings import Settings
 
     monkeypatch.setenv("LOREKEEPER_HOME", smollm2["home"])
     run = tmp_path / "loud-run"
@@ -342,9 +344,10 @@ def test_registered_adapter_is_used_by_the_generator(smollm2, tmp_path, monkeypa
     tensors = {k: (v * 10 if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
     export_run(run, name="loud")
-    assert {"notes", "loud"} <= set(known_adapters())
+    registry = AdapterRegistry(Settings.load().adapters_dir)
+    assert {"notes", "loud"} <= set(registry.names())
 
-    generator = LlamaCppGenerator(smollm2["shipped"], n_ctx=512)
+    generator = LlamaCppGenerator(smollm2["shipped"], n_ctx=512, adapters=registry)
     try:
         messages = [ChatMessage(role="user", content="Name three colours.")]
         plain = "".join(generator.stream(messages, max_tokens=12, temperature=0.0))

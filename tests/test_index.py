@@ -214,7 +214,7 @@ def test_bad_input_is_recorded_and_nothing_else_is_lost(
     assert by_path["empty.txt"].status == "skipped" and "empty" in by_path["empty.txt"].error
     assert by_path["binary.txt"].status == "failed" and "binary" in by_path["binary.txt"].error
     assert by_path["huge.txt"].status == "skipped" and "200.0 MB" in by_path["huge.txt"].error
-    assert "LOREKEEPER_MAX_FILE_MB" in by_path["huge.txt"].error
+    assert "config set max_file_mb" in by_path["huge.txt"].error
     assert by_path["corrupt.pdf"].status == "failed" and "PDF" in by_path["corrupt.pdf"].error
     assert by_path["loop.md"].status == "failed" and "symlink loop" in by_path["loop.md"].error
     # invalid UTF-8 is indexed, with a note saying what was done about it

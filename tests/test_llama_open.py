@@ -51,8 +51,10 @@ def test_setting_values_and_a_clear_error(monkeypatch) -> None:
     for raw, value in [("ON", "on"), ("1", "on"), ("false", "off"), (" auto ", "auto")]:
         assert llama_open.repack_setting(raw) == value
     monkeypatch.setenv(llama_open.REPACK_ENV, "sometimes")
-    with pytest.raises(ValueError, match="LOREKEEPER_LLAMA_REPACK.*auto, on or off"):
+    with pytest.raises(ValueError, match="llama_repack.*auto, on, off"):
         llama_open.repack_setting()
+    monkeypatch.setenv(llama_open.REPACK_ENV, "off")
+    assert llama_open.repack_setting() == "off" and llama_open.decide_repack() is False
 
 
 def test_this_machine_is_decided_from_its_own_cpu() -> None:

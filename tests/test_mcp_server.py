@@ -21,7 +21,8 @@ from tiny_lora import adapter_for
 
 from lorekeeper import plugins
 from lorekeeper.server.indexer import Indexer
-from lorekeeper.server.mcp_server import LorekeeperMCP, ServerOptions, create_server, doc_uri
+from lorekeeper.server.mcp import LorekeeperMCP, ServerOptions, create_server, doc_uri
+from lorekeeper.server.settings import Settings
 from lorekeeper.server.store import Store
 
 DOCS = {
@@ -63,7 +64,7 @@ def llama():
 def serve(
     corpus: dict[str, Path], scenario: Callable[[Client], Awaitable[Any]], mode: str = "auto", **options: Any
 ) -> Any:
-    opts = ServerOptions(db_path=corpus["db"], start_watcher=False)
+    opts = ServerOptions(settings=Settings.load({"db": corpus["db"]}), start_watcher=False)
     for key, value in options.items():
         setattr(opts, key, value)
     server = create_server(opts)
@@ -183,8 +184,47 @@ def test_generate_answers_from_sources_and_streams_tokens_as_progress(corpus, ll
     assert out["completion_tokens"] >= 1 and out["prompt_tokens"] > 0
     assert progress, "tokens should stream as progress notifications"
     assert [v for v, _ in progress] == sorted(v for v, _ in progress)
-    assert "".join(m for _, m in progress).strip() == out["answer"]
-    assert result.content[0].text.startswith(out["answer"]) and "Sources:" in result.content[0].text
+    assert "".join(m for _, m in progress).strip() == out["generated"]  # the model's text, as it came
+    assert result.content[0].text.startswith(out["answer"]) and "Sources" in result.content[0].text
+    assert out["supported"] in (True, False) and out["sentences"] or out["answer"]
+
+
+def test_a_crashed_model_process_is_reported_and_replaced_while_retrieve_keeps_answering(
+    corpus, llama
+) -> None:
+    """SIGKILL the llama.cpp worker in the middle of an answer: that answer fails with a clear error,
+    retrieve and index_status keep answering, and the next generate starts a new worker."""
+    import os
+    import signal
+
+    killed: list[int] = []
+
+    async def kill_on_first_token(value: float, total: float | None, message: str | None) -> None:
+        if not killed:
+            pid = llama.process.pid
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    ask = {"prompt": "Describe the garden notes in detail.", "max_tokens": 200, "temperature": 0}
+
+    async def scenario(client: Client):
+        crashed = await client.call_tool("generate", ask, progress_callback=kill_on_first_token)
+        found = await client.call_tool("retrieve", {"query": "basil"})
+        status = await client.call_tool("index_status", {})
+        again = await client.call_tool("generate", {**ask, "max_tokens": 8})
+        return crashed, found, status, again
+
+    llama.worker_info()  # a worker is running before the scenario starts
+    crashed, found, status, again = serve(corpus, scenario)
+    assert killed
+    assert crashed.is_error
+    text = crashed.content[0].text
+    assert "the model process crashed (signal 9 (SIGKILL))" in text and "llama-worker.log" in text
+    assert "llama_repack" in text  # what to try
+    assert not found.is_error and found.structured_content["hits"]
+    assert not status.is_error
+    assert not again.is_error and again.structured_content["completion_tokens"] >= 1
+    assert llama.process.pid not in (None, killed[0])
 
 
 def test_generate_without_context_still_answers(corpus, llama) -> None:
@@ -201,14 +241,13 @@ def test_generate_without_context_still_answers(corpus, llama) -> None:
 
 
 def test_generate_with_an_adapter_and_unknown_adapter_error(corpus, llama) -> None:
-    from lorekeeper.server import config
-
-    adapter_for(llama, config.adapters_dir() / "house-style.gguf")
+    adapters = Settings.load().adapters_dir  # this test's data directory, as the server's settings
+    adapter_for(llama, adapters / "house-style.gguf")
     # one fitting the loaded model's shapes, but exported (says its record) for another base model
-    adapter_for(llama, config.adapters_dir() / "other-base.gguf", seed=1)
+    adapter_for(llama, adapters / "other-base.gguf", seed=1)
     other = {"name": "other-base", "base_model": "/models/other.gguf", "base_sha256": "0" * 64}
-    (config.adapters_dir() / "other-base.json").write_text(json.dumps(other), encoding="utf-8")
-    handle = llama.loaded_model_handle
+    (adapters / "other-base.json").write_text(json.dumps(other), encoding="utf-8")
+    before = llama.worker_info()
 
     async def scenario(client: Client):
         ok = await client.call_tool(
@@ -246,7 +285,9 @@ def test_generate_with_an_adapter_and_unknown_adapter_error(corpus, llama) -> No
     assert unknown.is_error
     assert "unknown adapter 'nope'" in unknown.content[0].text and "house-style" in unknown.content[0].text
     assert not after.is_error and after.structured_content["adapter"] is None
-    assert llama.loaded_model_handle == handle
+    after_info = llama.worker_info()  # the server's generator shares the fixture's worker: one load
+    assert after_info["model_handle"] == before["model_handle"]
+    assert after_info["model_loads"] == before["model_loads"]
 
 
 def test_generate_prompt_longer_than_the_context_window_is_a_clear_error(corpus, llama) -> None:
@@ -408,7 +449,7 @@ def test_handshake_clients_are_told_when_the_resource_list_changes(corpus) -> No
         if isinstance(message, ResourceListChangedNotification):
             notices.append(message)
 
-    server = create_server(ServerOptions(db_path=db, watch=[folder]))
+    server = create_server(ServerOptions(settings=Settings.load({"db": db}), watch=[folder]))
     new = folder / "kayak.md"
 
     async def main():
@@ -433,7 +474,7 @@ def test_handshake_clients_are_told_when_the_resource_list_changes(corpus) -> No
 
 def test_modern_clients_hear_resource_list_changes_on_listen(corpus) -> None:
     folder, db = _fresh_copy(corpus, "live-modern")
-    server = create_server(ServerOptions(db_path=db, watch=[folder]))
+    server = create_server(ServerOptions(settings=Settings.load({"db": db}), watch=[folder]))
 
     async def main():
         async with Client(server) as client:
@@ -497,7 +538,7 @@ def test_ask_streams_an_answer_then_lists_sources(corpus, llama) -> None:
         "--db", str(corpus["db"]), "ask", "How often is the bike chain lubricated?", "--max-tokens", "16"
     )
     assert result.exit_code == 0, result.output
-    answer, _, sources = result.stdout.partition("Sources (* = cited):")
+    answer, _, sources = result.stdout.partition("Sources (* = supports the answer):")
     assert answer.strip()
     assert f"[1] {corpus['docs'] / 'bike.txt'}" in sources  # the best match is source 1
 
@@ -528,3 +569,40 @@ def test_mcp_config_prints_snippets_for_each_client(tmp_path: Path) -> None:
     assert entry["url"] == "http://127.0.0.1:9999/mcp" and entry["headers"]["Authorization"].startswith(
         "Bearer "
     )
+
+
+def test_ask_reports_a_crashed_model_process_in_words(corpus, tmp_path: Path) -> None:
+    """`lorekeeper ask` whose llama.cpp worker dies (SIGKILL here; a segfault on some CPUs) ends
+    with an error message naming the signal and what to do, never a bare exit 139."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, LOREKEEPER_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorekeeper.server.cli", "--db", str(corpus["db"]), "ask",
+         "Describe every note in great detail.", "--max-tokens", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    worker = None
+    while worker is None and time.monotonic() < deadline and proc.poll() is None:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == proc.pid and b"lorekeeper.plugins.generators.llama_worker" in cmdline:
+                    worker = int(entry.name)
+        time.sleep(0.05)
+    assert worker is not None, "the worker process never started"
+    time.sleep(1.0)  # let it start answering
+    os.kill(worker, signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, (proc.returncode, err[-2000:])
+    assert "error: the model process crashed (signal 9 (SIGKILL))" in " ".join(err.split())
+    assert "Traceback" not in err

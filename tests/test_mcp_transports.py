@@ -23,7 +23,7 @@ import httpx
 import pytest
 from mcp import Client, StdioServerParameters
 
-from lorekeeper.server.mcp_server import doc_uri
+from lorekeeper.server.mcp import doc_uri
 
 CLI = [sys.executable, "-m", "lorekeeper.server.cli"]
 INIT = {

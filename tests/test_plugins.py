@@ -79,10 +79,10 @@ def _loader_names(site: Path, allow: str | None) -> dict:
         "print(json.dumps({s: plugins.loader_for(Path('a' + s)).name for s in ('.recipe', '.txt', '.md')} "
         "if plugins.loader_for(Path('a.recipe')) else {'.txt': plugins.loader_for(Path('a.txt')).name}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != plugins.ALLOW_ENV}
+    env = {k: v for k, v in os.environ.items() if k != "LOREKEEPER_LOAD_PLUGINS"}
     env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
     if allow is not None:
-        env[plugins.ALLOW_ENV] = allow
+        env["LOREKEEPER_LOAD_PLUGINS"] = allow
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )

@@ -37,7 +37,7 @@ def write_lora_adapter(path: Path, *, n_embd: int, n_layer: int, rank: int = 8, 
 
 def adapter_for(generator, path: Path, seed: int = 0) -> Path:
     """An adapter shaped for ``generator``'s loaded model (a ``LlamaCppGenerator``)."""
-    meta = generator.llm.metadata
+    meta = generator.metadata
     return write_lora_adapter(
         path, n_embd=int(meta["llama.embedding_length"]), n_layer=int(meta["llama.block_count"]), seed=seed
     )

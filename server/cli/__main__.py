@@ -1,0 +1,5 @@
+"""``python -m lorekeeper.server.cli``: the same as the ``lorekeeper`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,149 @@
+"""``ask``: a grounded answer from the local model, streamed, then its sources."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from ..adapters import AdapterError, AdapterRegistry
+from ..settings import Settings
+from . import err, fail, open_store
+from .serve import model_settings
+
+
+def adapter_base_settings(settings: Settings, adapter: str) -> Settings:
+    """Run adapter ``adapter`` on the base model its record names, unless a model was chosen
+    (flag, environment or config): a fine-tuned adapter answers on the model it was trained on, as
+    Ollama pairs an adapter with its FROM model."""
+    if settings.generator != "llamacpp" or settings.sources.get("model", "default") != "default":
+        return settings
+    try:
+        base = AdapterRegistry(settings.adapters_dir).read(adapter).base_path
+    except AdapterError:
+        return settings  # the generator names the problem
+    if base is None:
+        return settings
+    from lorekeeper.plugins.models import ModelNotFound, default_gguf_path
+
+    try:
+        if base.resolve() == default_gguf_path().resolve():
+            return settings
+    except ModelNotFound:
+        pass
+    if not base.is_file():
+        err.print(f"adapter {adapter!r} was exported for {base}, which is gone; trying the default model")
+        return settings
+    err.print(f"using adapter {adapter!r} on its base model {base}")
+    return settings.with_flags(model=str(base))
+
+
+def _generator(settings: Settings, adapter: str | None):
+    """The generator the settings name, checked against ``adapter`` before any model time."""
+    from lorekeeper import plugins
+
+    try:
+        generator = plugins.get_generator(None, settings)
+        if adapter is not None:
+            if not generator.supports_adapters:
+                fail(f"the {generator.name} generator cannot apply adapters: use --generator llamacpp")
+            generator.check_adapter(adapter)
+    except (LookupError, ValueError) as exc:
+        fail(str(exc))
+    return generator
+
+
+def _index(settings: Settings):
+    """The index and the embedder it was built with (refusing a mix of two embedders)."""
+    from ..indexer import check_search_embedder, embedder_for
+
+    store = open_store(settings, create=False)
+    try:
+        embedder = embedder_for(store, settings)
+        check_search_embedder(store, embedder)
+    except (LookupError, ValueError) as exc:
+        store.close()
+        fail(str(exc))
+    return store, embedder
+
+
+def ask(
+    ctx: typer.Context,
+    question: str = typer.Argument(..., help="The question to answer from your documents."),
+    adapter: str = typer.Option(
+        None,
+        "--adapter",
+        help="A fine-tuned LoRA adapter (by name); runs on its own base model unless a model is chosen.",
+    ),
+    k: int = typer.Option(None, "-k", help="Passages to retrieve (1-200; default: the k setting, 8)."),
+    no_context: bool = typer.Option(
+        False, "--no-context", help="Ask the model alone, without your documents."
+    ),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer, in tokens (default 256)."),
+    temperature: float = typer.Option(None, "--temperature", help="0 = deterministic (default 0.2)."),
+    system: str = typer.Option(None, "--system", help="Extra instructions for the model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    db: Path = typer.Option(None, "--db", help="Index file (default: the one given to lorekeeper --db)."),
+    model: str = typer.Option(None, "--model", help="GGUF model path (llamacpp) or model name (openai)."),
+    generator_name: str = typer.Option(None, "--generator", help="Generator plugin: llamacpp or openai."),
+    n_ctx: int = typer.Option(None, "--n-ctx", help="llama.cpp context window in tokens (default 4096)."),
+    threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
+) -> None:
+    """Answer a question from your documents with the local model, citing its sources."""
+    from .. import generation
+    from ..mcp.schemas import generate_result
+    from ..render import sources_text
+    from ..search import MAX_K
+
+    settings = model_settings(ctx, generator_name, model, n_ctx, threads, db=db, k=k,
+                              max_tokens=max_tokens, temperature=temperature)  # fmt: skip
+    if not 1 <= settings.k <= MAX_K:
+        fail(f"-k {settings.k} is out of range: use 1 to {MAX_K}")
+    if not 0.0 <= settings.temperature <= 2.0:
+        fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
+    if adapter is not None:
+        settings = adapter_base_settings(settings, adapter)
+    generator = _generator(settings, adapter)
+    store, embedder = _index(settings) if not no_context else (None, None)
+
+    streamed = False
+
+    def show(piece: str) -> None:
+        nonlocal streamed
+        streamed = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        answer = generation.answer_question(
+            question, generator=generator, store=store, embedder=embedder, adapter=adapter, system=system,
+            use_context=not no_context, on_token=None if as_json else show, settings=settings,
+            adapters=AdapterRegistry(settings.adapters_dir) if adapter else None,
+        )  # fmt: skip
+    except (ValueError, LookupError, RuntimeError, OSError) as exc:
+        if streamed:
+            sys.stdout.write("\n")
+        fail(str(exc))
+    finally:
+        if store is not None:
+            store.close()
+
+    result = generate_result(answer)
+    if as_json:
+        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+        return
+    if streamed and answer.answer != answer.streamed_text.strip():
+        # the check replaced what streamed (an unsupported answer, a stripped source list)
+        sys.stdout.write("\n\n" + result.answer)
+    sys.stdout.write("\n")
+    block = sources_text(result)
+    if block:
+        sys.stdout.write("\n" + block + "\n")
+    for warning in result.warnings:
+        err.print(f"[yellow]note:[/yellow] {escape(warning)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ask")(ask)

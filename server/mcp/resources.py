@@ -1,0 +1,85 @@
+"""The MCP resources (``lorekeeper://doc/{path}``, ``lorekeeper://status``) and the
+``answer_from_documents`` prompt."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import anyio
+import anyio.to_thread
+from mcp.server.mcpserver import Context, ResourceSecurity
+from pydantic import Field
+
+from ..render import cite
+from .documents import DOC_SCHEME, DocumentAccessError, resolve_document
+from .state import app_state
+from .tools import status_of
+
+STATUS_URI = "lorekeeper://status"
+
+
+def register_resources(server: Any) -> None:
+    # Path checks are ours (resolve_document), with reasons; the SDK's generic ones would reject
+    # absolute paths, which is exactly how documents are named.
+    @server.resource(
+        DOC_SCHEME + "{+path}",
+        name="document",
+        title="An indexed document",
+        description="The extracted text of an indexed file, by absolute path (only inside registered folders)",
+        mime_type="text/plain",
+        security=ResourceSecurity(exempt_params={"path"}),
+    )
+    async def read_document(path: str, ctx: Context) -> str:
+        state = app_state(ctx)
+        target = await anyio.to_thread.run_sync(resolve_document, state.store, path)
+        try:
+            return await anyio.to_thread.run_sync(state.indexer.document_text, target)
+        except Exception as exc:
+            raise DocumentAccessError(f"{target} could not be read: {exc}") from exc
+
+    @server.resource(
+        STATUS_URI,
+        name="status",
+        title="Index status",
+        description="Folders, counts, pending work and failed files, as JSON",
+        mime_type="application/json",
+    )
+    async def status_resource() -> str:
+        state = server.state
+        if state is None:
+            return json.dumps({"error": "the server is starting or stopping"})
+        result = await anyio.to_thread.run_sync(status_of, state)
+        return result.model_dump_json(indent=2)
+
+
+def register_prompts(server: Any) -> None:
+    @server.prompt(title="Answer from my documents")
+    async def answer_from_documents(
+        question: Annotated[str, Field(description="what you want to know from your documents")],
+    ) -> str:
+        """Ask a question and get an answer drawn from your own documents, with citations."""
+        state = server.state
+        passages = ""
+        if state is not None and question.strip():
+            from ..search import search
+
+            try:
+                hits = await anyio.to_thread.run_sync(
+                    lambda: search(state.store, state.embedder, question, k=8)
+                )
+            except ValueError:
+                hits = []
+            passages = "\n\n".join(
+                f"[{i + 1}] {cite(hit.path, hit.location)}\n{hit.text.strip()}" for i, hit in enumerate(hits)
+            )
+        if passages:
+            return (
+                "Answer the question using only these passages from my documents. Cite them as [n] and "
+                "name the files. If they do not answer it, say so, and use the `retrieve` tool to look further.\n\n"
+                f"{passages}\n\nQuestion: {question}"
+            )
+        return (
+            "Use the `retrieve` tool to search my documents for this question, then answer from what it "
+            f"returns, citing file paths. If nothing relevant is found, say so.\n\nQuestion: {question}"
+        )

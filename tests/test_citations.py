@@ -1,0 +1,187 @@
+"""Citations that mean something: each sentence checked against the sources.
+
+The labelled pairs below calibrate the support threshold: claims as a small model writes them
+(copied, reworded, with a changed number, a flipped negation, about another source) against real
+passages (the demo handbook, Python's documentation, Linux manual pages).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lorekeeper.server import citations
+from lorekeeper.server.citations import SUPPORT_THRESHOLD, calibrate, check_answer, support_score
+
+HOLIDAY = (
+    "## Holidays\nNew staff get 25 days of paid holiday a year, plus public holidays. After three full "
+    "years with the co-operative this rises to 28 days. Up to five unused days may be carried into the "
+    "next year; the rest lapse on 31 March."
+)
+EQUIPMENT = (
+    "## Equipment\nEvery member of staff gets a laptop on their first day. Lost or broken equipment is "
+    "reported to the facilities desk (extension 214) within one working day."
+)
+BIKE = "The bicycle chain should be lubricated every 300 kilometres.\nTyre pressure for the road bike is 6.5 bar."
+VENV = (
+    "The venv module supports creating lightweight virtual environments, each with their own independent "
+    "set of Python packages installed in their site directories. A virtual environment is created on top "
+    "of an existing Python installation, known as the virtual environment's base Python, and may optionally "
+    "be isolated from the packages in the base environment."
+)
+SIGNAL = (
+    "SIGKILL      P1990      Term    Kill signal\n"
+    "The signals SIGKILL and SIGSTOP cannot be caught, blocked, or ignored.\n"
+    "Signal  x86/ARM most others\nSIGKILL     9"
+)
+OPEN = (
+    "The open() system call opens the file specified by pathname. If the specified file does not exist, "
+    "it may optionally (if O_CREAT is specified in flags) be created by open().\n"
+    "O_CREAT If pathname does not exist, create it as a regular file.\n"
+    "ENOENT O_CREAT is not set and the named file does not exist."
+)
+JSON_DUMPS = (
+    "json.dumps(obj, *, skipkeys=False, ensure_ascii=True) Serialize obj to a JSON formatted str. "
+    "If ensure_ascii is true (the default), the output is guaranteed to have all incoming non-ASCII "
+    "characters escaped."
+)
+LS = "-a, --all\n  do not ignore entries starting with .\n-r, --reverse\n  reverse order while sorting"
+GARDEN = "Tomatoes need six hours of sun and deep watering twice a week. Basil should be pinched weekly."
+BREAD = "Feed the starter twice a day. Bake the loaf at 250 degrees for forty minutes."
+MEETING = "Meeting notes: the quarterly budget review moved to Thursday."
+
+LABELLED = [  # (claim, source, supported?)
+    ("New staff get 25 days of paid holiday a year.", HOLIDAY, True),
+    ("After three years, staff get 28 days of holiday.", HOLIDAY, True),
+    ("After three full years this rises to 30 days.", HOLIDAY, False),
+    ("Up to five unused days can be carried over to the next year.", HOLIDAY, True),
+    ("Unused days lapse on 31 March.", HOLIDAY, True),
+    ("Unused days lapse on 31 April.", HOLIDAY, False),
+    ("New staff get 25 days of paid holiday a year.", EQUIPMENT, False),
+    ("Staff may take unlimited paid holiday.", HOLIDAY, False),
+    ("Every member of staff gets a laptop on their first day.", EQUIPMENT, True),
+    ("Lost equipment must be reported to the facilities desk on extension 214.", EQUIPMENT, True),
+    ("Report broken equipment to extension 241.", EQUIPMENT, False),
+    ("Staff who lose equipment should tell facilities within one working day.", EQUIPMENT, True),
+    ("The chain should be oiled every 300 km.", BIKE, True),
+    ("The bicycle chain is lubricated every 300 kilometres.", BIKE, True),
+    ("Tyre pressure for the road bike is 6.5 bar.", BIKE, True),
+    ("The road bike tyres need 8 bar.", BIKE, False),
+    ("The venv module creates lightweight virtual environments.", VENV, True),
+    ("Each virtual environment has its own independent set of Python packages.", VENV, True),
+    ("A virtual environment is created on top of an existing Python installation.", VENV, True),
+    ("Python packages are installed in site directories.", VENV, True),
+    ("Use python -m venv --env_name=myenv to create it.", VENV, False),
+    ("The CA certificates are stored in /etc/ssl/certs/venv.pem.", VENV, False),
+    ("Virtual environments are always isolated from the base environment.", VENV, False),
+    ("The signals SIGKILL and SIGSTOP cannot be caught, blocked, or ignored.", SIGNAL, True),
+    ("SIGKILL can be caught by a signal handler.", SIGNAL, False),
+    ("SIGKILL is signal number 9.", SIGNAL, True),
+    ("SIGKILL is signal number 15.", SIGNAL, False),
+    ("If the file does not exist, O_CREAT creates it as a regular file.", OPEN, True),
+    ("ENOENT is returned when O_CREAT is not set and the file does not exist.", OPEN, True),
+    ("open returns EACCES when the file does not exist.", OPEN, False),
+    ("json.dumps serializes obj to a JSON formatted str.", JSON_DUMPS, True),
+    ("With ensure_ascii true, non-ASCII characters are escaped.", JSON_DUMPS, True),
+    ("json.dumps writes the output to a file.", JSON_DUMPS, False),
+    ("-r reverses the sort order.", LS, True),
+    ("The --all option hides hidden files.", LS, False),
+    ("The quarterly budget review moved to Thursday.", HOLIDAY, False),
+    ("The quarterly budget review moved to Thursday.", MEETING, True),
+    ("The budget review is on Friday.", MEETING, False),
+    ("Tomatoes need six hours of sun.", GARDEN, True),
+    ("Tomatoes need four hours of sun.", GARDEN, False),
+    ("Basil should be pinched every week.", GARDEN, True),
+    ("Bake the loaf at 250 degrees for forty minutes.", BREAD, True),
+    ("Bake the loaf at 220 degrees.", BREAD, False),
+    ("Feed the starter twice a day.", BREAD, True),
+    ("The starter needs feeding once a week.", BREAD, False),
+]
+
+
+def test_the_labelled_set_is_large_and_balanced_enough_to_calibrate_on() -> None:
+    labels = [label for _, _, label in LABELLED]
+    assert len(LABELLED) >= 40 and 0.35 <= sum(labels) / len(labels) <= 0.65
+
+
+def test_the_threshold_is_the_calibrated_one_and_precise() -> None:
+    accuracy = calibrate(LABELLED, [t / 20 for t in range(6, 20)])
+    best = max(accuracy.values())
+    assert accuracy[SUPPORT_THRESHOLD] == best, accuracy  # the shipped threshold is a best one
+    assert best >= 0.9
+    predicted = [(support_score(c, s) >= SUPPORT_THRESHOLD, label) for c, s, label in LABELLED]
+    true_pos = sum(p and label for p, label in predicted)
+    precision = true_pos / sum(p for p, _ in predicted)
+    assert precision >= 0.95  # "supported" must rarely be said of an invented claim
+
+
+def test_a_true_claim_with_the_right_marker_is_cited_with_its_span() -> None:
+    checked = check_answer("New staff get 25 days of paid holiday a year [1].", [HOLIDAY, EQUIPMENT])
+    assert checked.cited == [1] and checked.flagged == [] and checked.supported
+    (sentence,) = checked.sentences
+    assert sentence.supported_by == [1] and sentence.markers == [1]
+    assert sentence.span.source == 1
+    assert sentence.span.text == "New staff get 25 days of paid holiday a year, plus public holidays."
+    assert HOLIDAY[sentence.span.start : sentence.span.end].strip() == sentence.span.text
+
+
+def test_a_marker_on_an_unrelated_source_is_flagged_and_the_right_one_added() -> None:
+    answer = "Every member of staff gets a laptop on their first day [1]. Holidays are 25 days a year [2]."
+    checked = check_answer(answer, [HOLIDAY, EQUIPMENT])
+    first, second = checked.sentences
+    assert first.flagged == [1] and first.supported_by == [2] and first.added == [2]
+    assert second.flagged == [2] and second.added == [1]
+    assert checked.cited == [2, 1] and checked.flagged == [1, 2]
+    assert "first day [1][2]." in checked.text and "a year [2][1]." in checked.text
+
+
+def test_missing_markers_are_added_where_a_source_supports_the_sentence() -> None:
+    checked = check_answer("Tyre pressure for the road bike is 6.5 bar.", [GARDEN, BIKE])
+    assert checked.cited == [2] and checked.text == "Tyre pressure for the road bike is 6.5 bar [2]."
+
+
+def test_a_fake_source_list_is_removed() -> None:
+    answer = (
+        "New staff get 25 days of paid holiday a year [1].\n\nSources:\n[1] handbook.md\n"
+        "[2] /docs/benefits/holidays.pdf\n[3] Employee Guide 2024"
+    )
+    checked = check_answer(answer, [HOLIDAY, EQUIPMENT])
+    assert checked.stripped_source_list
+    assert checked.text == "New staff get 25 days of paid holiday a year [1]."
+    assert checked.cited == [1]  # a listed [2] or [3] makes nothing cited
+    bare = check_answer("Basil should be pinched weekly [1].\n[1] garden.md\n[2] notes.txt", [GARDEN])
+    assert bare.text == "Basil should be pinched weekly [1]." and bare.cited == [1]
+
+
+def test_an_unsupported_answer_is_reported_as_such() -> None:
+    answer = (
+        "You can create one with python -m venv --env_name=myenv [1]. The certificates live in /etc/ca [2]."
+    )
+    checked = check_answer(answer, [VENV, OPEN])
+    assert not checked.supported and checked.cited == []
+    assert checked.flagged == [1, 2]
+
+
+def test_markers_pointing_at_no_source_are_invalid() -> None:
+    checked = check_answer("Feed the starter twice a day [1][7].", [BREAD])
+    assert checked.invalid == [7] and checked.cited == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("One. Two sentences here. Three!", ["One.", "Two sentences here.", "Three!"]),
+        ("Pressure is 6.5 bar [1]. Next one [2].", ["Pressure is 6.5 bar [1].", "Next one [2]."]),
+        ("- first item\n- second item", ["- first item", "- second item"]),
+        ("Use e.g. the venv module.", ["Use e.g. the venv module."]),
+    ],
+)
+def test_sentences_are_split_where_people_would(text, expected) -> None:
+    assert citations.split_sentences(text) == expected
+
+
+def test_the_extractive_fallback_picks_the_sentence_that_answers() -> None:
+    best = citations.best_sentence_for(
+        "How many days of paid holiday do new staff get?", [EQUIPMENT, HOLIDAY]
+    )
+    assert best is not None and best.source == 2
+    assert best.text == "New staff get 25 days of paid holiday a year, plus public holidays."
