@@ -17,7 +17,9 @@ reports:
 
 Modes: ``generated`` (the model's checked answer, unsupported answers say "not found") and
 ``fallback`` (an unsupported answer is replaced by the best-matching quoted passage: the
-``extractive_fallback`` setting). The baseline in the same run is ``retrieval only``: the best
+``extractive_fallback`` setting), both from the same generation; and for each ``context_sentences``
+value given (the model sees the N sentences of the retrieved passages closest to the question, or
+with 0 the whole passages). The baseline in the same run is ``retrieval only``: the best
 passage of the retrieved sources, no model at all, which says how much the model adds.
 """
 
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SHOW = False
 BENCH = HERE / "answerbench"
 
 
@@ -104,42 +107,55 @@ def score(rows: list[dict]) -> dict:
     }
 
 
-def run_config(name: str, questions: list[dict], store, embedder, settings, generator) -> list[dict]:
+def _row(name: str, q: dict, answer: str, cited: list[str], finish: str, supported, seconds: float) -> dict:
+    return {
+        "config": name,
+        "id": q["id"],
+        "question": q["question"],
+        "page": q["page"],
+        "answer": answer,
+        "correct": contains_answer(answer, q["answers"]),
+        "cited_pages": cited,
+        "finish": finish,
+        "supported": supported,
+        "seconds": seconds,
+    }
+
+
+def run_config(name: str, questions: list[dict], store, embedder, settings, generator) -> dict[str, list]:
+    """Rows per mode. One generation serves both modes: the fallback only replaces an unsupported
+    answer, which without it reads "not found" with no sources (exactly what the setting off does)."""
     from lorekeeper.server import citations, generation
 
-    rows = []
+    modes: dict[str, list] = {}
     for i, q in enumerate(questions, 1):
         started = time.perf_counter()
         if generator is None:  # retrieval only: the best sentence of the retrieved passages
             hits = generation.retrieve_for(q["question"], store=store, embedder=embedder, k=settings.k)
-            best = citations.best_sentence_for(q["question"], [h.text for h in hits])
+            best = citations.best_sentence_for(q["question"], [h.text for h in hits], embedder)
             answer = best.text if best else ""
             cited = [Path(hits[best.source - 1].path).name] if best else []
-            finish, supported = "stop", None
+            modes.setdefault(name, []).append(_row(name, q, answer, cited, "stop", None,
+                                                   time.perf_counter() - started))  # fmt: skip
         else:
             result = generation.answer_question(
                 q["question"], generator=generator, store=store, embedder=embedder, settings=settings
             )
-            answer = result.answer
+            seconds = time.perf_counter() - started
             cited = [Path(s.path).name for s in result.cited_sources]
-            finish, supported = result.finish_reason, result.supported
-        rows.append(
-            {
-                "config": name,
-                "id": q["id"],
-                "question": q["question"],
-                "page": q["page"],
-                "answer": answer,
-                "correct": contains_answer(answer, q["answers"]),
-                "cited_pages": cited,
-                "finish": finish,
-                "supported": supported,
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        print(f"  [{name}] {i}/{len(questions)} {'ok ' if rows[-1]['correct'] else 'no '} {q['id']}",
-              file=sys.stderr, flush=True)  # fmt: skip
-    return rows
+            finish = result.finish_reason
+            modes.setdefault(f"{name} fallback", []).append(
+                _row(f"{name} fallback", q, result.answer, cited, finish, result.supported, seconds)
+            )
+            plain = (generation.NOT_FOUND, []) if result.fallback else (result.answer, cited)
+            modes.setdefault(f"{name} generated", []).append(
+                _row(f"{name} generated", q, *plain, finish, result.supported, seconds)
+            )
+        last = [rows[-1] for rows in modes.values()]
+        marks = " ".join("ok " if r["correct"] else "no " for r in last)
+        shown = f"  {last[0]['finish']}: {' '.join(last[0]['answer'].split())[:300]}" if SHOW else ""
+        print(f"  [{name}] {i}/{len(questions)} {marks}{q['id']}{shown}", file=sys.stderr, flush=True)
+    return modes
 
 
 def machine() -> str:
@@ -157,16 +173,21 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,gemma3", help="comma-separated: smollm2, gemma3")
-    parser.add_argument("--modes", default="generated,fallback", help="generated, fallback (or both)")
+    parser.add_argument("--context-sentences", default="6,0",
+                        help="comma-separated context_sentences values to compare (0 = whole passages)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--k", type=int, default=None, help="passages per answer (default: the setting)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sampling", default="", help="extra settings, e.g. repeat_penalty=1.0,top_p=1")
     parser.add_argument("--json", type=Path, default=None, help="write every row and the table here")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the rendered pages and the index here and reuse them next time")  # fmt: skip
+    parser.add_argument("--show", action="store_true", help="print each answer")
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    work = Path(tempfile.mkdtemp(prefix="lorekeeper-answers-"))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="lorekeeper-answers-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ["LOREKEEPER_HOME"] = str(work / "home")  # never touch the user's own index
     from lorekeeper import plugins
     from lorekeeper.server.indexer import Indexer
@@ -174,8 +195,11 @@ def main() -> None:
     from lorekeeper.server.store import Store
 
     pages = work / "pages"
-    pages.mkdir()
-    render(pages)
+    if not pages.is_dir():
+        pages.mkdir()
+        render(pages)
+    global SHOW
+    SHOW = args.show
     questions = load_questions(args.limit)
     extra = dict(kv.split("=", 1) for kv in args.sampling.split(",") if kv)
     base = Settings.load({"db": str(work / "index.db"), "max_tokens": args.max_tokens, "temperature": 0,
@@ -187,20 +211,21 @@ def main() -> None:
     print(f"indexed {report.indexed} pages ({report.embedded_chunks} chunks) in "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr)  # fmt: skip
 
-    rows: list[dict] = run_config("retrieval only", questions, store, embedder, base, None)
+    rows: list[dict] = run_config("retrieval only", questions, store, embedder, base, None)["retrieval only"]
     table = {"retrieval only": score(rows)}
     for model in [m for m in args.models.split(",") if m]:
         path = MODELS[model](work)
         if path is None:
             print(f"skipping {model}: its package is not installed", file=sys.stderr)
             continue
-        for mode in [m for m in args.modes.split(",") if m]:
-            settings = base.with_flags(model=str(path), extractive_fallback=(mode == "fallback"))
+        for count in [int(c) for c in args.context_sentences.split(",") if c]:
+            settings = base.with_flags(model=str(path), extractive_fallback=True, context_sentences=count)
             generator = plugins.get_generator("llamacpp", settings)
-            name = f"{model} {mode}"
-            found = run_config(name, questions, store, embedder, settings, generator)
-            rows += found
-            table[name] = score(found)
+            context = f"{count} sentences" if count else "passages"
+            for name, found in run_config(f"{model}, {context},", questions, store, embedder, settings,
+                                          generator).items():  # fmt: skip
+                rows += found
+                table[name] = score(found)
     store.close()
 
     head = "| model, mode | accuracy | citation precision | citation recall | loops | truncated | s/answer |"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 SUPPORT_THRESHOLD = 0.7  # share of a sentence's content words a source must hold to support it
 MIN_CONTENT_WORDS = 2  # shorter sentences ("Sure!", "Yes.") make no checkable claim
@@ -394,24 +395,48 @@ def _with_added_markers(text: str, checks: Iterable[SentenceCheck]) -> str:
     return out
 
 
-def best_sentence_for(question: str, sources: Sequence[str]) -> Span | None:
-    """The source sentence that best answers ``question`` by shared content words (the extractive
-    fallback's pick); None when no source shares a content word with the question."""
+def rank_sentences(question: str, sources: Sequence[str], embedder: Any = None) -> list[Span]:
+    """The sentences of ``sources`` that answer ``question``, best first.
+
+    With an ``embedder`` (the index's own, already loaded), sentences are ranked by the meaning
+    similarity of question and sentence, plus the share of the question's content words they hold;
+    without one, by the shared words alone. Earlier sources (better retrieval ranks) win ties.
+    Sentences that share nothing with the question are left out.
+    """
     wanted = set(content_words(question))
-    if not wanted:
-        return None
-    best: Span | None = None
+    candidates: list[tuple[int, int, int, int, float]] = []  # (source, rank, start, end, overlap)
     for number, text in enumerate(sources, start=1):
         for rank, (start, end) in enumerate(source_sentences(text)):
             words = set(content_words(text[start:end]))
             if len(words) < MIN_CONTENT_WORDS:
                 continue
-            overlap = len(wanted & words) / len(wanted)
-            # earlier sources (better retrieval rank) and earlier sentences win ties
-            score = overlap - 0.01 * (number - 1) - 0.001 * rank
-            if overlap > 0 and (best is None or score > best.score):
-                best = Span(number, start, end, text[start:end].strip(), score)
-    return best
+            overlap = len(wanted & words) / len(wanted) if wanted else 0.0
+            candidates.append((number, rank, start, end, overlap))
+    if not candidates:
+        return []
+    similarity = [0.0] * len(candidates)
+    if embedder is not None:
+        import numpy as np
+
+        texts = [sources[c[0] - 1][c[2] : c[3]] for c in candidates]
+        vectors = np.asarray(embedder.embed(texts), dtype=np.float32)
+        query = np.asarray(embedder.embed_query(question), dtype=np.float32)
+        similarity = (vectors @ query).tolist()
+    ranked: list[Span] = []
+    for (number, rank, start, end, overlap), sim in zip(candidates, similarity):
+        if overlap == 0 and sim <= 0.3:
+            continue
+        score = sim + 0.5 * overlap - 0.01 * (number - 1) - 0.001 * rank
+        ranked.append(Span(number, start, end, sources[number - 1][start:end].strip(), score))
+    ranked.sort(key=lambda span: -span.score)
+    return ranked
+
+
+def best_sentence_for(question: str, sources: Sequence[str], embedder: Any = None) -> Span | None:
+    """The source sentence that best answers ``question`` (the extractive fallback's pick), or None
+    when no sentence shares anything with it (see ``rank_sentences``)."""
+    ranked = rank_sentences(question, sources, embedder)
+    return ranked[0] if ranked else None
 
 
 def calibrate(examples: Sequence[tuple[str, str, bool]], thresholds: Iterable[float]) -> dict[float, float]:

@@ -140,7 +140,38 @@ def _source_block(number: int, hit: Any) -> str:
     src = _to_source(number, hit, 0)
     where = f' location="{src.location}"' if src.location else ""
     section = f' section="{_fence(" > ".join(src.heading_path))}"' if src.heading_path else ""
-    return f'<source id="{number}" file="{_fence(src.path)}"{where}{section}>\n{_fence(hit.text.strip())}\n</source>'
+    shown = getattr(hit, "shown_text", hit.text)
+    return f'<source id="{number}" file="{_fence(src.path)}"{where}{section}>\n{_fence(shown.strip())}\n</source>'
+
+
+class _Focused:
+    """A retrieved hit shown to the model as a few of its sentences (``shown_text``); everything
+    else, the full ``text`` that answers are checked against included, is the hit's own."""
+
+    def __init__(self, hit: Any, shown_text: str) -> None:
+        self._hit = hit
+        self.shown_text = shown_text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hit, name)
+
+
+def focus_hits(question: str, hits: Sequence[Any], count: int, embedder: Embedder | None) -> list[Any]:
+    """The hits cut down to the ``count`` sentences, over all of them, closest to the question
+    (``citations.rank_sentences``), each hit's in their own order; hits with none left out. All the
+    hits, whole, when no sentence relates to the question."""
+    spans = citations.rank_sentences(question, [h.text for h in hits], embedder)[:count]
+    if count <= 0 or not spans:
+        return list(hits)
+    chosen: dict[int, list[citations.Span]] = {}
+    for span in spans:
+        chosen.setdefault(span.source, []).append(span)
+    focused = []
+    for number, hit in enumerate(hits, start=1):
+        if number in chosen:
+            parts = sorted(chosen[number], key=lambda span: span.start)
+            focused.append(_Focused(hit, "\n…\n".join(part.text for part in parts)))
+    return focused
 
 
 def _to_source(number: int, hit: Any, tokens: int) -> Source:
@@ -315,6 +346,8 @@ def prepare(
             filters = {"vector_weight": settings.vector_weight, "keyword_weight": settings.keyword_weight,
                        "rrf_k": settings.rrf_k, **filters}  # fmt: skip
         hits = retrieve_for(question.strip(), store=store, embedder=embedder, k=k, **filters)
+        if settings is not None and settings.context_sentences > 0 and hits:
+            hits = focus_hits(question.strip(), hits, settings.context_sentences, embedder)
     return build_prompt(
         question, hits, generator, max_tokens=max_tokens, system=system, use_context=use_context
     )
@@ -341,7 +374,11 @@ def _generate(
     first: float | None = None
     guard = LoopGuard()
     finish = "stop"
-    stream = generator.stream(prepared.messages, max_tokens=prepared.max_tokens, adapter=adapter, **sampling)
+    # a small model may start copying the fenced sources back: stop where it would
+    stop = ["<source", "</source"] if prepared.use_context else None
+    stream = generator.stream(
+        prepared.messages, max_tokens=prepared.max_tokens, adapter=adapter, stop=stop, **sampling
+    )
     with closing(stream):  # stopping early (a loop, a client gone, an error) frees the model at once
         for piece in stream:
             if first is None:
@@ -351,8 +388,16 @@ def _generate(
             if guard.feed(piece):
                 finish = "loop"
                 break
-    text = guard.text if guard.cut is None else guard.text[: guard.cut]
+            if stop and _stop_at(guard.text, stop) is not None:
+                break  # a generator that ignores ``stop`` (some servers do) is cut here all the same
+    end = _stop_at(guard.text, stop or [])
+    text = guard.text[: min(x for x in (guard.cut, end, len(guard.text)) if x is not None)]
     return text, finish, time.perf_counter() - started, first
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
 
 
 def run(
@@ -363,8 +408,10 @@ def run(
     adapter: str | None = None,
     on_token: Callable[[str], None] | None = None,
     settings: Settings | None = None,
+    embedder: Embedder | None = None,
 ) -> GroundedAnswer:
-    """Let the model answer the prepared prompt, streaming pieces to ``on_token``, then check it."""
+    """Let the model answer the prepared prompt, streaming pieces to ``on_token``, then check it
+    (``embedder``, the index's, lets the extractive fallback rank passages by meaning)."""
     settings = settings or Settings.load()
     sampling = sampling_for(generator, settings, temperature)
     raw, finish, seconds, first = _generate(prepared, generator, sampling, adapter, on_token)
@@ -388,12 +435,14 @@ def run(
         streamed_text=raw,
     )
     if prepared.use_context:
-        _check_grounding(result, prepared, settings.extractive_fallback)
+        _check_grounding(result, prepared, settings.extractive_fallback, embedder)
     _add_warnings(result, prepared, generator)
     return result
 
 
-def _check_grounding(result: GroundedAnswer, prepared: PreparedPrompt, fallback: bool) -> None:
+def _check_grounding(
+    result: GroundedAnswer, prepared: PreparedPrompt, fallback: bool, embedder: Embedder | None
+) -> None:
     """Check the answer's sentences against the sources; say so when nothing supports it."""
     texts = [s.text for s in prepared.sources]
     check = citations.check_answer(result.answer, texts)
@@ -409,7 +458,7 @@ def _check_grounding(result: GroundedAnswer, prepared: PreparedPrompt, fallback:
                 f"{len(unsupported)} of {len(check.claims)} sentences of the answer are not supported by any source"
             )
         return
-    best = citations.best_sentence_for(prepared.question, texts) if fallback else None
+    best = citations.best_sentence_for(prepared.question, texts, embedder) if fallback else None
     if best is not None:
         result.answer = f'{FALLBACK_PREFIX} [{best.source}]: "{best.text}"'
         result.cited = [best.source]

@@ -105,6 +105,13 @@ class Settings:
     repeat_penalty: float = _s(
         1.15, "Penalty on tokens already in the recent output (1 = none).", kind=float, lo=0.0
     )
+    context_sentences: int = _s(
+        6,
+        "Show the model only this many sentences of the retrieved passages, those closest to the "
+        "question (0 = whole passages). Small models answer better from a short focused context.",
+        kind=int,
+        lo=0,
+    )
     extractive_fallback: bool = _s(
         True,
         "When no sentence of a generated answer is supported by the sources, answer with the best "

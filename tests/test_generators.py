@@ -382,3 +382,51 @@ def test_a_looping_answer_is_stopped_early_and_cut(tmp_path: Path) -> None:
     assert result.finish_reason == "loop" and result.answer == "Create it with --env_name=myenv"
     assert len(served) < 10  # the model was stopped, not run to max_tokens
     assert any("repeating itself" in w for w in result.warnings)
+
+
+def _text_hit(rank: int, text: str) -> SearchHit:
+    return SearchHit(chunk_id=rank, document_id=rank, path=f"/docs/{rank}.md", text=text, score=1.0 / rank,
+                     start_line=1, end_line=text.count("\n") + 1, page=None, heading_path=[], mtime=None)  # fmt: skip
+
+
+FOCUS_DOCS = [
+    "Laptops are replaced every four years. Monitors are ordered through the service desk. "
+    "Phones stay with the team when someone leaves.",
+    "The office opens at eight. New staff get 25 days of paid holiday a year, plus public holidays. "
+    "Holiday requests go to your manager two weeks ahead.",
+]
+
+
+def test_focused_context_shows_the_sentences_that_answer_and_checks_against_the_whole_passage() -> None:
+    from fakes import ScriptedGenerator
+
+    question = "How many days of paid holiday do new staff get?"
+    hits = [_text_hit(1, FOCUS_DOCS[0]), _text_hit(2, FOCUS_DOCS[1])]
+    focused = generation.focus_hits(question, hits, 2, embedder=None)
+    assert [h.path for h in focused] == ["/docs/2.md"]  # the laptop passage says nothing about holidays
+    generator = ScriptedGenerator("New staff get 25 days of paid holiday a year [1].")
+    prepared = generation.build_prompt(question, focused, generator, max_tokens=64)
+    shown = prepared.messages[-1].content
+    assert "25 days of paid holiday" in shown and "Holiday requests go to your manager" in shown
+    assert "The office opens at eight" not in shown and "Laptops" not in shown
+    assert prepared.sources[0].text == FOCUS_DOCS[1]  # answers are checked against the whole passage
+    result = generation.run(prepared, generator, settings=Settings.load())
+    assert result.supported and result.cited == [1]
+
+
+def test_focusing_keeps_whole_passages_when_no_sentence_relates_to_the_question() -> None:
+    hits = [_text_hit(1, FOCUS_DOCS[0])]
+    assert [h.text for h in generation.focus_hits("Zyxxy qwrtp?", hits, 4, embedder=None)] == [FOCUS_DOCS[0]]
+    assert generation.focus_hits("How are laptops replaced?", hits, 0, embedder=None) == hits
+
+
+def test_a_model_copying_the_sources_back_is_cut_where_it_starts() -> None:
+    from fakes import ScriptedGenerator
+
+    echo = ScriptedGenerator(
+        'New staff get 25 days of paid holiday [1]. <source id="2" file="x"> Laptops are'
+    )
+    prepared = generation.build_prompt("Holiday?", [_text_hit(1, FOCUS_DOCS[1])], echo, max_tokens=64)
+    result = generation.run(prepared, echo, settings=Settings.load())
+    assert "<source" not in result.answer and "Laptops" not in result.answer
+    assert result.answer.startswith("New staff get 25 days of paid holiday [1].")
