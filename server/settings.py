@@ -40,6 +40,7 @@ CONFIG_FILE = "config.toml"
 GENERATOR_CHOICES = ("llamacpp", "openai")
 REPACK_CHOICES = ("auto", "on", "off")
 SEARCH_MODES = ("hybrid", "vector", "keyword")
+EMBEDDER_RUNTIMES = ("auto", "torch", "onnx")
 
 
 class SettingsError(ValueError):
@@ -71,6 +72,19 @@ class Settings:
         kind=str,
     )
     device: str = _s("cpu", "torch device for the embedder (cpu, cuda, mps).", kind=str)
+    embedder_runtime: str = _s(
+        "auto",
+        "How the built-in embedder runs: auto uses onnxruntime on the CPU (no torch import; the graph is "
+        "exported once into the cache and checked against torch) and torch otherwise; torch or onnx force one.",
+        kind=str,
+        choices=EMBEDDER_RUNTIMES,
+    )
+    cache: str | None = _s(
+        None,
+        "Folder for derived files that can always be made again (exported embedders, converted models); "
+        "default: cache in the data directory.",
+        kind="path",
+    )
     polling: bool = _s(False, "Poll folders for changes instead of native file events.", kind=bool)
     debounce: float = _s(
         0.2, "Seconds the watcher waits for a file to settle before indexing it.", kind=float, lo=0.0
@@ -228,7 +242,7 @@ class Settings:
     @property
     def cache_dir(self) -> Path:
         """Derived files that can always be made again (converted base models, exported embedders)."""
-        return private_dir(self.data_dir / "cache")
+        return private_dir(Path(self.cache).expanduser() if self.cache else self.data_dir / "cache")
 
     @property
     def token_path(self) -> Path:
