@@ -178,7 +178,9 @@ def export(st_model: Any, model_dir: Path, graph: Path) -> float:
         import torch
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError as exc:
-        raise OnnxUnavailable(f"exporting the embedder to ONNX needs {exc.name}: pip install onnx onnxruntime")
+        raise OnnxUnavailable(
+            f"exporting the embedder to ONNX needs {exc.name}: pip install onnx onnxruntime"
+        ) from None
 
     graph.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=graph.parent, prefix=".export-") as tmp:
@@ -188,8 +190,9 @@ def export(st_model: Any, model_dir: Path, graph: Path) -> float:
         staged = Path(tmp) / graph.name
         onnx.save(fused.model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=graph.name + ".data", size_threshold=1024)  # fmt: skip
-        want = st_model.encode(list(CHECK_TEXTS), normalize_embeddings=True, convert_to_numpy=True,
-                               show_progress_bar=False)
+        want = st_model.encode(
+            list(CHECK_TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         got = OnnxMiniLM(staged, model_dir).embed(CHECK_TEXTS)
         worst = float((np.asarray(want, np.float32) * got).sum(axis=1).min())
         if not worst >= MIN_COSINE:
