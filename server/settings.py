@@ -150,6 +150,12 @@ class Settings:
     token: str | None = _s(None, "Bearer token for serve --http (default: generated into the data dir).",
                            kind=str, secret=True)  # fmt: skip
     http_port: int = _s(8765, "Port of serve --http.", kind=int, lo=1)
+    reuse_server: bool = _s(
+        True,
+        "search and ask use a running `serve --http` for the same index (its models are loaded) when it "
+        "answers on http_port within 0.2 s; otherwise they run in their own process.",
+        kind=bool,
+    )
 
     # where each value came from: "default", "config.toml", "env LOREKEEPER_X", "flag"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

@@ -22,6 +22,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp_types import Resource as MCPResource
 
+from .api import register_api
 from .documents import doc_uri
 from .notify import ChangeNotifier, advertise_resource_changes
 from .resources import register_prompts, register_resources
@@ -111,6 +112,7 @@ def create_server(options: ServerOptions | None = None) -> LorekeeperMCP:
     register_tools(server, options)
     register_resources(server)
     register_prompts(server)
+    register_api(server)  # plain JSON for the CLI over HTTP (api.py)
     return server
 
 
