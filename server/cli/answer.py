@@ -92,8 +92,6 @@ def ask(
     threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Answer a question from your documents with the local model, citing its sources."""
-    from .. import generation
-    from ..mcp.schemas import generate_result
     from ..search import MAX_K
 
     settings = model_settings(ctx, generator_name, model, n_ctx, threads, db=db, k=k,
@@ -104,6 +102,9 @@ def ask(
         fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
     if _ask_server(settings, question, adapter, no_context, system, as_json):
         return
+    from .. import generation
+    from ..mcp.schemas import generate_result
+
     if adapter is not None:
         settings = adapter_base_settings(settings, adapter)
     generator = _generator(settings, adapter)
@@ -139,7 +140,8 @@ def _show(result, streamed: bool, as_json: bool) -> None:
     from ..render import sources_text
 
     if as_json:
-        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+        text = result.model_dump_json(indent=2) if hasattr(result, "model_dump_json") else result.json
+        sys.stdout.write(text + "\n")
         return
     if streamed and result.answer != result.generated:
         # the check replaced what streamed (an unsupported answer, a stripped source list)
@@ -159,7 +161,6 @@ def _ask_server(settings: Settings, question: str, adapter: str | None, no_conte
                 system: str | None, as_json: bool) -> bool:  # fmt: skip
     """Answer through a running ``serve --http`` (its model is loaded) unless a flag chose another
     model; True when it answered."""
-    from ..mcp.schemas import GenerateResult
     from . import remote
 
     if any(settings.sources.get(key) == "flag" for key in MODEL_KEYS):
@@ -182,8 +183,24 @@ def _ask_server(settings: Settings, question: str, adapter: str | None, no_conte
         fail(str(exc))
     if result is None:
         return False
-    _show(GenerateResult.model_validate(result), streamed, as_json)
+    _show(_fields(result), streamed, as_json)
     return True
+
+
+def _fields(data: dict):
+    """A ``GenerateResult`` as JSON, with attribute access for ``_show`` (pydantic and the MCP
+    package stay unimported: they cost seconds of a command that only prints)."""
+    import json
+    from types import SimpleNamespace
+
+    def wrap(value):
+        if isinstance(value, dict):
+            return SimpleNamespace(**{k: wrap(v) for k, v in value.items()})
+        return [wrap(v) for v in value] if isinstance(value, list) else value
+
+    result = wrap(data)
+    result.json = json.dumps(data, indent=2, ensure_ascii=False)
+    return result
 
 
 def register(app: typer.Typer) -> None:
