@@ -88,12 +88,13 @@ def watch(
     polling: bool = typer.Option(False, "--polling", help="Poll instead of using native file events."),
 ) -> None:
     """Watch every registered folder in the foreground, indexing changes as they happen."""
-    from ..indexer import Indexer
+    from ..indexer import Indexer, warm_up
     from ..watcher import Watcher
 
     settings = settings_of(ctx, polling=polling or None)
     with open_store(settings) as store:
         indexer = Indexer(store, settings=settings)
+        warm_up(indexer.embedder)  # the first change after start waits for no model load
         watcher = Watcher(indexer, settings=settings)
         for path in paths or []:
             if not path.is_dir():
