@@ -92,7 +92,7 @@ def ask(
     threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Answer a question from your documents with the local model, citing its sources."""
-    from ..search import MAX_K
+    from ..hits import MAX_K
 
     settings = model_settings(ctx, generator_name, model, n_ctx, threads, db=db, k=k,
                               max_tokens=max_tokens, temperature=temperature)  # fmt: skip

@@ -145,8 +145,8 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a readable list."),
 ) -> None:
     """Search the index by meaning and keywords."""
+    from ..hits import parse_since
     from ..render import hits_text
-    from ..search import parse_since
     from . import remote
 
     settings = settings_of(ctx, search_mode=mode, vector_weight=vector_weight, keyword_weight=keyword_weight)

@@ -86,7 +86,7 @@ def search(settings: Settings, **kwargs: Any) -> list | None:
     except (OSError, ValueError) as exc:
         log.warning("the server's answer was unreadable (%s); searching locally", exc)
         return None
-    from ..search import SearchHit
+    from ..hits import SearchHit
 
     return [SearchHit(**hit) for hit in data["hits"]]
 
