@@ -216,10 +216,18 @@ def test_search_runs_locally_when_no_server_answers(tmp_path, index) -> None:
 
 
 @pytest.fixture
-def fake_server(tmp_path):
-    """``serve --http`` in this process on a free port, with the test fakes as its models."""
+def fake_server(tmp_path, monkeypatch):
+    """``serve --http`` in this process on a free port, with the test fakes as its models; yields
+    the data dir, index, port and every batch of texts the server's embedder was given."""
     import uvicorn
-    from fakes import register_fakes
+    from fakes import HashEmbedder, register_fakes
+
+    embedded: list[list[str]] = []
+    real_embed = HashEmbedder.embed
+
+    def recording(self, texts):
+        embedded.append(list(texts))
+        return real_embed(self, texts)
 
     from lorekeeper.server.indexer import Indexer
     from lorekeeper.server.mcp import ServerOptions, create_server, http_app, load_or_create_token
@@ -230,6 +238,7 @@ def fake_server(tmp_path):
     settings = Settings.load({"db": str(db), "embedder": "test-hash-64", "generator": "scripted"}, home=home)
     with Store.open(db) as store:
         Indexer(store, settings=settings).add_root(REPO / "scripts" / "demo" / "docs")
+    monkeypatch.setattr(HashEmbedder, "embed", recording)
     app = http_app(
         create_server(ServerOptions(settings=settings, start_watcher=False)), load_or_create_token(settings)
     )
@@ -237,14 +246,27 @@ def fake_server(tmp_path):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        yield home, db, port
+        yield home, db, port, embedded
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
 
+def test_server_loads_the_embedder_at_start_and_guards_the_api(fake_server, wait) -> None:
+    import urllib.error
+    import urllib.request
+
+    home, db, port, embedded = fake_server
+    wait(lambda: listening(port), timeout=30)
+    wait(lambda: ["warm up"] in embedded, timeout=30)  # before any request asked for it
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/search", data=b'{"query": "x"}')
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401  # the same bearer token as /mcp
+
+
 def test_ask_streams_the_running_servers_answer(tmp_path, fake_server, wait) -> None:
-    home, db, port = fake_server
+    home, db, port, _ = fake_server
     wait(lambda: listening(port), timeout=30)
     # the CLI knows neither fake model: only the server can answer this
     proc, imported = run_cli(tmp_path, "--db", str(db), "ask", "How many days of paid holiday?", home=home,
