@@ -161,7 +161,7 @@ def data_cmd(
     """Check a dataset and count its tokens without training (errors name the file and line)."""
     _setup_logging(False)
     from .base_model import BaseModelError, load_tokenizer, resolve_base
-    from .data import DataError, build_datasets
+    from .data import DataError, build_datasets, gather_records
 
     try:
         config = TrainConfig(
@@ -173,8 +173,9 @@ def data_cmd(
             packing=packing,
             eval_fraction=eval_fraction,
         )
+        gathered = gather_records(config)  # bad files fail here, before the tokenizer loads
         tokenizer = load_tokenizer(resolve_base(config.base))
-        built = build_datasets(config, tokenizer)
+        built = build_datasets(config, tokenizer, gathered=gathered)
     except (ConfigError, DataError, BaseModelError) as exc:
         _fail(str(exc))
     summary = built.summary.to_json()

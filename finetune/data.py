@@ -577,14 +577,12 @@ def tokenize_all(
     return examples
 
 
-def build_datasets(
-    config: TrainConfig,
-    tokenizer: Any,
-    *,
-    extra_records: Sequence[Record] = (),
-    generator: Any = None,
-) -> BuiltData:
-    """Read, split, tokenize and pack the run's data; fails early with a clear error when unusable."""
+def gather_records(
+    config: TrainConfig, *, extra_records: Sequence[Record] = (), generator: Any = None
+) -> tuple[list[Record], int]:
+    """The run's records (files, then the index, then ``extra_records``) and how many files were
+    read; a missing, unreadable or empty file is a ``DataError`` naming it. Needs no tokenizer, so
+    ``finetune data`` checks files before the training stack loads."""
     records, n_files = read_records(config.data)
     if config.from_index:
         records.extend(
@@ -593,9 +591,26 @@ def build_datasets(
             )
         )
     records.extend(extra_records)
-    where = ", ".join(config.data) or "the index"
     if not records:
+        where = ", ".join(config.data) or "the index"
         raise DataError(f"no training records in {where}: the files are empty (or hold only blank text)")
+    return records, n_files
+
+
+def build_datasets(
+    config: TrainConfig,
+    tokenizer: Any,
+    *,
+    extra_records: Sequence[Record] = (),
+    generator: Any = None,
+    gathered: tuple[list[Record], int] | None = None,
+) -> BuiltData:
+    """Read, split, tokenize and pack the run's data; fails early with a clear error when unusable.
+    ``gathered`` is what ``gather_records`` returned, when the caller read the records already."""
+    if gathered is None:
+        gathered = gather_records(config, extra_records=extra_records, generator=generator)
+    records, n_files = gathered
+    where = ", ".join(config.data) or "the index"
     summary = DataSummary(files=n_files, records=len(records), max_seq_len=config.max_seq_len)
     summary.formats = dict(
         Counter("prompt/completion" if r.kind == "completion" else r.kind for r in records)

@@ -100,6 +100,24 @@ def check_search_embedder(store: Store, embedder: Embedder) -> None:
         )
 
 
+def warm_up(embedder: Embedder) -> threading.Thread:
+    """Load ``embedder``'s model on a background thread now, so the first file saved (or the first
+    query) after ``serve`` or ``watch`` starts waits for no model load. Failures are logged; the
+    first real use then reports them."""
+
+    def load() -> None:
+        started = time.monotonic()
+        try:
+            embedder.embed(["warm up"])
+            log.info("embedder %s ready in %.1f s", embedder.model_id, time.monotonic() - started)
+        except Exception as exc:
+            log.warning("loading the embedder %s failed: %s", embedder.model_id, exc)
+
+    thread = threading.Thread(target=load, name="lorekeeper-embedder-load", daemon=True)
+    thread.start()
+    return thread
+
+
 class Indexer:
     """Indexes files under the store's roots with one embedder. Safe to call from several threads:
     indexing work is serialised, searches are not blocked."""

@@ -40,6 +40,7 @@ CONFIG_FILE = "config.toml"
 GENERATOR_CHOICES = ("llamacpp", "openai")
 REPACK_CHOICES = ("auto", "on", "off")
 SEARCH_MODES = ("hybrid", "vector", "keyword")
+EMBEDDER_RUNTIMES = ("auto", "torch", "onnx")
 
 
 class SettingsError(ValueError):
@@ -71,6 +72,19 @@ class Settings:
         kind=str,
     )
     device: str = _s("cpu", "torch device for the embedder (cpu, cuda, mps).", kind=str)
+    embedder_runtime: str = _s(
+        "auto",
+        "How the built-in embedder runs: auto uses onnxruntime on the CPU (no torch import; the graph is "
+        "exported once into the cache and checked against torch) and torch otherwise; torch or onnx force one.",
+        kind=str,
+        choices=EMBEDDER_RUNTIMES,
+    )
+    cache: str | None = _s(
+        None,
+        "Folder for derived files that can always be made again (exported embedders, converted models); "
+        "default: cache in the data directory.",
+        kind="path",
+    )
     polling: bool = _s(False, "Poll folders for changes instead of native file events.", kind=bool)
     debounce: float = _s(
         0.2, "Seconds the watcher waits for a file to settle before indexing it.", kind=float, lo=0.0
@@ -143,6 +157,12 @@ class Settings:
     token: str | None = _s(None, "Bearer token for serve --http (default: generated into the data dir).",
                            kind=str, secret=True)  # fmt: skip
     http_port: int = _s(8765, "Port of serve --http.", kind=int, lo=1)
+    reuse_server: bool = _s(
+        True,
+        "search and ask use a running `serve --http` for the same index (its models are loaded) when it "
+        "answers on http_port within 0.2 s; otherwise they run in their own process.",
+        kind=bool,
+    )
 
     # where each value came from: "default", "config.toml", "env LOREKEEPER_X", "flag"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -235,7 +255,7 @@ class Settings:
     @property
     def cache_dir(self) -> Path:
         """Derived files that can always be made again (converted base models, exported embedders)."""
-        return private_dir(self.data_dir / "cache")
+        return private_dir(Path(self.cache).expanduser() if self.cache else self.data_dir / "cache")
 
     @property
     def token_path(self) -> Path:

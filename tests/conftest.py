@@ -18,6 +18,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `lorekeeper` sets it: 
 # whole session a throwaway one too, so no test can ever touch the user's real index or adapters.
 os.environ["LOREKEEPER_HOME"] = tempfile.mkdtemp(prefix="lorekeeper-test-home-")
 os.environ.pop("LOREKEEPER_DB", None)
+# Derived files (the embedder's ONNX export, keyed by the model's hash, checked, written atomically)
+# are the same for every test and every session: share one cache so it is exported once per machine.
+os.environ.setdefault(
+    "LOREKEEPER_CACHE", os.path.join(tempfile.gettempdir(), f"lorekeeper-test-cache-{os.getuid()}")
+)
 
 
 @pytest.fixture(autouse=True)

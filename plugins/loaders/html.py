@@ -17,13 +17,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from bs4 import BeautifulSoup, Comment, NavigableString, Tag
-from bs4.element import Declaration, Doctype, ProcessingInstruction
+from typing import TYPE_CHECKING
 
 from ..base import LoadedText, Loader, LoaderError, TextUnit
 from ..hookspecs import hookimpl
 from ._common import check_not_binary, read_bytes, short_title
+
+if TYPE_CHECKING:  # bs4 is imported when a page is read, not when plugins load (the CLI starts faster)
+    from bs4 import BeautifulSoup, Tag
 
 SKIP_TAGS = frozenset(
     {
@@ -124,6 +125,8 @@ def _heading_title(heading: Tag) -> str:
 
 
 def _content_root(soup: BeautifulSoup) -> Tag:
+    from bs4 import Tag
+
     main = soup.find("main")
     if isinstance(main, Tag):
         return main
@@ -165,6 +168,9 @@ class _Extractor:
         self.line += text.count("\n")
 
     def run(self, root: Tag) -> list[_Section]:
+        from bs4 import Comment, NavigableString, Tag
+        from bs4.element import Declaration, Doctype, ProcessingInstruction
+
         stack: list[object] = [root]
         while stack:
             node = stack.pop()
@@ -240,6 +246,8 @@ class HtmlLoader(Loader):
         if not data.strip():
             return LoadedText([])
         check_not_binary(data, path)
+        from bs4 import BeautifulSoup
+
         try:
             soup = BeautifulSoup(data, "html.parser")
         except Exception as exc:  # the parser is lenient; anything raised here is a real defect

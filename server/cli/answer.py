@@ -92,10 +92,7 @@ def ask(
     threads: int = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: its own choice)."),
 ) -> None:
     """Answer a question from your documents with the local model, citing its sources."""
-    from .. import generation
-    from ..mcp.schemas import generate_result
-    from ..render import sources_text
-    from ..search import MAX_K
+    from ..hits import MAX_K
 
     settings = model_settings(ctx, generator_name, model, n_ctx, threads, db=db, k=k,
                               max_tokens=max_tokens, temperature=temperature)  # fmt: skip
@@ -103,6 +100,11 @@ def ask(
         fail(f"-k {settings.k} is out of range: use 1 to {MAX_K}")
     if not 0.0 <= settings.temperature <= 2.0:
         fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
+    if _ask_server(settings, question, adapter, no_context, system, as_json):
+        return
+    from .. import generation
+    from ..mcp.schemas import generate_result
+
     if adapter is not None:
         settings = adapter_base_settings(settings, adapter)
     generator = _generator(settings, adapter)
@@ -130,11 +132,18 @@ def ask(
         if store is not None:
             store.close()
 
-    result = generate_result(answer)
+    _show(generate_result(answer), streamed, as_json)
+
+
+def _show(result, streamed: bool, as_json: bool) -> None:
+    """After the streamed tokens: the checked answer when it differs, the sources, the notes."""
+    from ..render import sources_text
+
     if as_json:
-        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+        text = result.model_dump_json(indent=2) if hasattr(result, "model_dump_json") else result.json
+        sys.stdout.write(text + "\n")
         return
-    if streamed and answer.answer != answer.streamed_text.strip():
+    if streamed and result.answer != result.generated:
         # the check replaced what streamed (an unsupported answer, a stripped source list)
         sys.stdout.write("\n\n" + result.answer)
     sys.stdout.write("\n")
@@ -143,6 +152,55 @@ def ask(
         sys.stdout.write("\n" + block + "\n")
     for warning in result.warnings:
         err.print(f"[yellow]note:[/yellow] {escape(warning)}")
+
+
+MODEL_KEYS = ("generator", "model", "openai_model", "n_ctx", "threads")
+
+
+def _ask_server(settings: Settings, question: str, adapter: str | None, no_context: bool,
+                system: str | None, as_json: bool) -> bool:  # fmt: skip
+    """Answer through a running ``serve --http`` (its model is loaded) unless a flag chose another
+    model; True when it answered."""
+    from . import remote
+
+    if any(settings.sources.get(key) == "flag" for key in MODEL_KEYS):
+        return False
+    streamed = False
+
+    def show(piece: str) -> None:
+        nonlocal streamed
+        streamed = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = remote.ask(settings, None if as_json else show, question=question, adapter=adapter,
+                            use_context=not no_context, system=system, k=settings.k,
+                            max_tokens=settings.max_tokens, temperature=settings.temperature)  # fmt: skip
+    except remote.RemoteError as exc:
+        if streamed:
+            sys.stdout.write("\n")
+        fail(str(exc))
+    if result is None:
+        return False
+    _show(_fields(result), streamed, as_json)
+    return True
+
+
+def _fields(data: dict):
+    """A ``GenerateResult`` as JSON, with attribute access for ``_show`` (pydantic and the MCP
+    package stay unimported: they cost seconds of a command that only prints)."""
+    import json
+    from types import SimpleNamespace
+
+    def wrap(value):
+        if isinstance(value, dict):
+            return SimpleNamespace(**{k: wrap(v) for k, v in value.items()})
+        return [wrap(v) for v in value] if isinstance(value, list) else value
+
+    result = wrap(data)
+    result.json = json.dumps(data, indent=2, ensure_ascii=False)
+    return result
 
 
 def register(app: typer.Typer) -> None:

@@ -88,12 +88,13 @@ def watch(
     polling: bool = typer.Option(False, "--polling", help="Poll instead of using native file events."),
 ) -> None:
     """Watch every registered folder in the foreground, indexing changes as they happen."""
-    from ..indexer import Indexer
+    from ..indexer import Indexer, warm_up
     from ..watcher import Watcher
 
     settings = settings_of(ctx, polling=polling or None)
     with open_store(settings) as store:
         indexer = Indexer(store, settings=settings)
+        warm_up(indexer.embedder)  # the first change after start waits for no model load
         watcher = Watcher(indexer, settings=settings)
         for path in paths or []:
             if not path.is_dir():
@@ -144,26 +145,24 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a readable list."),
 ) -> None:
     """Search the index by meaning and keywords."""
-    from ..indexer import check_search_embedder, embedder_for
+    from ..hits import parse_since
     from ..render import hits_text
-    from ..search import parse_since
-    from ..search import search as run_search
+    from . import remote
 
     settings = settings_of(ctx, search_mode=mode, vector_weight=vector_weight, keyword_weight=keyword_weight)
     try:
         modified_after = parse_since(since)
     except ValueError as exc:
         fail(f"--since {exc}")
-    with open_store(settings, create=False) as store:
-        try:
-            embedder = embedder_for(store, settings)
-            check_search_embedder(store, embedder)
-            hits = run_search(store, embedder, query, k=k, mode=settings.search_mode, path_glob=path,
-                              file_types=file_type, modified_after=modified_after,
-                              vector_weight=settings.vector_weight, keyword_weight=settings.keyword_weight,
-                              rrf_k=settings.rrf_k)  # fmt: skip
-        except (ValueError, LookupError) as exc:
-            fail(str(exc))
+    args = dict(query=query, k=k, mode=settings.search_mode, path_glob=path, file_types=file_type,
+                modified_after=modified_after, vector_weight=settings.vector_weight,
+                keyword_weight=settings.keyword_weight, rrf_k=settings.rrf_k)  # fmt: skip
+    try:
+        hits = remote.search(settings, **args)  # a running `serve --http` has the model loaded
+    except remote.RemoteError as exc:
+        fail(str(exc))
+    if hits is None:
+        hits = _search_here(settings, args)
     if as_json:
         console.print_json(json.dumps([asdict(h) | {"location": h.location} for h in hits]))
         return
@@ -171,6 +170,20 @@ def search(
         console.print("no results")
         return
     console.print(hits_text(query, hits, snippet=300), highlight=False, markup=False)
+
+
+def _search_here(settings, args: dict) -> list:
+    """Search in this process: open the index and its embedder (``search`` without a server)."""
+    from ..indexer import check_search_embedder, embedder_for
+    from ..search import search as run_search
+
+    with open_store(settings, create=False) as store:
+        try:
+            embedder = embedder_for(store, settings)
+            check_search_embedder(store, embedder)
+            return run_search(store, embedder, **args)
+        except (ValueError, LookupError) as exc:
+            fail(str(exc))
 
 
 def status(

@@ -22,6 +22,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp_types import Resource as MCPResource
 
+from ..indexer import warm_up
+from .api import register_api
 from .documents import doc_uri
 from .notify import ChangeNotifier, advertise_resource_changes
 from .resources import register_prompts, register_resources
@@ -84,6 +86,7 @@ def create_server(options: ServerOptions | None = None) -> LorekeeperMCP:
     @asynccontextmanager
     async def lifespan(server: LorekeeperMCP) -> AsyncIterator[AppState]:
         state = await anyio.to_thread.run_sync(_open_state, options)
+        warm_up(state.embedder)  # in the background: the handshake never waits for a model
         server.notifier.open(asyncio.get_running_loop())
         state.store.add_listener(server.notifier.on_store_event)
         state._starter = threading.Thread(target=state.start_watching, name="lorekeeper-watch", daemon=True)
@@ -111,6 +114,7 @@ def create_server(options: ServerOptions | None = None) -> LorekeeperMCP:
     register_tools(server, options)
     register_resources(server)
     register_prompts(server)
+    register_api(server)  # plain JSON for the CLI over HTTP (api.py)
     return server
 
 
