@@ -25,6 +25,16 @@ os.environ.setdefault(
 )
 
 
+FAST_TEST_TIMEOUT_S = 180  # a test not marked slow that runs this long is hung (or belongs in slow)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fast tests fail after FAST_TEST_TIMEOUT_S, not after the 15-minute limit slow tests get."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FAST_TEST_TIMEOUT_S))
+
+
 @pytest.fixture(autouse=True)
 def lorekeeper_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh data directory per test, so nothing reads or writes the user's real index."""

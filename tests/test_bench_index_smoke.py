@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_index.py"
 
 
@@ -20,6 +22,7 @@ def _positive(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_bench_index_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = [sys.executable, str(SCRIPT), "--quick", "--files", "8", "--slices", "2", "--latency-runs", "3",
