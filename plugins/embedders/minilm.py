@@ -2,6 +2,10 @@
 
 384-dimensional unit vectors, a 256 word-piece window. The model loads on first use, on the CPU
 unless the ``device`` setting names another torch device.
+
+One model serves the indexer and searches, one call at a time. ``embed`` works through its texts
+one small batch at a time and lets a waiting search query go between two batches
+(``QueryFirstLock``): a query waits for at most one batch, never for a whole file being indexed.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..base import Embedder
+from ..base import Embedder, QueryFirstLock
 from ..hookspecs import hookimpl
 from ..models import default_embedder_path
 
@@ -26,7 +30,9 @@ class MiniLMEmbedder(Embedder):
         self.device = device
         self.cache_key = f"{self.model_id}@{device}"
         self._model = None
-        self._lock = threading.RLock()
+        self._lock = QueryFirstLock()
+        self._tokenizer = None
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def model(self):
@@ -47,29 +53,55 @@ class MiniLMEmbedder(Embedder):
 
     @property
     def tokenizer(self):
-        return self.model.tokenizer
+        """A tokenizer of its own for cutting chunks: the model's tokenizer changes its truncation
+        state on every ``encode``, and sharing it across threads fails ("Already borrowed")."""
+        if self._tokenizer is None:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    from lorekeeper.server.settings import process_environment
+
+                    process_environment()
+                    from transformers import AutoTokenizer
+
+                    self._tokenizer = AutoTokenizer.from_pretrained(str(default_embedder_path()))
+        return self._tokenizer
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._lock:  # the model is not safe to call from two threads at once
-            vectors = self.model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        texts = list(texts)
+        parts = []
+        for start in range(0, len(texts), self.batch_size):
+            # the model is not safe to call from two threads at once; a query may go in between
+            with self._lock.hold():
+                parts.append(self._encode(texts[start : start + self.batch_size]))
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        with self._lock.hold(urgent=True):
+            return np.ascontiguousarray(self._encode([text])[0], dtype=np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
-        encoded = self.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
-        )
+        tokenizer = self.tokenizer
+        with self._tokenizer_lock:
+            encoded = tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+            )
         return [tuple(span) for span in encoded["offset_mapping"]]
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False, truncation=False, verbose=False))
+        tokenizer = self.tokenizer
+        with self._tokenizer_lock:
+            return len(tokenizer.encode(text, add_special_tokens=False, truncation=False, verbose=False))
 
 
 @hookimpl

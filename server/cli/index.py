@@ -215,11 +215,10 @@ def reindex(
             root = str(path.expanduser().resolve())
             if root not in [r.path for r in store.roots()]:
                 fail(f"{path} is not a registered folder")
-        store.forget_file_state(root, content=full)
         indexer = Indexer(store, settings=settings)
         with _progress() as progress:
             task = progress.add_task("reindexing", total=None, path="")
-            report = indexer.reconcile(root, progress=_ticker(progress, task))
+            report = indexer.reindex(root, full=full, progress=_ticker(progress, task))
     console.print(_report_line(report))
 
 
