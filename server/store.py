@@ -909,9 +909,10 @@ class Store:
         root: str | None = None,
         modified_after: float | None = None,
         file_types: Sequence[str] | None = None,
+        loaders: Sequence[str] | None = None,
     ) -> list[tuple[int, str]]:
-        """(id, path) of the indexed documents that pass these filters (file types are suffixes
-        with the dot, lower case)."""
+        """(id, path) of the indexed documents that pass these filters: file types are suffixes with
+        the dot, lower case; a document passes when its suffix or its loader's name is among them."""
         sql = "SELECT id, path FROM documents WHERE status = 'indexed'"
         args: list = []
         if root:
@@ -920,10 +921,26 @@ class Store:
         if modified_after is not None:
             sql += " AND mtime >= ?"
             args.append(float(modified_after))
-        if file_types:
-            sql += " AND (" + " OR ".join("lower(path) LIKE ?" for _ in file_types) + ")"
-            args.extend("%" + ext for ext in file_types)
+        if file_types or loaders:
+            terms = ["lower(path) LIKE ?" for _ in file_types or ()] + [
+                "loader LIKE ?" for _ in loaders or ()
+            ]
+            sql += " AND (" + " OR ".join(terms) + ")"
+            args.extend("%" + ext for ext in file_types or ())
+            args.extend(name + ":%" for name in loaders or ())
         return [(doc_id, path) for doc_id, path in self._read().execute(sql, args)]
+
+    def has_suffix(self, suffix: str) -> bool:
+        """Whether an indexed document's path ends with ``suffix`` (any case)."""
+        row = (
+            self._read()
+            .execute(
+                "SELECT 1 FROM documents WHERE status = 'indexed' AND lower(path) LIKE ? LIMIT 1",
+                ("%" + suffix,),
+            )
+            .fetchone()
+        )
+        return row is not None
 
     def vector_search(
         self, query: np.ndarray, k: int, documents: set[int] | None = None
