@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ from .indexer import Indexer
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+# watchdog warns when a folder that was moved out and back gets its inotify watch again; the subtree
+# reconcile below is the answer to that situation, so the warning is only noise on the console
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 NETWORK_FILESYSTEMS = {
     "nfs",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import io
+import logging
 import os
 import sysconfig
 from pathlib import Path
@@ -1052,3 +1053,17 @@ def test_builtin_loaders_are_registered_for_their_files(name, loader_cls):
 def test_unknown_suffix_has_no_loader():
     assert loader_for(Path("archive.tar.gz")) is None
     assert loader_for(Path("photo.jpeg")) is None
+
+
+def test_pypdf_warnings_become_the_files_reason_not_console_lines(tmp_path, caplog):
+    """A damaged PDF makes pypdf log "EOF marker not found": that goes into the error (or note) of
+    the file, never to the console (the root logger) while a folder is indexed."""
+    path = make_pdf(tmp_path / "damaged.pdf", [["Harbour log."]])
+    path.write_bytes(path.read_bytes().replace(b"%%EOF", b"%%EOX"))
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(LoaderError, match=r"corrupt or unreadable PDF.*pypdf: .*EOF marker not found"):
+            PdfLoader().load(path)
+    assert not [r for r in caplog.records if r.name.startswith("pypdf")]
+    # and outside a load, pypdf logs as usual again
+    logging.getLogger("pypdf._reader").warning("after")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pypdf")] == ["after"]

@@ -142,7 +142,13 @@ class PdfLoader(Loader):
         if not data:
             return LoadedText([])
         with _PypdfLog() as notes:
-            units, warnings = self._pages(path, data, max_chars)
+            try:
+                units, warnings = self._pages(path, data, max_chars)
+            except LoaderError as exc:
+                if not notes.messages:
+                    raise
+                said = "; ".join(dict.fromkeys(notes.messages))
+                raise type(exc)(f"{exc} (pypdf: {said})") from exc
         warnings.extend(f"{path}: pypdf: {note}" for note in dict.fromkeys(notes.messages))
         return LoadedText(units, warnings)
 
