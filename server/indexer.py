@@ -14,6 +14,9 @@ background work (the watcher's reconcile scans and large files) waits before eac
 while foreground work is running (``_Gate``), so a small change is never stuck behind a large one.
 Commits check that the file is still the version that was read (``files.still_same``), so two
 threads indexing the same file never leave the older version in the index.
+
+Reading one file is ``prepare.py``'s business; this module is the scheduling around it (batches,
+priorities, commits, scans). It runs a little over 500 lines because those share one commit rule.
 """
 
 from __future__ import annotations
@@ -91,12 +94,23 @@ class _Scan:
     seen: set[str] = field(default_factory=set)
 
 
+class BackgroundStopped(Exception):
+    """Background indexing was asked to stop (the watcher is stopping); nothing half-done is stored."""
+
+
 class _Gate:
-    """Foreground indexing goes first: background work waits for it before each embedding batch."""
+    """Foreground indexing goes first: background work waits for it before each embedding batch,
+    and stops there (``BackgroundStopped``) once the gate is closed."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._foreground = 0
+        self.closed = False
+
+    def close(self, closed: bool = True) -> None:
+        with self._cond:
+            self.closed = closed
+            self._cond.notify_all()
 
     @contextmanager
     def foreground(self):
@@ -112,7 +126,9 @@ class _Gate:
     def wait_turn(self, limit: float = 60.0) -> None:
         """Wait while foreground work runs (at most ``limit`` seconds: background work must move)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._foreground == 0, timeout=limit)
+            self._cond.wait_for(lambda: self._foreground == 0 or self.closed, timeout=limit)
+            if self.closed:
+                raise BackgroundStopped()
 
 
 def embedder_for(store: Store, settings: Settings) -> Embedder:
@@ -310,6 +326,10 @@ class Indexer:
                 cached.update(zip(todo.keys(), self._embed(list(todo.values()), background)))
                 embedded += len(todo)
             self.store.set_vectors(model, [(r.id, r.chunk_hash, cached[r.chunk_hash]) for r in rows])
+
+    def stop_background(self, stop: bool = True) -> None:
+        """Make background work stop at its next batch (``stop=False`` lets it run again)."""
+        self._gate.close(stop)
 
     def document_text(self, path: Path | str) -> str:
         """The file's text as its loader extracts it (what a document resource returns), read through

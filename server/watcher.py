@@ -30,7 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from .ignore import IGNORE_FILES
-from .indexer import Indexer
+from .indexer import BackgroundStopped, Indexer
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class Watcher:
         for root in self.indexer.store.roots():
             self.watch(root.path, register=False)
         self._stop.clear()
+        self.indexer.stop_background(False)
         self.indexer.defer = self._defer_large
         self._threads = [
             threading.Thread(target=self._run, name="lorekeeper-watcher", daemon=True),
@@ -141,6 +142,7 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self.indexer.stop_background()
         with self._cond:
             self._cond.notify_all()
         for observer in list(self._observers.values()):
@@ -321,6 +323,8 @@ class Watcher:
     def _safely(self, func, *args, **kwargs) -> object:
         try:
             return func(*args, **kwargs)
+        except BackgroundStopped:
+            return None
         except Exception as exc:  # one bad event must never stop the watcher
             log.exception("watcher: %s%s failed", getattr(func, "__name__", func), args)
             self.errors.append(f"{getattr(func, '__name__', func)}{args}: {exc}")
