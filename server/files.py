@@ -138,7 +138,7 @@ def open_checked(path: str, roots: Iterable[str]) -> CheckedFile:
 def _check(path: str, fd: int, roots: list[str]) -> CheckedFile:
     st = os.fstat(fd)
     if stat_mod.S_ISDIR(st.st_mode):
-        raise FileProblem("ignored", "folder", "a folder")
+        raise FileGone(path)  # a folder now: not a file any more; a scan of the folder finds its files
     if not stat_mod.S_ISREG(st.st_mode):
         raise FileProblem("ignored", "not a regular file", "not a regular file (a pipe, socket or device)")
     real = _descriptor_path(fd, path, st)

@@ -85,6 +85,12 @@ class IgnoreRules:
 
     def reason(self, path: str | Path, is_dir: bool = False) -> str | None:
         """Why ``path`` is left out (the rule and where it comes from), or None when it is not."""
+        found = self.match(path, is_dir)
+        return None if found is None else found[0]
+
+    def match(self, path: str | Path, is_dir: bool = False) -> tuple[str, str | None] | None:
+        """(why ``path`` is left out, the ignored folder it lies in or None when the rule names
+        the path itself), or None when it is not left out."""
         path = str(path)
         prefix = self.root + (os.sep if not self.root.endswith(os.sep) else "")
         if not path.startswith(prefix):
@@ -96,12 +102,11 @@ class IgnoreRules:
         # each ancestor folder first: a file under an ignored folder is ignored
         for depth in range(1, len(parts) + 1):
             last = depth == len(parts)
+            folder = None if last else prefix + os.sep.join(parts[:depth])
             sub = "/".join(parts[:depth]) + ("/" if (not last or is_dir) else "")
             hit = _rule(self._defaults, sub)
             if hit is not None:
-                return f"built-in rule {hit!r}" + (
-                    "" if last else f" on the folder {'/'.join(parts[:depth])}/"
-                )
+                return f"built-in rule {hit!r}", folder
             directory = self.root
             for level in range(depth):
                 spec = self._spec_for(directory)
@@ -111,9 +116,7 @@ class IgnoreRules:
                     if hit is not None:
                         where = os.path.relpath(directory, self.root)
                         source = "an ignore file" if where == "." else f"an ignore file in {where}/"
-                        return f"rule {hit!r} of {source}" + (
-                            "" if last else f" on the folder {'/'.join(parts[:depth])}/"
-                        )
+                        return f"rule {hit!r} of {source}", folder
                 directory = os.path.join(directory, parts[level])
         return None
 

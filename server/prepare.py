@@ -125,9 +125,14 @@ class Preparer:
         if root is None:
             count(path, "ignored")
             return None
-        reason = self.rules_for(root).reason(path)
-        if reason is not None:
-            if os.path.lexists(path):
+        found = self.rules_for(root).match(path)
+        if found is not None:
+            reason, folder = found
+            if folder is not None:  # inside an ignored folder: the folder is what is listed, once
+                if self.store.get_ignored(folder) is None and os.path.isdir(folder):
+                    self.store.record_ignored(path=folder, root_id=root.id, kind="ignore rule", reason=reason,
+                                              is_dir=True)  # fmt: skip
+            elif os.path.lexists(path):
                 self.store.record_ignored(path=path, root_id=root.id, kind="ignore rule", reason=reason)
             count(path, "ignored")
             return None

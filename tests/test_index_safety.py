@@ -187,6 +187,7 @@ def test_files_by_content_gz_and_every_file_left_out_is_listed(fake_indexer: Ind
     (docs / ".git").mkdir()
     (docs / ".git" / "config").write_text("[core]\n")
     fake_indexer.add_root(docs)
+    fake_indexer.index_file(docs / ".git" / "config")  # as a watcher event inside an ignored folder
 
     indexed = {Path(e.path).name for e in store.files("indexed")}
     assert indexed == {"copyright", "README.Debian", "changelog.Debian.gz", "notes.md.gz"}
