@@ -45,7 +45,9 @@ from .store import Root, Store
 
 log = logging.getLogger(__name__)
 
-EMBED_BATCH_CHUNKS = 32  # chunks per call to the embedder (a search query may go between two calls)
+EMBED_BATCH_CHUNKS = 32  # chunks gathered across small files before they are embedded together
+BATCH_SECONDS = 0.5  # one call to the embedder takes about this long: a query or a file just saved
+# waits at most that for the embedder (calls are sized to the measured pace: 1 to EMBED_BATCH_CHUNKS)
 LARGE_FILE_BYTES = 256 * 1024  # the watcher hands files above this size to its background lane
 LARGE_DOC_CHUNKS = 64  # ... and files that turn out to need more new vectors than this
 CACHE_KEEP_DAYS = 30  # cached vectors no chunk uses are dropped after this long
@@ -92,6 +94,23 @@ class _Scan:
     files: list[str] = field(default_factory=list)
     ignored: list[tuple[str, str, str, bool]] = field(default_factory=list)  # (path, kind, reason, is_dir)
     seen: set[str] = field(default_factory=set)
+
+
+class _Pace:
+    """Sizes calls to the embedder so that each takes about ``BATCH_SECONDS`` at the pace measured
+    so far (on a busy two-core machine one text can take half a second; on a GPU a thousandth)."""
+
+    def __init__(self) -> None:
+        self.per_text: float | None = None
+
+    def batch(self) -> int:
+        if self.per_text is None:
+            return 8
+        return max(1, min(EMBED_BATCH_CHUNKS, int(BATCH_SECONDS / max(self.per_text, 1e-6))))
+
+    def record(self, texts: int, seconds: float) -> None:
+        pace = seconds / max(1, texts)
+        self.per_text = pace if self.per_text is None else 0.7 * self.per_text + 0.3 * pace
 
 
 class BackgroundStopped(Exception):
@@ -168,6 +187,7 @@ class Indexer:
         self.embedder = embedder or embedder_for(store, self.settings)
         self._lock = threading.RLock()
         self._gate = _Gate()
+        self._pace = _Pace()
         self._rules: dict[str, IgnoreRules] = {}
         self.defer: Callable[[str], None] | None = None
         self.activity: dict[str, tuple[int, int]] = {}  # large file -> (chunks embedded, chunks to embed)
@@ -466,13 +486,18 @@ class Indexer:
         )
 
     def _embed(self, texts: list[str], background: bool) -> np.ndarray:
-        """Vectors for ``texts``, a batch at a time (background work lets foreground work go first)."""
+        """Vectors for ``texts``, a short batch at a time (``_Pace``), so a search query or a file just
+        saved never waits long for the embedder; background work lets foreground work go first."""
         parts = []
-        for start in range(0, len(texts), EMBED_BATCH_CHUNKS):
+        start = 0
+        while start < len(texts):
             if background:
                 self._gate.wait_turn()
-            batch = texts[start : start + EMBED_BATCH_CHUNKS]
+            batch = texts[start : start + self._pace.batch()]
+            start += len(batch)
+            began = time.monotonic()
             vectors = self.embedder.embed(batch)
+            self._pace.record(len(batch), time.monotonic() - began)
             if vectors.shape != (len(batch), self.embedder.dimension):
                 raise RuntimeError(
                     f"embedder {self.embedder.model_id} returned shape {vectors.shape} for {len(batch)} texts; "
