@@ -7,7 +7,11 @@ listing plugins, or starting the server, costs nothing.
 from __future__ import annotations
 
 import abc
+import contextvars
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +74,10 @@ class Loader(abc.ABC):
     name: str = "loader"
     version: str = "1"
     extensions: tuple[str, ...] = ()
+    # True when ``load`` reads the file only through ``lorekeeper.plugins.loaders._common``'s
+    # ``read_bytes`` / ``read_text`` (every built-in loader): ``load_bytes`` then hands it the bytes
+    # directly instead of through a temporary copy.
+    reads_through_read_bytes: bool = False
 
     @abc.abstractmethod
     def load(self, path: Path) -> list[TextUnit]:
@@ -77,6 +85,51 @@ class Loader(abc.ABC):
 
         Return a ``LoadedText`` (a list subclass) to pass warnings along with the units.
         """
+
+    def load_bytes(self, data: bytes, path: Path) -> list[TextUnit]:
+        """Extract text from ``data``, the bytes of ``path`` that the caller already read and checked.
+
+        The file is not opened again by name (it may have been swapped for a link since it was
+        checked). Loaders that read through ``read_bytes`` get the bytes directly; any other loader
+        reads a private temporary copy that keeps the file's name (its extension may matter), and
+        the copy's path is replaced by ``path`` in its messages.
+        """
+        path = Path(path)
+        if self.reads_through_read_bytes:
+            token = _SUPPLIED.set((str(path), data))
+            try:
+                return self.load(path)
+            finally:
+                _SUPPLIED.reset(token)
+        folder = tempfile.mkdtemp(prefix="lorekeeper-load-")  # mode 0700: no one else can swap it
+        copy = os.path.join(folder, path.name or "document")
+        try:
+            with open(copy, "xb") as handle:
+                handle.write(data)
+            try:
+                units = self.load(Path(copy))
+            except LoaderError as exc:
+                raise LoaderError(str(exc).replace(copy, str(path))) from exc
+            warnings = getattr(units, "warnings", None)
+            if warnings:
+                units.warnings = [w.replace(copy, str(path)) for w in warnings]
+            return units
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# (path, bytes) handed to ``read_bytes`` by ``Loader.load_bytes`` for the load in progress
+_SUPPLIED: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
+    "lorekeeper_supplied_bytes", default=None
+)
+
+
+def supplied_bytes(path: Path | str) -> bytes | None:
+    """The bytes ``Loader.load_bytes`` supplied for ``path``, if a load of that file is in progress."""
+    supplied = _SUPPLIED.get()
+    if supplied is not None and supplied[0] == str(path):
+        return supplied[1]
+    return None
 
 
 class Embedder(abc.ABC):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..base import LoaderError, TextUnit
+from ..base import LoaderError, TextUnit, supplied_bytes
 
 BINARY_PROBE_BYTES = 8192
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -30,8 +30,12 @@ def read_bytes(path: Path) -> bytes:
     """The file's bytes, or a ``LoaderError`` that says what the user can do about it.
 
     Only regular files are read: opening a named pipe that happens to end in ``.txt`` would block
-    the indexer forever.
+    the indexer forever. Bytes handed over by ``Loader.load_bytes`` (already read from a checked
+    descriptor) are returned as they are, without opening the path again.
     """
+    given = supplied_bytes(path)
+    if given is not None:
+        return given
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISDIR(mode):

@@ -162,6 +162,7 @@ PYTHON_EXTENSIONS = (".py", ".pyi", ".pyw")
 
 class CodeLoader(Loader):
     name = "code"
+    reads_through_read_bytes = True
     version = "1"
     extensions = PYTHON_EXTENSIONS + tuple(FAMILIES)
 

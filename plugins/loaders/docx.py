@@ -88,6 +88,7 @@ def _read_sections(document) -> list[_Section]:
 
 class DocxLoader(Loader):
     name = "docx"
+    reads_through_read_bytes = True
     version = "1"
     extensions = (".docx",)
 

@@ -232,6 +232,7 @@ def _heading_paths(sections: list[_Section]) -> list[list[str]]:
 
 class HtmlLoader(Loader):
     name = "html"
+    reads_through_read_bytes = True
     version = "1"
     extensions = (".html", ".htm", ".xhtml", ".shtml")
 

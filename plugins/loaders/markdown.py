@@ -98,6 +98,7 @@ def _find_headings(lines: LineIndex, first_line: int) -> list[_Heading]:
 
 class MarkdownLoader(Loader):
     name = "markdown"
+    reads_through_read_bytes = True
     version = "1"
     extensions = (".md", ".markdown", ".mdx", ".mdown", ".mkd")
 

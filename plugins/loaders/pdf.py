@@ -100,6 +100,7 @@ def _outline_paths(reader, page_count: int) -> list[list[str]]:
 
 class PdfLoader(Loader):
     name = "pdf"
+    reads_through_read_bytes = True
     version = "1"
     extensions = (".pdf",)
 

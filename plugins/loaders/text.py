@@ -70,6 +70,7 @@ TEXT_FILE_NAMES = (
 
 class TextLoader(Loader):
     name = "text"
+    reads_through_read_bytes = True
     version = "1"
     extensions = TEXT_EXTENSIONS + TEXT_FILE_NAMES
 
