@@ -200,9 +200,13 @@ class AdapterRegistry:
         return f"{name}.gguf" if (self.directory / f"{name}.gguf").is_file() else None
 
     def _remove_orphans(self, name: str, keep: str | None) -> list[Path]:
-        """GGUF files of ``name`` that no record points at (left by a replace or a crash)."""
+        """GGUF files of ``name`` that no record points at (left by a replace or a crash), and the
+        half-written temporary files of a registration that was killed."""
         gone = []
-        pattern = re.compile(rf"^{re.escape(name)}(\.[0-9a-f]{{8}})?\.gguf$")
+        escaped = re.escape(name)
+        pattern = re.compile(
+            rf"^({escaped}(\.[0-9a-f]{{8}})?\.gguf|\.{escaped}\.[0-9a-f]{{8}}\.gguf\.tmp|\.{escaped}\.json\.tmp)$"
+        )
         for path in self.directory.iterdir():
             if pattern.match(path.name) and path.name != keep:
                 path.unlink(missing_ok=True)

@@ -803,26 +803,57 @@ class Store:
         )
 
     def check_integrity(self) -> list[str]:
-        """Problems that would mean the index is inconsistent; an empty list when it is sound."""
-        conn = self._read()
+        """Problems that would mean the index is inconsistent; an empty list when it is sound.
+
+        Every chunk must have exactly one vector and one keyword row and no vector or keyword row
+        may lack its chunk; a document's chunks must be one version (numbered 0..n-1, as many as
+        its ``chunk_count``).
+
+        It runs on a connection of its own: FTS5's integrity check on a long-lived connection that
+        has scanned the contentless keyword table can report a "malformed inverted index" that a
+        fresh connection (and every search) does not see (SQLite 3.50).
+        """
+        conn = connect(self.path)
+        try:
+            return self._integrity_problems(conn)
+        finally:
+            conn.close()
+
+    def _integrity_problems(self, conn: Any) -> list[str]:
         problems = []
         ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
         if ok != "ok":
             problems.append(f"sqlite integrity_check: {ok}")
-        n_chunks = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        if self._has_vectors(conn):
-            n_vec = conn.execute("SELECT COUNT(*) FROM chunk_vectors").fetchone()[0]
-            if n_vec != n_chunks:
-                problems.append(f"{n_chunks} chunks but {n_vec} vectors")
-        n_fts = conn.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]
-        if n_fts != n_chunks:
-            problems.append(f"{n_chunks} chunks but {n_fts} keyword rows")
+        chunk_ids = {row[0] for row in conn.execute("SELECT id FROM chunks")}
+        tables = [("keyword", "chunks_fts")] + (
+            [("vector", "chunk_vectors")] if self._has_vectors(conn) else []
+        )
+        for kind, table in tables:
+            ids = [row[0] for row in conn.execute(f"SELECT rowid FROM {table}")]
+            have = set(ids)
+            if len(ids) != len(have):
+                problems.append(f"{len(ids) - len(have)} duplicate {kind} rows")
+            if chunk_ids - have:
+                problems.append(f"{len(chunk_ids - have)} chunks without a {kind} row")
+            if have - chunk_ids:
+                problems.append(f"{len(have - chunk_ids)} {kind} rows without a chunk")
+        orphans = conn.execute(
+            "SELECT COUNT(*) FROM chunks WHERE document_id NOT IN (SELECT id FROM documents)"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} chunks of no document")
         bad = conn.execute(
             "SELECT COUNT(*) FROM documents d WHERE chunk_count != "
             "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)"
         ).fetchone()[0]
         if bad:
             problems.append(f"{bad} documents whose chunk_count disagrees with their chunks")
+        mixed = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT document_id FROM chunks GROUP BY document_id "
+            "HAVING COUNT(DISTINCT seq) != COUNT(*) OR MIN(seq) != 0 OR MAX(seq) != COUNT(*) - 1)"
+        ).fetchone()[0]
+        if mixed:
+            problems.append(f"{mixed} documents whose chunks are not one version (seq not 0..n-1)")
         return problems
 
 
