@@ -9,6 +9,7 @@ test_mcp_hostile.py.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -369,7 +370,7 @@ def live_client(site):
             yield portal, client, tools
 
 
-def _check_tool_answer(portal, client, name: str, arguments: dict) -> None:
+def _check_tool_answer(portal, client, name: str, arguments: dict, root: str) -> None:
     started = time.monotonic()
     result = portal.call(client.call_tool, name, arguments)
     assert time.monotonic() - started < 30, f"{name}({arguments!r:.200}) took too long"
@@ -381,17 +382,21 @@ def _check_tool_answer(portal, client, name: str, arguments: dict) -> None:
         assert "Traceback" not in text
     else:
         assert result.structured_content is not None
+        served = json.dumps(result.structured_content)
+        assert SECRET not in served and "hunter2" not in served  # nothing from outside or ignored files
+        for hit in result.structured_content.get("hits", []) + result.structured_content.get("sources", []):
+            assert hit["path"].startswith(root + os.sep), hit["path"]
 
 
 @pytest.mark.parametrize("tool", ["retrieve", "generate", "index_status"])
-def test_fuzzed_tool_arguments_get_a_reason_never_a_crash(live_client, tool: str) -> None:
+def test_fuzzed_tool_arguments_get_a_reason_never_a_crash(site, live_client, tool: str) -> None:
     portal, client, tools = live_client
     schema = tools[tool]
 
     @hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(arguments=_arguments(schema))
     def check(arguments: dict) -> None:
-        _check_tool_answer(portal, client, tool, arguments)
+        _check_tool_answer(portal, client, tool, arguments, str(site["docs"]))
 
     check()
     good = portal.call(client.call_tool, "retrieve", {"query": "bicycle chain", "k": 1})
