@@ -123,9 +123,13 @@ class Loader:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             try:
-                return self.load(copy)
+                units = self.load(copy)
             except LoaderError as exc:
                 raise type(exc)(str(exc).replace(str(copy), str(path))) from exc
+            warnings = getattr(units, "warnings", None)
+            if warnings:  # messages name the user's file, not the private copy
+                units.warnings = [w.replace(str(copy), str(path)) for w in warnings]
+            return units
 
 
 class QueryFirstLock:

@@ -91,28 +91,10 @@ class Preparer:
                 self._problem(path, root, FileProblem("failed", "read error", reason, True), count, handle.st)
         return None
 
-    def text_of(self, path: str) -> str:
-        """A file's text as its loader extracts it, read the same checked way (``LoaderError`` when
-        it cannot be: outside the folders, a link out of them, too large, binary...)."""
-        roots = [r.path for r in self.store.roots()]
-        if not files.inside(path, roots):
-            raise LoaderError(f"{path}: not inside a watched folder")
-        try:
-            with files.open_checked(path, roots) as handle:
-                by_name = plugins.loader_for(Path(path))
-                if by_name is None:
-                    _sniff_or_raise(path, handle.read(files.SNIFF_BYTES))
-                limit = self.settings.max_file_bytes
-                raw = handle.read(limit)
-                if len(raw) > limit:
-                    raise _too_large(max(len(raw), handle.st.st_size), limit)
-                loader, data, _ = _choose_loader(path, raw, by_name, limit)
-        except FileGone as exc:
-            raise LoaderError(f"file not found (deleted or moved): {path}") from exc
-        except FileProblem as problem:
-            raise LoaderError(f"{path}: {problem.reason}") from problem
-        units = loader.load_data(Path(path), data, max_chars=self.settings.max_chars_per_file)
-        return "\n\n".join(unit.text for unit in units)
+    def text_of(self, path: str, expect: str | None = None) -> str:
+        """A file's text as its loader extracts it, read the same checked way (``read_text``)."""
+        return read_text(path, [r.path for r in self.store.roots()], max_bytes=self.settings.max_file_bytes,
+                         max_chars=self.settings.max_chars_per_file, expect=expect)  # fmt: skip
 
     def gone(self, path: str, count: Count) -> None:
         self.store.delete_document(path)
@@ -235,6 +217,40 @@ class Preparer:
                                       size=size, mtime=mtime, loader=loader_id(by_name) if by_name else None,
                                       keep_chunks=problem.keep_chunks)  # fmt: skip
         count(path, problem.status)
+
+
+def read_text(path: str, roots: list[str], *, max_bytes: int, max_chars: int | None,
+              expect: str | None = None) -> str:  # fmt: skip
+    """The text of ``path`` as the indexer extracts it (same loader choice, ``.gz`` and sniffing),
+    read once through a descriptor checked against ``roots`` (``files.open_checked``), or a
+    ``LoaderError`` that says why not: outside the folders, a link out of them, too large, binary.
+    ``expect`` (a real path) also requires the opened file to be that one, so a name switched to
+    another file inside the folders (an ignored one, say) is refused too. This is what a document
+    resource serves: the same bytes and bounds as the index, never the path opened again by name.
+    """
+    path = os.path.abspath(path)
+    if not files.inside(path, roots):
+        raise LoaderError(f"{path}: not inside a watched folder")
+    try:
+        with files.open_checked(path, roots) as handle:
+            if expect is not None and handle.real_path != expect:
+                raise LoaderError(f"{path} changed into another file while it was being opened; try again")
+            by_name = plugins.loader_for(Path(path))
+            if by_name is None:
+                _sniff_or_raise(path, handle.read(files.SNIFF_BYTES))
+            raw = handle.read(max_bytes)
+            if len(raw) > max_bytes:
+                raise _too_large(max(len(raw), handle.st.st_size), max_bytes)
+            loader, data, _ = _choose_loader(path, raw, by_name, max_bytes)
+    except FileGone as exc:
+        what = "a folder, not a file" if os.path.isdir(path) else "not found (deleted or moved)"
+        raise LoaderError(f"{path}: {what}") from exc
+    except FileProblem as problem:
+        raise LoaderError(f"{path}: {problem.reason}") from problem
+    except OSError as exc:
+        raise LoaderError(f"{path}: cannot read the file: {exc.strerror or exc}") from exc
+    units = loader.load_data(Path(path), data, max_chars=max_chars)
+    return "\n\n".join(unit.text for unit in units)
 
 
 def _too_large(size: int, limit: int) -> FileProblem:

@@ -46,6 +46,44 @@ class StoreError(Exception):
     """The index file cannot be used; the message says what to do."""
 
 
+def _read_only_folder(path: Path) -> bool:
+    """Whether the index's folder is on a read-only file system or not writable by this user."""
+    folder = Path(path).parent
+    try:
+        if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1):
+            return True
+    except OSError:
+        return False
+    return not os.access(folder, os.W_OK)
+
+
+class StoreWriteError(StoreError, OSError):
+    """The index could not be written: the disk is full, read-only or failing. The transaction was
+    rolled back, so everything written before is intact; the message says what to do."""
+
+
+def write_error(path: Path, exc: BaseException) -> StoreWriteError | None:
+    """A clear ``StoreWriteError`` for SQLite's disk-full, read-only and I/O errors; None for others."""
+    text = str(exc).lower()
+    if "unable to open" in text and _read_only_folder(path):
+        text = "readonly"
+    if "full" in text:
+        return StoreWriteError(
+            f"the disk holding the index {path} is full: make free space there (or move the index with "
+            "--db), then run the command again; everything indexed before this point is kept"
+        )
+    if "readonly" in text or "read-only" in text:
+        return StoreWriteError(
+            f"the index {path} cannot be written (a read-only file system, or no permission to write "
+            "there): make it writable or point --db at a writable place"
+        )
+    if "disk i/o error" in text or "unable to open" in text:
+        return StoreWriteError(
+            f"the index {path} could not be written ({exc}): check the disk and its free space, then retry"
+        )
+    return None
+
+
 @dataclass
 class Root:
     id: int
@@ -226,10 +264,15 @@ class Store:
             migrate(self._writer)
             _make_private(self.path)  # the -wal and -shm files exist now
         except sqlean.DatabaseError as exc:
+            clear = write_error(self.path, exc)
+            if clear is not None:
+                raise clear from exc
             raise StoreError(
                 f"cannot open the index {self.path}: {exc}. If the file is not a lorekeeper index, "
                 "point --db (or LOREKEEPER_DB) elsewhere."
             ) from exc
+        except OSError as exc:  # the folder cannot be made: read-only, or no permission
+            raise StoreWriteError(f"cannot create the index {self.path}: {exc.strerror or exc}") from exc
 
     @classmethod
     def open(cls, path: Path | str | None = None, *, create: bool = True) -> Store:
@@ -1065,50 +1108,95 @@ class Store:
         )
 
     def check_integrity(self) -> list[str]:
-        """Problems that would mean the index is inconsistent; an empty list when it is sound."""
-        conn = self._read()
+        """Problems that would mean the index is inconsistent; an empty list when it is sound.
+
+        Every chunk must have exactly one vector and one keyword row and no vector or keyword row
+        may lack its chunk; a document's chunks must be one version (numbered 0..n-1, as many as
+        its ``chunk_count``).
+
+        It runs on a connection of its own: FTS5's integrity check on a long-lived connection that
+        has scanned the contentless keyword table can report a "malformed inverted index" that a
+        fresh connection (and every search) does not see (SQLite 3.50).
+        """
+        conn = connect(self.path)
+        try:
+            return self._integrity_problems(conn)
+        finally:
+            conn.close()
+
+    def _integrity_problems(self, conn: Any) -> list[str]:
         problems = []
         ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
         if ok != "ok":
             problems.append(f"sqlite integrity_check: {ok}")
-        n_chunks = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        if self._has_vectors(conn):
-            n_vec = conn.execute("SELECT COUNT(*) FROM chunk_vectors").fetchone()[0]
-            if n_vec != n_chunks:
-                problems.append(f"{n_chunks} chunks but {n_vec} vectors")
-        n_fts = conn.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]
-        if n_fts != n_chunks:
-            problems.append(f"{n_chunks} chunks but {n_fts} keyword rows")
+        chunk_ids = {row[0] for row in conn.execute("SELECT id FROM chunks")}
+        tables = [("keyword", "chunks_fts")] + (
+            [("vector", "chunk_vectors")] if self._has_vectors(conn) else []
+        )
+        for kind, table in tables:
+            ids = [row[0] for row in conn.execute(f"SELECT rowid FROM {table}")]
+            have = set(ids)
+            if len(ids) != len(have):
+                problems.append(f"{len(ids) - len(have)} duplicate {kind} rows")
+            if chunk_ids - have:
+                problems.append(f"{len(chunk_ids - have)} chunks without a {kind} row")
+            if have - chunk_ids:
+                problems.append(f"{len(have - chunk_ids)} {kind} rows without a chunk")
+        orphans = conn.execute(
+            "SELECT COUNT(*) FROM chunks WHERE document_id NOT IN (SELECT id FROM documents)"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} chunks of no document")
         bad = conn.execute(
             "SELECT COUNT(*) FROM documents d WHERE chunk_count != "
             "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)"
         ).fetchone()[0]
         if bad:
             problems.append(f"{bad} documents whose chunk_count disagrees with their chunks")
+        mixed = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT document_id FROM chunks GROUP BY document_id "
+            "HAVING COUNT(DISTINCT seq) != COUNT(*) OR MIN(seq) != 0 OR MAX(seq) != COUNT(*) - 1)"
+        ).fetchone()[0]
+        if mixed:
+            problems.append(f"{mixed} documents whose chunks are not one version (seq not 0..n-1)")
         return problems
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any exception."""
+    """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any exception. A full,
+    read-only or failing disk becomes a ``StoreWriteError`` that says so (after the rollback)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     def __enter__(self) -> Any:
         self.store._write_lock.acquire()
-        conn = self.store._writer
-        conn.execute("BEGIN IMMEDIATE")
-        return conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        conn = self.store._writer
         try:
-            if exc_type is None:
-                conn.execute("COMMIT")
-            else:
-                conn.execute("ROLLBACK")
+            self.store._writer.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            self.store._write_lock.release()
+            raise (write_error(self.store.path, exc) or exc) from exc
+        return self.store._writer
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        conn = self.store._writer
+        failure = exc
+        try:
+            if exc is None:
+                try:
+                    conn.execute("COMMIT")
+                except sqlean.DatabaseError as commit_error:
+                    failure = commit_error
+            if failure is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")  # SQLite may have rolled back already (a full disk does)
         finally:
             self.store._write_lock.release()
+        if failure is not None and isinstance(failure, sqlean.DatabaseError):
+            clear = write_error(self.store.path, failure)
+            if clear is not None:
+                raise clear from failure
+            if exc is None:
+                raise failure
 
 
 def path_matches(path: str, glob: str, roots: Sequence[str] | None) -> bool:
