@@ -9,7 +9,10 @@ The body is read as a stream (``lxml.etree.iterparse`` straight out of the zip, 
 table dropped once read) and reading stops as soon as the text passes ``max_chars``: a few
 megabytes of DOCX can unpack into a gigabyte of tiny paragraphs, which a whole-tree parser turns
 into tens of gigabytes of memory. A body that unpacks to more than ``MAX_RATIO`` times its packed
-size and over ``BOMB_BYTES`` is refused before it is read, as a zip bomb.
+size and over ``BOMB_BYTES`` is refused before it is read, as a zip bomb; one block of the body (a
+paragraph, a table, a content control) that unpacks to more than ``MAX_BLOCK_BYTES`` of XML is
+refused while it is read, since it is held whole until it ends (a bomb that stays under the ratio,
+or hides its bulk below the body's top level, stops there).
 
 Offsets index the extracted text: the sections joined by blank lines, each section its heading and
 paragraphs joined by newlines; ``text[u.char_start:u.char_end] == u.text``. DOCX has no stable line
@@ -40,6 +43,7 @@ MAX_STYLE_DEPTH = 10
 MAX_RATIO = 100  # unpacked / packed size of the body beyond which a big body is a zip bomb
 BOMB_BYTES = 64 * 2**20
 MAX_PART_BYTES = 16 * 2**20  # the package's small parts (relationships, styles)
+MAX_BLOCK_BYTES = 32 * 2**20  # XML of one top-level block of the body, held in memory until it ends
 _RUN_TEXT = {f"{W}tab": "\t", f"{W}ptab": "\t", f"{W}cr": "\n", f"{W}noBreakHyphen": "-"}
 
 
@@ -191,18 +195,41 @@ class _Package:
             )
 
 
+class _BlockBound:
+    """The body's XML stream, refusing to go on once one top-level block passes ``MAX_BLOCK_BYTES``
+    (the parser keeps a block whole until its end tag, so that is what bounds its memory)."""
+
+    def __init__(self, raw, path: Path) -> None:
+        self.raw, self.path, self.read_bytes, self.mark = raw, path, 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.read_bytes += len(data)
+        if self.read_bytes - self.mark > MAX_BLOCK_BYTES:
+            raise LoaderError(
+                f"{self.path}: refused as a zip bomb: one block of its body (a paragraph, table or content "
+                f"control) unpacks to over {MAX_BLOCK_BYTES // 2**20} MB of XML"
+            )
+        return data
+
+    def block_done(self) -> None:
+        self.mark = self.read_bytes
+
+
 def _body_blocks(package: _Package) -> Iterator[tuple[str, object]]:
     """("p", paragraph) and ("tbl", table) for each block directly in the body, in order; each is
     dropped from memory once the caller has read it."""
     from lxml import etree
 
-    with package.zip.open(package.body) as stream:
+    with package.zip.open(package.body) as raw:
+        stream = _BlockBound(raw, package.path)
         for _, element in etree.iterparse(
             stream, events=("end",), tag=(f"{W}p", f"{W}tbl"), resolve_entities=False, no_network=True
         ):
             parent = element.getparent()
             if parent is None or parent.tag != f"{W}body":
                 continue
+            stream.block_done()
             yield ("p" if element.tag == f"{W}p" else "tbl"), element
             element.clear()
             while element.getprevious() is not None:
