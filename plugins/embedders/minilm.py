@@ -19,6 +19,11 @@ from ..base import Embedder, QueryFirstLock
 from ..hookspecs import hookimpl
 from ..models import default_embedder_path
 
+# Loading the model and loading the tokenizer both import transformers; two threads importing it at
+# once (a query loading the model while the indexer loads the tokenizer) can see a half-initialised
+# module ("cannot import name 'AutoTokenizer'"), so every first load goes through this one lock.
+_LOADING = threading.Lock()
+
 
 class MiniLMEmbedder(Embedder):
     model_id = "all-MiniLM-L6-v2"
@@ -32,12 +37,12 @@ class MiniLMEmbedder(Embedder):
         self._model = None
         self._lock = QueryFirstLock()
         self._tokenizer = None
-        self._tokenizer_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # one encode at a time ("Already borrowed")
 
     @property
     def model(self):
         if self._model is None:
-            with self._lock:
+            with self._lock, _LOADING:
                 if self._model is None:
                     from lorekeeper.server.settings import process_environment
 
@@ -56,7 +61,7 @@ class MiniLMEmbedder(Embedder):
         """A tokenizer of its own for cutting chunks: the model's tokenizer changes its truncation
         state on every ``encode``, and sharing it across threads fails ("Already borrowed")."""
         if self._tokenizer is None:
-            with self._tokenizer_lock:
+            with _LOADING:
                 if self._tokenizer is None:
                     from lorekeeper.server.settings import process_environment
 
