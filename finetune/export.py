@@ -158,7 +158,7 @@ def register_adapter(
     settings: Any = None,
 ) -> tuple[Path, Path]:
     """Register the adapter by name in the adapter registry (GGUF and record replaced as a pair)."""
-    from lorekeeper.server.adapters import AdapterRecord, AdapterRegistry
+    from lorekeeper.server.adapters import AdapterError, AdapterRecord, AdapterRegistry
     from lorekeeper.server.settings import Settings
 
     settings = settings or Settings.load()
@@ -175,7 +175,10 @@ def register_adapter(
         target_modules=suffixes,
         run_dir=str(run_dir),
     )
-    return registry.register(name, adapter_gguf, record)
+    try:
+        return registry.register(name, adapter_gguf, record)
+    except AdapterError as exc:  # a full or read-only disk: the previous adapter is intact
+        raise ExportError(str(exc)) from exc
 
 
 def export_run(

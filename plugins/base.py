@@ -7,7 +7,10 @@ listing plugins, or starting the server, costs nothing.
 from __future__ import annotations
 
 import abc
+import os
 import re
+import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,23 +63,135 @@ class LoadedText(list):
         self.warnings: list[str] = list(warnings)
 
 
-class Loader(abc.ABC):
+class BinaryFileError(LoaderError):
+    """A file named like text holds binary data."""
+
+
+class TextLimitError(LoaderError):
+    """A file holds more text than the index takes from one file (``max_chars_per_file``)."""
+
+
+def check_text_limit(chars: int, max_chars: int | None, path: Path | str) -> None:
+    """Raise ``TextLimitError`` when ``chars`` characters are over ``max_chars`` (None: no limit)."""
+    if max_chars is not None and chars > max_chars:
+        raise TextLimitError(
+            f"{path}: more than {max_chars:,} characters of text; lorekeeper takes at most that much from "
+            "one file (raise it with `lorekeeper config set max_chars_per_file N`, or split the file)"
+        )
+
+
+class Loader:
     """Turns a file into text units.
 
     ``extensions`` are lower-case suffixes with the dot (".md"). ``name`` is recorded per document so
-    that a change of loader re-indexes the file.
+    that a change of loader re-indexes the file. ``one_format`` says the extensions are spellings of
+    one format (``.md``/``.markdown``), so a search filter on one of them takes them all; a loader
+    for many formats (plain text, source code) leaves it False.
+
+    A loader implements ``load_data`` (the bytes the indexer read and checked) or ``load`` (a path),
+    or both. The indexer always calls ``load_data``: it opens each file once, checks that what it
+    opened is a regular file inside a watched folder, and hands over those bytes, so a file swapped
+    for a symlink between the check and the read cannot slip in. A loader written against ``load``
+    alone gets a private copy of those bytes to read.
     """
 
     name: str = "loader"
     version: str = "1"
     extensions: tuple[str, ...] = ()
+    one_format: bool = False
 
-    @abc.abstractmethod
     def load(self, path: Path) -> list[TextUnit]:
         """Read ``path`` and return its text units; raise ``LoaderError`` with a clear reason.
 
         Return a ``LoadedText`` (a list subclass) to pass warnings along with the units.
         """
+        if type(self).load_data is Loader.load_data:
+            raise NotImplementedError(f"loader {self.name!r} implements neither load nor load_data")
+        from .loaders._common import read_bytes
+
+        return self.load_data(Path(path), read_bytes(Path(path)))
+
+    def load_data(self, path: Path, data: bytes, *, max_chars: int | None = None) -> list[TextUnit]:
+        """The text units of a file whose bytes are ``data``; ``path`` names it (its suffix may pick a
+        dialect) and must not be opened again. Stop with ``TextLimitError`` (``check_text_limit``)
+        once the text passes ``max_chars`` where the format allows extracting it piece by piece."""
+        if type(self).load is Loader.load:
+            raise NotImplementedError(f"loader {self.name!r} implements neither load nor load_data")
+        with tempfile.TemporaryDirectory(prefix="lorekeeper-load-") as folder:  # mode 0700
+            copy = Path(folder) / Path(path).name
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            try:
+                units = self.load(copy)
+            except LoaderError as exc:
+                raise type(exc)(str(exc).replace(str(copy), str(path))) from exc
+            warnings = getattr(units, "warnings", None)
+            if warnings:  # messages name the user's file, not the private copy
+                units.warnings = [w.replace(str(copy), str(path)) for w in warnings]
+            return units
+
+
+class QueryFirstLock:
+    """A lock for a model that one thread at a time may call, where a search query goes before the
+    indexer's next batch: ``with lock.hold(urgent=True)`` jumps the queue of ordinary waiters.
+
+    A plain lock hands itself to whichever thread grabs it first, so an indexer that embeds batch
+    after batch can keep a query waiting for minutes; with this lock a query waits for at most the
+    one batch already running.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._urgent_waiting = 0
+
+    def acquire(self, urgent: bool = False) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if urgent:
+                self._urgent_waiting += 1
+            try:
+                while self._owner is not None or (not urgent and self._urgent_waiting):
+                    self._cond.wait()
+            finally:
+                if urgent:
+                    self._urgent_waiting -= 1
+            self._owner, self._depth = me, 1
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a QueryFirstLock this thread does not hold")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def hold(self, urgent: bool = False) -> _Held:
+        return _Held(self, urgent)
+
+    def __enter__(self) -> QueryFirstLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Held:
+    def __init__(self, lock: QueryFirstLock, urgent: bool) -> None:
+        self.lock, self.urgent = lock, urgent
+
+    def __enter__(self) -> None:
+        self.lock.acquire(self.urgent)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 class Embedder(abc.ABC):

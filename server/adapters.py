@@ -14,6 +14,8 @@ the next registration). A bare ``NAME.gguf`` without a record (copied in by hand
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -168,11 +170,27 @@ class AdapterRegistry:
             meta_tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
             _fsync(meta_tmp)
             os.replace(meta_tmp, meta)  # the commit point
-        except BaseException:
-            for leftover in (tmp, self.directory / f".{name}.json.tmp"):
-                leftover.unlink(missing_ok=True)
-            if self._current_file(name) != new_file:
-                target.unlink(missing_ok=True)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # a read-only disk refuses the clean-up too
+                for leftover in (tmp, self.directory / f".{name}.json.tmp"):
+                    leftover.unlink(missing_ok=True)
+                if self._current_file(name) != new_file:
+                    target.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (
+                errno.ENOSPC,
+                errno.EDQUOT,
+                errno.EROFS,
+                errno.EFBIG,
+            ):
+                kept = (
+                    f"adapter {name!r} as registered before is unchanged"
+                    if previous
+                    else "nothing was registered"
+                )
+                raise AdapterError(
+                    f"cannot register adapter {name!r} in {self.directory}: {exc.strerror}; {kept}. Free "
+                    "some space (or make the folder writable) and export again"
+                ) from exc
             raise
         _fsync_dir(self.directory)
         self._remove_orphans(name, keep=new_file)
@@ -200,9 +218,13 @@ class AdapterRegistry:
         return f"{name}.gguf" if (self.directory / f"{name}.gguf").is_file() else None
 
     def _remove_orphans(self, name: str, keep: str | None) -> list[Path]:
-        """GGUF files of ``name`` that no record points at (left by a replace or a crash)."""
+        """GGUF files of ``name`` that no record points at (left by a replace or a crash), and the
+        half-written temporary files of a registration that was killed."""
         gone = []
-        pattern = re.compile(rf"^{re.escape(name)}(\.[0-9a-f]{{8}})?\.gguf$")
+        escaped = re.escape(name)
+        pattern = re.compile(
+            rf"^({escaped}(\.[0-9a-f]{{8}})?\.gguf|\.{escaped}\.[0-9a-f]{{8}}\.gguf\.tmp|\.{escaped}\.json\.tmp)$"
+        )
         for path in self.directory.iterdir():
             if pattern.match(path.name) and path.name != keep:
                 path.unlink(missing_ok=True)

@@ -4,6 +4,10 @@ Small neighbouring units under the same heading (and page) are packed together; 
 the window is cut into windows that overlap a little, each cut pulled back to a line or sentence end
 when one is near. Every chunk keeps its character range, line range or page, and heading path, so a
 search hit can point at the exact place in the file.
+
+A very long unit (a one-line log of megabytes) is tokenized a segment of ``SEGMENT_CHARS`` at a
+time, cut at a line break or a space where there is one, so memory follows the segment, not the
+file; ``max_chunks`` stops a file that would make more chunks than that (``TooManyChunks``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from lorekeeper.plugins.base import TextUnit, word_spans
@@ -20,6 +24,13 @@ from lorekeeper.plugins.base import TextUnit, word_spans
 TokenSpans = Callable[[str], list[tuple[int, int]]]
 
 DEFAULT_OVERLAP_TOKENS = 32
+SEGMENT_CHARS = 32_000
+
+
+class TooManyChunks(ValueError):
+    """A file makes more chunks than the index takes from one file."""
+
+
 _BOUNDARY = re.compile(r"\n\s*\n|\n|(?<=[.!?])\s")
 
 
@@ -57,8 +68,10 @@ def chunk_units(
     token_spans: TokenSpans = word_spans,
     max_tokens: int = 254,
     overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
+    max_chunks: int | None = None,
 ) -> list[Chunk]:
-    """Chunks of at most ``max_tokens`` tokens (heading path included) covering every unit."""
+    """Chunks of at most ``max_tokens`` tokens (heading path included) covering every unit; more
+    than ``max_chunks`` of them is a ``TooManyChunks`` error, raised as soon as it is certain."""
     if max_tokens < 16:
         raise ValueError(f"max_tokens={max_tokens} is too small for useful chunks (at least 16)")
     overlap_tokens = max(0, min(overlap_tokens, max_tokens // 4))
@@ -72,7 +85,11 @@ def chunk_units(
             chunks.append(_pack([u for u, _ in pending]))
         pending, pending_tokens = [], 0
 
-    for unit in units:
+    for unit in _segments(units):
+        if max_chunks is not None and len(chunks) > max_chunks:
+            raise TooManyChunks(
+                f"more than {max_chunks:,} chunks from one file; raise the max_chunks_per_file setting to index it"
+            )
         if not unit.text.strip():
             continue
         heading_cost = len(token_spans(" > ".join(unit.heading_path))) + 1 if unit.heading_path else 0
@@ -87,7 +104,39 @@ def chunk_units(
         pending.append((unit, len(spans)))
         pending_tokens += len(spans)
     flush()
+    if max_chunks is not None and len(chunks) > max_chunks:
+        raise TooManyChunks(
+            f"{len(chunks):,} chunks from one file, over the max_chunks_per_file limit of {max_chunks:,}"
+        )
     return chunks
+
+
+def _segments(units: Sequence[TextUnit]) -> Iterator[TextUnit]:
+    """The units, each longer than ``SEGMENT_CHARS`` cut into consecutive slices of about that size."""
+    for unit in units:
+        text = unit.text
+        if len(text) <= SEGMENT_CHARS:
+            yield unit
+            continue
+        start = 0
+        line = unit.start_line
+        while start < len(text):
+            end = min(len(text), start + SEGMENT_CHARS)
+            if end < len(text):
+                cut = max(
+                    text.rfind("\n", start + SEGMENT_CHARS // 2, end),
+                    text.rfind(" ", start + SEGMENT_CHARS // 2, end),
+                )
+                end = cut + 1 if cut > start else end
+            piece = text[start:end]
+            yield TextUnit(
+                text=piece, char_start=unit.char_start + start, char_end=unit.char_start + end, start_line=line,
+                end_line=None if line is None else line + piece.count("\n"), page=unit.page,
+                heading_path=list(unit.heading_path), kind=unit.kind,
+            )  # fmt: skip
+            if line is not None:
+                line += piece.count("\n")
+            start = end
 
 
 def _packable(previous: TextUnit, unit: TextUnit) -> bool:

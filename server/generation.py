@@ -136,7 +136,9 @@ def _fence(text: str) -> str:
     return re.sub(r"</?\s*(source|sources|system|user|assistant|tool[\w-]*)\b", r"‹\1", text, flags=re.I)
 
 
-def _source_block(number: int, hit: Any) -> str:
+def source_block(number: int, hit: Any) -> str:
+    """A retrieved passage as the model sees it: ``<source id="n" file=... location=...>`` around
+    its text, fences inside it defused. The MCP prompt ``answer_from_documents`` uses it too."""
     src = _to_source(number, hit, 0)
     where = f' location="{src.location}"' if src.location else ""
     section = f' section="{_fence(" > ".join(src.heading_path))}"' if src.heading_path else ""
@@ -246,7 +248,7 @@ def build_prompt(
     dropped: list[DroppedChunk] = []
     prompt_tokens = bare_tokens
     for hit in hits:
-        block = _source_block(len(kept) + 1, hit)
+        block = source_block(len(kept) + 1, hit)
         tokens = generator.count_message_tokens(_grounded_messages(question, [*blocks, block], system))
         if tokens <= budget:
             blocks.append(block)

@@ -5,6 +5,7 @@ the search engine: the CLI shows hits a running server found without importing n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -62,20 +63,32 @@ def parse_since(value: float | int | str | None) -> float | None:
         return None
     if isinstance(value, bool):
         raise ValueError(f"modified_after={value!r} is not a date")
+    not_a_date = ValueError(
+        f"{value!r:.80} is not a date: use ISO 8601 (2026-05-01, 2026-05-01T12:00, 2026-05-01T12:00Z) "
+        "or seconds since 1970"
+    )
     if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
+        number = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return _iso_timestamp(text, not_a_date)
+    if not math.isfinite(number):
+        raise not_a_date
+    return number
+
+
+def _iso_timestamp(text: str, not_a_date: ValueError) -> float:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not a date: use ISO 8601 (2026-05-01, 2026-05-01T12:00, 2026-05-01T12:00Z) "
-            "or seconds since 1970"
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.astimezone()  # local time of this machine
-    return parsed.astimezone(timezone.utc).timestamp()
+        if parsed.tzinfo is None:
+            parsed = parsed.astimezone()  # local time of this machine
+        return parsed.astimezone(timezone.utc).timestamp()
+    except (
+        ValueError,
+        OverflowError,
+        OSError,
+    ):  # also a date so near year 1 or 9999 that a zone overflows it
+        raise not_a_date from None

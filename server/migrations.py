@@ -78,6 +78,22 @@ migration(2, "chunk hashes, embedding cache and per-document notes")(
     """
 )
 
+migration(3, "files left out of the index, with the reason")(
+    """
+    CREATE TABLE ignored (
+        path TEXT PRIMARY KEY,
+        root_id INTEGER NOT NULL REFERENCES roots(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        is_dir INTEGER NOT NULL DEFAULT 0,
+        size INTEGER,
+        mtime REAL,
+        seen_at REAL NOT NULL
+    );
+    CREATE INDEX ignored_root ON ignored(root_id, kind);
+    """
+)
+
 
 def current_version(conn) -> int:
     conn.execute(

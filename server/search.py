@@ -10,6 +10,7 @@ twice in one file, or overlapping windows of one passage, come back once.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,9 +24,23 @@ __all__ = ["MAX_K", "MODES", "SearchHit", "parse_since", "search"]
 RRF_K = 60
 
 
+FTS_OPERATORS = frozenset({"AND", "OR", "NOT", "NEAR"})
+
+
+def query_words(query: str) -> list[str]:
+    """The words a query searches for: runs of letters and digits, lower case, without the
+    keyword-query operators a user may type (``AND``, ``OR``, ``NOT``, ``NEAR`` in capitals)."""
+    return [w.lower() for w in re.findall(r"\w+", query) if w not in FTS_OPERATORS]
+
+
 def validate(query: str, k: int, mode: str) -> str:
     if not isinstance(query, str) or not query.strip():
         raise ValueError("query is empty: give a few words or a question to search for")
+    if not query_words(query):
+        raise ValueError(
+            f"query {query.strip()[:80]!r} has no words to search for (only punctuation or the operators "
+            "AND, OR, NOT, NEAR): give a few words or a question"
+        )
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise ValueError(f"k={k!r} is out of range: ask for between 1 and {MAX_K} results")
     if mode not in MODES:
@@ -33,21 +48,56 @@ def validate(query: str, k: int, mode: str) -> str:
     return query.strip()
 
 
-def normalise_types(file_types: list[str] | None) -> list[str] | None:
+@dataclass
+class TypeFilter:
+    """A file-type filter resolved against the loaders: file suffixes, and loaders by name (which
+    also catches files read by content, such as a ``copyright`` file or a ``.gz`` of text)."""
+
+    suffixes: list[str]
+    loaders: list[str]
+
+
+def normalise_types(file_types: list[str] | None, store: Store | None = None) -> TypeFilter | None:
+    """Resolve ``--type`` values: a loader's name (``markdown``, ``pdf``, ``code``) takes every file
+    it reads; an extension takes its spellings when its loader reads one format (``md`` also finds
+    ``.markdown``), else itself. A type no loader knows and no indexed file has is an error that
+    names the known types."""
     if not file_types:
         return None
-    out = []
+    from lorekeeper.plugins import get_loaders, loaders_by_extension
+
+    by_ext = loaders_by_extension()
+    names = {loader.name: loader for loader in get_loaders()}
+    suffixes: dict[str, None] = {}
+    loaders: dict[str, None] = {}
+    unknown: list[str] = []
     for item in file_types:
-        item = item.strip().lower()
+        item = str(item).strip().lower().lstrip(".")
         if not item:
             continue
-        out.append(item if item.startswith(".") else "." + item)
-    return out or None
+        loader = by_ext.get("." + item)
+        if item in names:
+            loaders[item] = None
+        elif loader is not None:
+            spellings = loader.extensions if loader.one_format else ("." + item,)
+            suffixes.update(dict.fromkeys(ext for ext in spellings if ext.startswith(".")))
+        elif store is not None and len(unknown) < 20 and store.has_suffix("." + item):
+            suffixes["." + item] = None
+        else:
+            unknown.append(item)
+    if unknown:
+        known = sorted(names) + sorted(ext.lstrip(".") for ext in by_ext if ext.startswith("."))
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ValueError(f"unknown file type {shown}: no loader reads it and no indexed file has it; known types: "
+                         + ", ".join(known))  # fmt: skip
+    if not suffixes and not loaders:
+        return None
+    return TypeFilter(list(suffixes), list(loaders))
 
 
 def keyword_query(query: str) -> str | None:
     """The query's words as an FTS5 OR-query; quoting each word keeps user punctuation harmless."""
-    words = re.findall(r"\w+", query.lower())
+    words = query_words(query)
     if not words:
         return None
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
@@ -71,8 +121,8 @@ def search(
     query = validate(query, k, mode)
     if vector_weight < 0 or keyword_weight < 0:
         raise ValueError("fusion weights must be zero or positive")
-    file_types = normalise_types(file_types)
-    allowed = _allowed_documents(store, path_glob, file_types, modified_after, root)
+    types = normalise_types(file_types, store)
+    allowed = _allowed_documents(store, path_glob, types, modified_after, root)
     if allowed is not None and not allowed:
         return []
     fetch = max(k * 4, 20)
@@ -143,18 +193,21 @@ def _overlaps(a: SearchHit, b: SearchHit) -> bool:
 def _allowed_documents(
     store: Store,
     path_glob: str | None,
-    file_types: list[str] | None,
+    types: TypeFilter | None,
     modified_after: float | None,
     root: str | None,
 ) -> set[int] | None:
     """Ids of the documents the filters admit; None when there are no filters."""
-    if not (path_glob or file_types or modified_after is not None or root):
+    if not (path_glob or types or modified_after is not None or root):
         return None
     roots = [r.path for r in store.roots()]
     return {
         doc_id
         for doc_id, path in store.filter_documents(
-            root=root, modified_after=modified_after, file_types=file_types
+            root=root,
+            modified_after=modified_after,
+            file_types=types.suffixes if types else None,
+            loaders=types.loaders if types else None,
         )
         if not path_glob or path_matches(path, path_glob, roots)
     }

@@ -65,6 +65,16 @@ class Settings:
     max_file_mb: float = _s(
         50.0, "Files larger than this many megabytes are recorded as skipped.", kind=float, lo=0.001
     )
+    max_chars_per_file: int = _s(
+        5_000_000,
+        "A file whose extracted text is longer than this many characters fails with that reason (it "
+        "would hold the indexer and memory for minutes); the rest of the folder indexes.",
+        kind=int,
+        lo=1000,
+    )
+    max_chunks_per_file: int = _s(
+        10_000, "A file that makes more chunks than this fails with that reason.", kind=int, lo=10
+    )
     embedder: str | None = _s(
         None,
         "Embedder model id. Default: the one the index was built with (the built-in all-MiniLM-L6-v2 for "

@@ -30,16 +30,58 @@ import sqlean
 import sqlite_vec
 
 from .migrations import migrate
+from .settings import tighten
 
 log = logging.getLogger(__name__)
 
 STATUS_INDEXED = "indexed"
 STATUS_FAILED = "failed"
 STATUS_SKIPPED = "skipped"
+STATUS_IGNORED = "ignored"
+FILE_KINDS = ("indexed", "failed", "skipped", "ignored")
+PRIVATE_MODE = 0o600  # the index holds the text of private files
 
 
 class StoreError(Exception):
     """The index file cannot be used; the message says what to do."""
+
+
+def _read_only_folder(path: Path) -> bool:
+    """Whether the index's folder is on a read-only file system or not writable by this user."""
+    folder = Path(path).parent
+    try:
+        if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1):
+            return True
+    except OSError:
+        return False
+    return not os.access(folder, os.W_OK)
+
+
+class StoreWriteError(StoreError, OSError):
+    """The index could not be written: the disk is full, read-only or failing. The transaction was
+    rolled back, so everything written before is intact; the message says what to do."""
+
+
+def write_error(path: Path, exc: BaseException) -> StoreWriteError | None:
+    """A clear ``StoreWriteError`` for SQLite's disk-full, read-only and I/O errors; None for others."""
+    text = str(exc).lower()
+    if "unable to open" in text and _read_only_folder(path):
+        text = "readonly"
+    if "full" in text:
+        return StoreWriteError(
+            f"the disk holding the index {path} is full: make free space there (or move the index with "
+            "--db), then run the command again; everything indexed before this point is kept"
+        )
+    if "readonly" in text or "read-only" in text:
+        return StoreWriteError(
+            f"the index {path} cannot be written (a read-only file system, or no permission to write "
+            "there): make it writable or point --db at a writable place"
+        )
+    if "disk i/o error" in text or "unable to open" in text:
+        return StoreWriteError(
+            f"the index {path} could not be written ({exc}): check the disk and its free space, then retry"
+        )
+    return None
 
 
 @dataclass
@@ -99,6 +141,19 @@ class RootStatus:
     chunks: int
     failed: int
     skipped: int
+    ignored: int = 0
+
+
+@dataclass
+class FileEntry:
+    """A file of a watched folder as ``files`` lists it: indexed, failed, skipped or ignored."""
+
+    path: str
+    status: str
+    reason: str
+    chunks: int = 0
+    kind: str = ""
+    is_dir: bool = False
 
 
 @dataclass
@@ -112,6 +167,11 @@ class IndexStatus:
     embed_model: str | None
     embed_dim: int | None
     extra: dict[str, Any] = field(default_factory=dict)
+    # files left out on purpose, counted by reason ("ignore rule", "binary", "symlink"...);
+    # ``Store.files("ignored")`` lists them
+    ignored: dict[str, int] = field(default_factory=dict)
+    skipped_count: int = 0
+    failed_count: int = 0
 
 
 @dataclass
@@ -147,6 +207,24 @@ _DOC_COLUMNS = (
 )
 
 
+def _make_private(path: Path) -> None:
+    """Create the index file with mode 0600 (and its folder 0700, when lorekeeper makes it), and take
+    other users' access away from an existing index and its -wal/-shm files, with a notice."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    except FileExistsError:
+        pass
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        part = Path(f"{path}{suffix}")
+        try:
+            if tighten(part, PRIVATE_MODE):
+                log.warning("%s was readable by other users; made it private (mode 0600)", part)
+        except OSError as exc:
+            log.warning("%s is readable by other users and cannot be made private: %s", part, exc)
+
+
 def connect(path: Path) -> Any:
     """A connection with sqlite-vec loaded, WAL on and foreign keys enforced."""
     conn = sqlean.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
@@ -178,17 +256,23 @@ class Store:
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(self.path)
             self._writer = connect(self.path)
             mode = self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.warning("the index %s could not switch to WAL mode (got %s)", self.path, mode)
             migrate(self._writer)
+            _make_private(self.path)  # the -wal and -shm files exist now
         except sqlean.DatabaseError as exc:
+            clear = write_error(self.path, exc)
+            if clear is not None:
+                raise clear from exc
             raise StoreError(
                 f"cannot open the index {self.path}: {exc}. If the file is not a lorekeeper index, "
                 "point --db (or LOREKEEPER_DB) elsewhere."
             ) from exc
+        except OSError as exc:  # the folder cannot be made: read-only, or no permission
+            raise StoreWriteError(f"cannot create the index {self.path}: {exc.strerror or exc}") from exc
 
     @classmethod
     def open(cls, path: Path | str | None = None, *, create: bool = True) -> Store:
@@ -262,6 +346,14 @@ class Store:
         row = self._read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) a small piece of index state."""
+        with self._transaction() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self._set_meta(conn, key, value)
+
     def _set_meta(self, conn: Any, key: str, value: str) -> None:
         conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
@@ -332,6 +424,16 @@ class Store:
                     (model_id, chunk_hash, blob, now),
                 )
 
+    def cache_vectors(self, model_id: str, vectors: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Keep vectors of chunks not stored yet ((chunk hash, vector)), so work on a large file
+        survives a kill: the next attempt finds them in the cache."""
+        now = time.time()
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO embedding_cache(model_id, chunk_hash, vector, used_at) VALUES (?, ?, ?, ?)",
+                [(model_id, chunk_hash, vector_blob(vector), now) for chunk_hash, vector in vectors],
+            )
+
     def cached_vectors(self, model_id: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
         """Vectors already computed by ``model_id`` for these chunk hashes."""
         wanted = list(dict.fromkeys(hashes))
@@ -382,6 +484,7 @@ class Store:
             for doc_id in doc_ids:
                 self._delete_chunks(conn, doc_id)
             conn.execute("DELETE FROM documents WHERE root_id = ?", (row[0],))
+            conn.execute("DELETE FROM ignored WHERE root_id = ?", (row[0],))
             conn.execute("DELETE FROM roots WHERE id = ?", (row[0],))
             self._touch(conn)
         self._notify("root_removed", resolved)
@@ -479,6 +582,7 @@ class Store:
             doc_id = self._upsert_document(
                 conn, path, root_id, size, mtime, content_hash, loader, STATUS_INDEXED, None, note
             )
+            conn.execute("DELETE FROM ignored WHERE path = ?", (path,))
             self._delete_chunks(conn, doc_id)
             for seq, (chunk, vector) in enumerate(zip(chunks, vectors)):
                 headings = list(chunk.heading_path or [])
@@ -525,20 +629,157 @@ class Store:
         size: int | None = None,
         mtime: float | None = None,
         loader: str | None = None,
+        keep_chunks: bool = False,
     ) -> None:
-        """Record that a file failed or was skipped, with the reason; its earlier chunks, if any,
-        stay searchable until it loads again or goes away (nothing indexed is lost to a bad save)."""
+        """Record that a file failed or was skipped, with the reason.
+
+        Its earlier chunks go in the same transaction, unless ``keep_chunks`` (a transient read
+        error or a bad save the next one fixes): then they stay searchable until the file loads
+        again or goes away. A file that turned into a link out of the folders, grew too big or
+        became binary must not keep serving its old text.
+        """
         with self._transaction() as conn:
-            self._upsert_document(
+            doc_id = self._upsert_document(
                 conn, path, root_id, size, mtime, None, loader, status, error, None, keep_chunks=True
             )
+            if not keep_chunks:
+                self._delete_chunks(conn, doc_id)
+                conn.execute("UPDATE documents SET content_hash = NULL WHERE id = ?", (doc_id,))
+            conn.execute("DELETE FROM ignored WHERE path = ?", (path,))
             self._touch(conn)
         self._notify(status, path)
+
+    # -- files left out --------------------------------------------------------------------------
+
+    def record_ignored(
+        self,
+        *,
+        path: str,
+        root_id: int,
+        kind: str,
+        reason: str,
+        is_dir: bool = False,
+        size: int | None = None,
+        mtime: float | None = None,
+    ) -> None:
+        """Record a file (or a whole folder) left out of the index on purpose, and why; a document
+        indexed at that path before goes in the same transaction."""
+        with self._transaction() as conn:
+            had = self._forget_document(conn, path)
+            self._upsert_ignored(conn, path, root_id, kind, reason, is_dir, size, mtime)
+            if had:
+                self._touch(conn)
+        if had:
+            self._notify("removed", path)
+
+    def sync_ignored(
+        self,
+        root_id: int,
+        entries: Sequence[tuple[str, str, str, bool]],
+        present: set[str],
+        under: str | None = None,
+    ) -> None:
+        """After a scan of a root (or of its folder ``under``), in one transaction: record the
+        ``entries`` ((path, kind, reason, is_dir)) the ignore rules left out, and forget ignored
+        entries there that are no longer in ``present`` (the paths the scan saw)."""
+        sql, args = "SELECT path FROM ignored WHERE root_id = ?", [root_id]
+        if under is not None:
+            prefix = under.rstrip(os.sep) + os.sep
+            sql += " AND substr(path, 1, ?) = ?"
+            args += [len(prefix), prefix]
+        dropped: list[str] = []
+        with self._transaction() as conn:
+            known = [row[0] for row in conn.execute(sql, args)]
+            for path in known:
+                if path not in present:
+                    conn.execute("DELETE FROM ignored WHERE path = ?", (path,))
+            for path, kind, reason, is_dir in entries:
+                if self._forget_document(conn, path):
+                    dropped.append(path)
+                self._upsert_ignored(conn, path, root_id, kind, reason, is_dir, None, None)
+            if dropped:
+                self._touch(conn)
+        for path in dropped:
+            self._notify("removed", path)
+
+    def get_ignored(self, path: str) -> FileEntry | None:
+        row = (
+            self._read()
+            .execute("SELECT path, kind, reason, is_dir, size, mtime FROM ignored WHERE path = ?", (path,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        entry = FileEntry(row[0], STATUS_IGNORED, row[2], kind=row[1], is_dir=bool(row[3]))
+        entry.size, entry.mtime = row[4], row[5]  # type: ignore[attr-defined]
+        return entry
+
+    def ignored_paths(self, root: str | None = None) -> list[str]:
+        sql, args = "SELECT path FROM ignored", ()
+        if root is not None:
+            sql += " WHERE root_id = (SELECT id FROM roots WHERE path = ?)"
+            args = (root,)
+        return [row[0] for row in self._read().execute(sql, args)]
+
+    def delete_ignored(self, paths: Iterable[str]) -> None:
+        with self._transaction() as conn:
+            for path in paths:
+                conn.execute("DELETE FROM ignored WHERE path = ?", (path,))
+
+    def files(self, which: str = "all", root: str | None = None) -> list[FileEntry]:
+        """The files of the watched folders by path: ``which`` is "indexed", "failed", "skipped",
+        "ignored", "problems" (failed and skipped) or "all" (every file the index knows of)."""
+        wanted = {"all": FILE_KINDS, "problems": ("failed", "skipped")}.get(which, (which,))
+        if not set(wanted) <= set(FILE_KINDS):
+            raise ValueError(
+                f"unknown file list {which!r}: use all, problems or one of {', '.join(FILE_KINDS)}"
+            )
+        conn = self._read()
+        where, args = "", []
+        if root is not None:
+            where = " AND root_id = (SELECT id FROM roots WHERE path = ?)"
+            args = [str(Path(root).expanduser().resolve())]
+        out: list[FileEntry] = []
+        doc_statuses = [w for w in wanted if w != STATUS_IGNORED]
+        if doc_statuses:
+            marks = ",".join("?" * len(doc_statuses))
+            for path, status, error, note, chunks in conn.execute(
+                f"SELECT path, status, COALESCE(error, ''), note, chunk_count FROM documents "
+                f"WHERE status IN ({marks}){where}",
+                (*doc_statuses, *args),
+            ):
+                out.append(FileEntry(path, status, error or note or "", chunks))
+        if STATUS_IGNORED in wanted:
+            for path, kind, reason, is_dir in conn.execute(
+                f"SELECT path, kind, reason, is_dir FROM ignored WHERE 1 = 1{where}", args
+            ):
+                out.append(FileEntry(path, STATUS_IGNORED, reason, kind=kind, is_dir=bool(is_dir)))
+        out.sort(key=lambda entry: entry.path)
+        return out
+
+    def _upsert_ignored(self, conn: Any, path: str, root_id: int, kind: str, reason: str, is_dir: bool,
+                        size: int | None, mtime: float | None) -> None:  # fmt: skip
+        conn.execute(
+            "INSERT OR REPLACE INTO ignored(path, root_id, kind, reason, is_dir, size, mtime, seen_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, root_id, kind, reason, int(is_dir), size, mtime, time.time()),
+        )
+
+    def _forget_document(self, conn: Any, path: str) -> bool:
+        row = conn.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
+        if not row:
+            return False
+        self._delete_chunks(conn, row[0])
+        conn.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+        return True
 
     def touch_document(self, path: str, size: int, mtime: float) -> None:
         """The file's bytes are unchanged but its stat moved on (a touch, a copy-back)."""
         with self._transaction() as conn:
-            conn.execute("UPDATE documents SET size = ?, mtime = ? WHERE path = ?", (size, mtime, path))
+            conn.execute(
+                "UPDATE documents SET size = ?, mtime = ?, indexed_at = ? WHERE path = ?",
+                (size, mtime, time.time(), path),
+            )
 
     def forget_file_state(self, root: str | None = None, content: bool = False) -> int:
         """Make the next scan look at every file again (and re-chunk them all with ``content``)."""
@@ -551,12 +792,11 @@ class Store:
             return conn.execute(sql, args).rowcount
 
     def delete_document(self, path: str) -> bool:
+        """Forget a file that went away (its chunks, or its ignored entry); False if none was known."""
         with self._transaction() as conn:
-            row = conn.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
-            if not row:
-                return False
-            self._delete_chunks(conn, row[0])
-            conn.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+            ignored = conn.execute("DELETE FROM ignored WHERE path = ?", (path,)).rowcount
+            if not self._forget_document(conn, path):
+                return bool(ignored)
             self._touch(conn)
         self._notify("removed", path)
         return True
@@ -567,7 +807,9 @@ class Store:
         paths = [
             row[0]
             for row in self._read().execute(
-                "SELECT path FROM documents WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+                "SELECT path FROM documents WHERE substr(path, 1, ?) = ? UNION "
+                "SELECT path FROM ignored WHERE substr(path, 1, ?) = ? OR path = ?",
+                (len(prefix), prefix, len(prefix), prefix, directory),
             )
         ]
         for path in paths:
@@ -580,16 +822,56 @@ class Store:
             row = conn.execute("SELECT id FROM documents WHERE path = ?", (src,)).fetchone()
             if not row:
                 return False
-            existing = conn.execute("SELECT id FROM documents WHERE path = ?", (dst,)).fetchone()
-            if existing:
-                self._delete_chunks(conn, existing[0])
-                conn.execute("DELETE FROM documents WHERE id = ?", (existing[0],))
+            self._forget_document(conn, dst)
+            conn.execute("DELETE FROM ignored WHERE path = ?", (dst,))
             conn.execute(
-                "UPDATE documents SET path = ?, root_id = ?, mtime = COALESCE(?, mtime) WHERE id = ?",
-                (dst, root_id, mtime, row[0]),
+                "UPDATE documents SET path = ?, root_id = ?, mtime = COALESCE(?, mtime), indexed_at = ? WHERE id = ?",
+                (dst, root_id, mtime, time.time(), row[0]),
             )
             self._touch(conn)
         self._notify("moved", dst)
+        return True
+
+    def move_under(self, src: str, dst: str, root_id: int) -> list[str]:
+        """A folder was renamed or moved: every document (and ignored entry) under ``src`` moves
+        under ``dst``, in one transaction; returns the new paths of the documents."""
+        old, new = src.rstrip(os.sep) + os.sep, dst.rstrip(os.sep) + os.sep
+        now = time.time()
+        moved: list[str] = []
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, path FROM documents WHERE substr(path, 1, ?) = ?", (len(old), old)
+            ).fetchall()
+            for doc_id, path in rows:
+                target = new + path[len(old) :]
+                self._forget_document(conn, target)
+                conn.execute(
+                    "UPDATE documents SET path = ?, root_id = ?, indexed_at = ? WHERE id = ?",
+                    (target, root_id, now, doc_id),
+                )
+                moved.append(target)
+            for (path,) in conn.execute(
+                "SELECT path FROM ignored WHERE substr(path, 1, ?) = ? OR path = ?", (len(old), old, src)
+            ).fetchall():
+                conn.execute("DELETE FROM ignored WHERE path = ?", (path,))
+            if rows:
+                self._touch(conn)
+        for path in moved:
+            self._notify("moved", path)
+        return moved
+
+    def delete_document_if_older(self, path: str, before: float) -> bool:
+        """Forget a document no scan found, unless something indexed it after ``before`` (a scan's
+        start): then whoever did has seen the file more recently than the scan."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT id FROM documents WHERE path = ? AND COALESCE(indexed_at, 0) < ?", (path, before)
+            ).fetchone()
+            if not row:
+                return False
+            self._forget_document(conn, path)
+            self._touch(conn)
+        self._notify("removed", path)
         return True
 
     def _upsert_document(
@@ -670,9 +952,10 @@ class Store:
         root: str | None = None,
         modified_after: float | None = None,
         file_types: Sequence[str] | None = None,
+        loaders: Sequence[str] | None = None,
     ) -> list[tuple[int, str]]:
-        """(id, path) of the indexed documents that pass these filters (file types are suffixes
-        with the dot, lower case)."""
+        """(id, path) of the indexed documents that pass these filters: file types are suffixes with
+        the dot, lower case; a document passes when its suffix or its loader's name is among them."""
         sql = "SELECT id, path FROM documents WHERE status = 'indexed'"
         args: list = []
         if root:
@@ -681,10 +964,26 @@ class Store:
         if modified_after is not None:
             sql += " AND mtime >= ?"
             args.append(float(modified_after))
-        if file_types:
-            sql += " AND (" + " OR ".join("lower(path) LIKE ?" for _ in file_types) + ")"
-            args.extend("%" + ext for ext in file_types)
+        if file_types or loaders:
+            terms = ["lower(path) LIKE ?" for _ in file_types or ()] + [
+                "loader LIKE ?" for _ in loaders or ()
+            ]
+            sql += " AND (" + " OR ".join(terms) + ")"
+            args.extend("%" + ext for ext in file_types or ())
+            args.extend(name + ":%" for name in loaders or ())
         return [(doc_id, path) for doc_id, path in self._read().execute(sql, args)]
+
+    def has_suffix(self, suffix: str) -> bool:
+        """Whether an indexed document's path ends with ``suffix`` (any case)."""
+        row = (
+            self._read()
+            .execute(
+                "SELECT 1 FROM documents WHERE status = 'indexed' AND lower(path) LIKE ? LIMIT 1",
+                ("%" + suffix,),
+            )
+            .fetchone()
+        )
+        return row is not None
 
     def vector_search(
         self, query: np.ndarray, k: int, documents: set[int] | None = None
@@ -786,7 +1085,8 @@ class Store:
                 "FROM documents WHERE root_id = ?",
                 (root.id,),
             ).fetchone()
-            roots.append(RootStatus(root.path, docs, chunks, failed, skipped))
+            ignored = conn.execute("SELECT COUNT(*) FROM ignored WHERE root_id = ?", (root.id,)).fetchone()[0]
+            roots.append(RootStatus(root.path, docs - failed - skipped, chunks, failed, skipped, ignored))
         failed_rows = conn.execute(
             "SELECT path, status, COALESCE(error, '') FROM documents WHERE status != 'indexed' ORDER BY path"
         ).fetchall()
@@ -800,53 +1100,103 @@ class Store:
             last_change=float(last) if last else None,
             embed_model=self.embed_model,
             embed_dim=self.embed_dim,
+            ignored=dict(
+                conn.execute("SELECT kind, COUNT(*) FROM ignored GROUP BY kind ORDER BY kind").fetchall()
+            ),
+            skipped_count=sum(1 for row in failed_rows if row[1] == STATUS_SKIPPED),
+            failed_count=sum(1 for row in failed_rows if row[1] == STATUS_FAILED),
         )
 
     def check_integrity(self) -> list[str]:
-        """Problems that would mean the index is inconsistent; an empty list when it is sound."""
-        conn = self._read()
+        """Problems that would mean the index is inconsistent; an empty list when it is sound.
+
+        Every chunk must have exactly one vector and one keyword row and no vector or keyword row
+        may lack its chunk; a document's chunks must be one version (numbered 0..n-1, as many as
+        its ``chunk_count``).
+
+        It runs on a connection of its own: FTS5's integrity check on a long-lived connection that
+        has scanned the contentless keyword table can report a "malformed inverted index" that a
+        fresh connection (and every search) does not see (SQLite 3.50).
+        """
+        conn = connect(self.path)
+        try:
+            return self._integrity_problems(conn)
+        finally:
+            conn.close()
+
+    def _integrity_problems(self, conn: Any) -> list[str]:
         problems = []
         ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
         if ok != "ok":
             problems.append(f"sqlite integrity_check: {ok}")
-        n_chunks = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        if self._has_vectors(conn):
-            n_vec = conn.execute("SELECT COUNT(*) FROM chunk_vectors").fetchone()[0]
-            if n_vec != n_chunks:
-                problems.append(f"{n_chunks} chunks but {n_vec} vectors")
-        n_fts = conn.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]
-        if n_fts != n_chunks:
-            problems.append(f"{n_chunks} chunks but {n_fts} keyword rows")
+        chunk_ids = {row[0] for row in conn.execute("SELECT id FROM chunks")}
+        tables = [("keyword", "chunks_fts")] + (
+            [("vector", "chunk_vectors")] if self._has_vectors(conn) else []
+        )
+        for kind, table in tables:
+            ids = [row[0] for row in conn.execute(f"SELECT rowid FROM {table}")]
+            have = set(ids)
+            if len(ids) != len(have):
+                problems.append(f"{len(ids) - len(have)} duplicate {kind} rows")
+            if chunk_ids - have:
+                problems.append(f"{len(chunk_ids - have)} chunks without a {kind} row")
+            if have - chunk_ids:
+                problems.append(f"{len(have - chunk_ids)} {kind} rows without a chunk")
+        orphans = conn.execute(
+            "SELECT COUNT(*) FROM chunks WHERE document_id NOT IN (SELECT id FROM documents)"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} chunks of no document")
         bad = conn.execute(
             "SELECT COUNT(*) FROM documents d WHERE chunk_count != "
             "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)"
         ).fetchone()[0]
         if bad:
             problems.append(f"{bad} documents whose chunk_count disagrees with their chunks")
+        mixed = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT document_id FROM chunks GROUP BY document_id "
+            "HAVING COUNT(DISTINCT seq) != COUNT(*) OR MIN(seq) != 0 OR MAX(seq) != COUNT(*) - 1)"
+        ).fetchone()[0]
+        if mixed:
+            problems.append(f"{mixed} documents whose chunks are not one version (seq not 0..n-1)")
         return problems
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any exception."""
+    """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any exception. A full,
+    read-only or failing disk becomes a ``StoreWriteError`` that says so (after the rollback)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     def __enter__(self) -> Any:
         self.store._write_lock.acquire()
-        conn = self.store._writer
-        conn.execute("BEGIN IMMEDIATE")
-        return conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        conn = self.store._writer
         try:
-            if exc_type is None:
-                conn.execute("COMMIT")
-            else:
-                conn.execute("ROLLBACK")
+            self.store._writer.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            self.store._write_lock.release()
+            raise (write_error(self.store.path, exc) or exc) from exc
+        return self.store._writer
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        conn = self.store._writer
+        failure = exc
+        try:
+            if exc is None:
+                try:
+                    conn.execute("COMMIT")
+                except sqlean.DatabaseError as commit_error:
+                    failure = commit_error
+            if failure is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")  # SQLite may have rolled back already (a full disk does)
         finally:
             self.store._write_lock.release()
+        if failure is not None and isinstance(failure, sqlean.DatabaseError):
+            clear = write_error(self.store.path, failure)
+            if clear is not None:
+                raise clear from failure
+            if exc is None:
+                raise failure
 
 
 def path_matches(path: str, glob: str, roots: Sequence[str] | None) -> bool:

@@ -6,6 +6,13 @@ pieces becomes one indexing pass per file, batched across files for the embedder
 at start and every few minutes catches what changed while nothing watched (or what the OS did not
 report). Where native events are unavailable (network shares, the inotify watch limit) the folder is
 polled instead.
+
+Two lanes, so a small change never waits behind a large one. The event lane indexes files just
+saved, in the foreground. The background lane runs what takes long: reconcile scans, folders that
+appeared or moved (each one's subtree is reconciled: a folder moved out and back, or renamed twice,
+can leave the OS's watches pointing at old paths), and large files (over
+``indexer.LARGE_FILE_BYTES``, or needing more than ``indexer.LARGE_DOC_CHUNKS`` new vectors), which
+the indexer embeds a batch at a time, giving way to the event lane before each batch.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -22,10 +30,13 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from .ignore import IGNORE_FILES
-from .indexer import Indexer
+from .indexer import BackgroundStopped, Indexer
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+# watchdog warns when a folder that was moved out and back gets its inotify watch again; the subtree
+# reconcile below is the answer to that situation, so the warning is only noise on the console
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 NETWORK_FILESYSTEMS = {
     "nfs",
@@ -40,6 +51,7 @@ NETWORK_FILESYSTEMS = {
     "fuse.rclone",
 }
 MAX_ERRORS = 50  # errors kept for status; older ones are in the log
+EVENT_LANE_FILES = 100  # files the event lane indexes in one go; the rest of a burst goes to the background
 
 
 @dataclass
@@ -104,10 +116,12 @@ class Watcher:
         self._pending: dict[str, _Pending] = {}
         self._cond = threading.Condition()
         self._busy = False
-        self._reconcile_due = True  # the first pass of the worker catches up with the disk
+        # the background lane's jobs, in order: ("reconcile", ""), ("dir", path), ("file", path)
+        self._jobs: dict[tuple[str, str], None] = {("reconcile", ""): None}  # first: catch up with the disk
+        self._job: tuple[str, str] | None = None  # the one running
         self._stop = threading.Event()
         self._observers: dict[str, object] = {}
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.modes: dict[str, str] = {}  # root -> "native" or "polling"
         self.errors: deque[str] = deque(maxlen=MAX_ERRORS)  # the latest few, for status
 
@@ -117,11 +131,18 @@ class Watcher:
         for root in self.indexer.store.roots():
             self.watch(root.path, register=False)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lorekeeper-watcher", daemon=True)
-        self._thread.start()
+        self.indexer.stop_background(False)
+        self.indexer.defer = self._defer_large
+        self._threads = [
+            threading.Thread(target=self._run, name="lorekeeper-watcher", daemon=True),
+            threading.Thread(target=self._run_background, name="lorekeeper-watcher-background", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.indexer.stop_background()
         with self._cond:
             self._cond.notify_all()
         for observer in list(self._observers.values()):
@@ -129,9 +150,11 @@ class Watcher:
         for observer in list(self._observers.values()):
             observer.join(timeout=5)
         self._observers.clear()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
+        if self.indexer.defer == self._defer_large:
+            self.indexer.defer = None
 
     def __enter__(self) -> Watcher:
         self.start()
@@ -201,19 +224,34 @@ class Watcher:
             self._cond.notify_all()
 
     def request_reconcile(self) -> None:
-        with self._cond:
-            self._reconcile_due = True
-            self._cond.notify_all()
+        self._add_job("reconcile", "")
 
     def pending(self) -> int:
+        """Changes waiting or being indexed: events, background jobs, and the job running."""
         with self._cond:
-            return len(self._pending) + (1 if self._busy else 0)
+            return len(self._pending) + len(self._jobs) + (1 if self._busy else 0) + (1 if self._job else 0)
+
+    def progress(self) -> dict[str, object]:
+        """What is waiting and running, for status: pending events, background jobs, and the chunks
+        embedded so far of each large file being indexed."""
+        with self._cond:
+            jobs = [f"{kind} {path}".strip() for kind, path in self._jobs]
+            running = f"{self._job[0]} {self._job[1]}".strip() if self._job else None
+            events = len(self._pending) + (1 if self._busy else 0)
+        return {
+            "events": events,
+            "background": jobs,
+            "running": running,
+            "large_files": {
+                path: {"done": d, "total": t} for path, (d, t) in dict(self.indexer.activity).items()
+            },
+        }
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no event is waiting or being processed; False if ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._busy or self._reconcile_due:
+            while self._pending or self._busy or self._jobs or self._job:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -222,50 +260,79 @@ class Watcher:
 
     # -- the worker ------------------------------------------------------------------------------
 
+    def _add_job(self, kind: str, path: str) -> None:
+        with self._cond:
+            self._jobs[(kind, path)] = None
+            self._cond.notify_all()
+
+    def _defer_large(self, path: str) -> None:
+        self._add_job("file", path)
+
     def _run(self) -> None:
-        last_reconcile = time.monotonic()
+        """The event lane: debounced file events, indexed in the foreground."""
         while not self._stop.is_set():
             with self._cond:
                 now = time.monotonic()
-                if now - last_reconcile >= self.reconcile_interval:
-                    self._reconcile_due = True
                 ready = {
                     path: entry
                     for path, entry in self._pending.items()
                     if now - entry.last >= self.debounce or now - entry.first >= self.max_delay
                 }
-                reconcile = self._reconcile_due
-                if not ready and not reconcile:
+                if not ready:
                     waits = [self.debounce - (now - e.last) for e in self._pending.values()]
-                    waits.append(self.reconcile_interval - (now - last_reconcile))
-                    self._cond.wait(max(0.01, min(waits)))
+                    self._cond.wait(max(0.01, min(waits, default=1.0)))
                     continue
                 for path in ready:
                     del self._pending[path]
                 self._busy = True
             try:
-                if reconcile:
-                    self._safely(self.indexer.reconcile)
-                    last_reconcile = time.monotonic()
-                if ready:
-                    self._process(ready)
+                self._process(ready)
             finally:
                 with self._cond:
                     self._busy = False
-                    if reconcile:
-                        self._reconcile_due = False
                     self._cond.notify_all()
 
-    def _safely(self, func, *args) -> object:
+    def _run_background(self) -> None:
+        """The background lane: reconciles (at start, on request, every ``reconcile_interval``),
+        folders to reconcile, and large files."""
+        last_reconcile = time.monotonic()
+        while not self._stop.is_set():
+            with self._cond:
+                if time.monotonic() - last_reconcile >= self.reconcile_interval:
+                    self._jobs.setdefault(("reconcile", ""), None)
+                if not self._jobs:
+                    self._cond.wait(max(0.05, self.reconcile_interval - (time.monotonic() - last_reconcile)))
+                    continue
+                job = next(iter(self._jobs))
+                del self._jobs[job]
+                self._job = job
+            kind, path = job
+            try:
+                if kind == "reconcile":
+                    self._safely(self.indexer.reconcile, background=True)
+                    last_reconcile = time.monotonic()
+                elif kind == "dir":
+                    self._safely(self.indexer.reconcile_dir, path, background=True)
+                else:
+                    self._safely(self.indexer.index_files, [path], background=True)
+            finally:
+                with self._cond:
+                    self._job = None
+                    self._cond.notify_all()
+
+    def _safely(self, func, *args, **kwargs) -> object:
         try:
-            return func(*args)
+            return func(*args, **kwargs)
+        except BackgroundStopped:
+            return None
         except Exception as exc:  # one bad event must never stop the watcher
             log.exception("watcher: %s%s failed", getattr(func, "__name__", func), args)
             self.errors.append(f"{getattr(func, '__name__', func)}{args}: {exc}")
             return None
 
     def _process(self, ready: dict[str, _Pending]) -> None:
-        files: list[str] = []
+        folders: list[str] = []  # folders that appeared or moved: their subtrees are reconciled
+        files: list[tuple[float, str]] = []
         for path, entry in ready.items():
             name = os.path.basename(path)
             if name in IGNORE_FILES:
@@ -275,14 +342,26 @@ class Watcher:
                     self.indexer.rules_for(root).invalidate(os.path.dirname(path))
                     self.request_reconcile()
                 continue
-            if entry.moved_from is not None:
+            is_dir = os.path.isdir(path) and not os.path.islink(path)
+            if entry.moved_from is not None and (is_dir or entry.is_dir):
+                self._safely(self.indexer.move_dir, entry.moved_from, path)
+                if is_dir:
+                    folders.append(path)
+            elif entry.moved_from is not None:
                 self._safely(self.indexer.move_file, entry.moved_from, path)
-            elif os.path.isdir(path):
+            elif is_dir:
                 if not self.indexer.is_ignored(path):
-                    self._safely(self.indexer.reconcile_dir, path)
+                    folders.append(path)
             elif os.path.lexists(path):
-                files.append(path)
+                files.append((entry.last, path))
             else:
                 self._safely(self.indexer.remove_file, path)
+        for folder in folders:
+            self._add_job("dir", folder)
+        inside = tuple(folder.rstrip(os.sep) + os.sep for folder in folders)
+        # files in a folder that is reconciled anyway wait for that; the newest files go first
+        files = sorted((f for f in files if not f[1].startswith(inside)), reverse=True)
+        for _, path in files[EVENT_LANE_FILES:]:
+            self._add_job("file", path)
         if files:
-            self._safely(self.indexer.index_files, files)
+            self._safely(self.indexer.index_files, [path for _, path in files[:EVENT_LANE_FILES]])

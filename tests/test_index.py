@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from lorekeeper.server.indexer import Indexer
 from lorekeeper.server.search import search
@@ -312,3 +314,72 @@ def test_crash_mid_indexing_leaves_a_consistent_index(tmp_path: Path, docs: Path
         assert store.check_integrity() == []
     finally:
         store.close()
+
+
+# -- queries while indexing ------------------------------------------------------------------------
+
+
+def test_query_first_lock_lets_a_query_jump_the_queue_of_batches() -> None:
+    from lorekeeper.plugins.base import QueryFirstLock
+
+    lock = QueryFirstLock()
+    order: list[str] = []
+    lock.acquire()  # a batch is running
+    waiting = threading.Barrier(3)
+
+    def batch(name: str) -> None:
+        waiting.wait()
+        with lock.hold():
+            order.append(name)
+
+    def query() -> None:
+        waiting.wait()
+        time.sleep(0.2)  # arrives after the next batch is already waiting
+        with lock.hold(urgent=True):
+            order.append("query")
+
+    threads = [threading.Thread(target=batch, args=("batch",)), threading.Thread(target=query)]
+    for thread in threads:
+        thread.start()
+    waiting.wait()
+    wait_for(lambda: lock._urgent_waiting == 1)
+    lock.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["query", "batch"]
+
+
+@pytest.mark.slow
+def test_a_query_does_not_wait_for_a_long_embedding_run(embedder) -> None:
+    """The real embedder indexing many texts in one call: a query embeds between two of its batches."""
+    texts = [f"Paragraph {i} about harbours, tides and the ferry timetable." * 4 for i in range(640)]
+    finished: list[str] = []
+    indexing = threading.Thread(target=lambda: (embedder.embed(texts), finished.append("indexing")))
+    indexing.start()
+    time.sleep(0.5)  # the indexing run has started its batches
+    vector = embedder.embed_query("when does the ferry leave")
+    finished.append("query")
+    indexing.join(600)
+    assert finished == ["query", "indexing"] and vector.shape == (embedder.dimension,)
+
+
+def test_type_filter_takes_every_spelling_of_a_format_and_names_unknown_types(
+    indexer: Indexer, store: Store, docs: Path, embedder
+) -> None:
+    write(docs / "a.md", "# Kites\nKites fly in the wind.\n")
+    write(docs / "b.markdown", "# Kites\nKites fly high in strong wind.\n")
+    write(docs / "c.txt", "Kites in plain text, flying in wind.\n")
+    write(docs / "copyright", "Kites copyright notice, wind and all.\n")
+    indexer.add_root(docs)
+    found = {Path(h.path).name for h in search(store, embedder, "kites wind", k=10, file_types=["md"])}
+    assert found == {"a.md", "b.markdown"}
+    found = {Path(h.path).name for h in search(store, embedder, "kites wind", k=10, file_types=["text"])}
+    assert found == {"c.txt", "copyright"}  # the loader's name also takes files read by content
+    with pytest.raises(ValueError, match=r"unknown file type foo: .*known types: .*markdown.*pdf"):
+        search(store, embedder, "kites", file_types=["foo"])
+
+
+@pytest.mark.parametrize("query", ['AND OR "(', "NOT", "((", "NEAR AND"])
+def test_a_query_of_only_operators_is_refused_not_answered_with_anything(store: Store, query: str) -> None:
+    with pytest.raises(ValueError, match="no words to search for"):
+        search(store, None, query, mode="keyword")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import io
+import logging
 import os
 import sysconfig
 from pathlib import Path
@@ -1021,6 +1022,35 @@ def test_zip_that_is_not_a_word_document_is_a_loader_error(tmp_path):
         DocxLoader().load(path)
 
 
+def _docx_bytes(body: bytes) -> bytes:
+    import zipfile
+
+    ns = b"http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("word/document.xml", b'<?xml version="1.0"?><w:document xmlns:w="' + ns
+                         + b'"><w:body>' + body + b"</w:body></w:document>")  # fmt: skip
+    return buffer.getvalue()
+
+
+def test_docx_block_bound_refuses_a_bomb_hidden_in_one_block(monkeypatch):
+    """A body under the ratio check whose bulk sits in one top-level block (a content control full
+    of paragraphs, which the parser holds whole until it ends) is refused as a bomb while it is read,
+    with the reason; a block under the bound still reads."""
+    from lorekeeper.plugins.loaders import docx as docx_loader
+
+    monkeypatch.setattr(docx_loader, "MAX_BLOCK_BYTES", 2**20)
+    para = b"<w:p><w:r><w:t>a</w:t></w:r></w:p>"
+    hidden = b"<w:sdt><w:sdtContent>" + para * (2 * 2**20 // len(para)) + b"</w:sdtContent></w:sdt>"
+    with pytest.raises(LoaderError, match=r"bomb\.docx: refused as a zip bomb: one block"):
+        DocxLoader().load_data(
+            Path("bomb.docx"), _docx_bytes(hidden + b"<w:p><w:r><w:t>end</w:t></w:r></w:p>")
+        )
+    many = para * (4 * 2**20 // len(para))  # 4 MB of small top-level blocks: each far under the bound
+    units = DocxLoader().load_data(Path("ok.docx"), _docx_bytes(many))
+    assert sum(len(u.text) for u in units) > 100_000
+
+
 # --- registration -------------------------------------------------------------------------------
 
 
@@ -1052,3 +1082,17 @@ def test_builtin_loaders_are_registered_for_their_files(name, loader_cls):
 def test_unknown_suffix_has_no_loader():
     assert loader_for(Path("archive.tar.gz")) is None
     assert loader_for(Path("photo.jpeg")) is None
+
+
+def test_pypdf_warnings_become_the_files_reason_not_console_lines(tmp_path, caplog):
+    """A damaged PDF makes pypdf log "EOF marker not found": that goes into the error (or note) of
+    the file, never to the console (the root logger) while a folder is indexed."""
+    path = make_pdf(tmp_path / "damaged.pdf", [["Harbour log."]])
+    path.write_bytes(path.read_bytes().replace(b"%%EOF", b"%%EOX"))
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(LoaderError, match=r"corrupt or unreadable PDF.*pypdf: .*EOF marker not found"):
+            PdfLoader().load(path)
+    assert not [r for r in caplog.records if r.name.startswith("pypdf")]
+    # and outside a load, pypdf logs as usual again
+    logging.getLogger("pypdf._reader").warning("after")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pypdf")] == ["after"]

@@ -271,3 +271,106 @@ def test_http_serves_tools_to_the_sdk_client(http_server) -> None:
                 assert bad.is_error and "less than or equal to 200" in bad.content[0].text
 
     anyio.run(main)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on ``port``, from /proc/net/tcp{,6} (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the socket table of Linux")
+def test_http_listens_on_loopback_only_by_default(http_server) -> None:
+    url, _, _ = http_server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    addresses = _listening_addresses(port)
+    assert addresses, "no listening socket found for the server"
+    loopback = {
+        "0100007F",
+        "00000000000000000000000001000000",
+    }  # 127.0.0.1 and ::1, as the kernel writes them
+    assert addresses <= loopback, f"listening beyond loopback: {addresses}"
+
+
+def _guard_status(token: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """The status the access guard answers a request with these headers (the app behind it says 200)."""
+    from lorekeeper.server.mcp.http import AccessGuard
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/mcp", "headers": headers}
+    anyio.run(AccessGuard(app, token=token), scope, receive, send)
+    return sent[0]["status"]
+
+
+def test_the_token_is_compared_in_constant_time_and_every_near_miss_is_refused(monkeypatch) -> None:
+    import hmac
+
+    from lorekeeper.server.mcp import http
+
+    calls: list[tuple[bytes, bytes]] = []
+    compare = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return compare(a, b)
+
+    monkeypatch.setattr(http.hmac, "compare_digest", recording)
+    token = "s3cret-token-value-0123456789abcdef"
+    near_misses = [
+        b"Bearer " + token[:-1].encode(),  # a prefix
+        b"Bearer " + token.encode() + b"x",  # one more character
+        b"Bearer " + token.upper().encode(),
+        b"Basic " + token.encode(),  # another scheme
+        b"Bearer",
+        b"",
+        b"Bearer \xe9\xff" + token.encode(),  # bytes that are not ASCII
+    ]
+    for value in near_misses:
+        assert _guard_status(token, [(b"authorization", value)]) == 401, value
+    assert _guard_status(token, [(b"authorization", b"Bearer " + token.encode())]) == 200
+    assert (
+        _guard_status(token, [(b"authorization", b"bearer " + token.encode())]) == 200
+    )  # scheme is case-blind
+    assert _guard_status(token, []) == 401
+    origin = [(b"authorization", b"Bearer " + token.encode()), (b"origin", b"https://attacker.example")]
+    assert _guard_status(token, origin) == 403
+    assert len(calls) >= 5 and all(b == token.encode() for _, b in calls)  # hmac, never ==
+
+
+def test_the_token_file_is_private_even_when_it_was_not(tmp_path: Path) -> None:
+    from lorekeeper.server.mcp.http import load_or_create_token
+    from lorekeeper.server.settings import Settings
+
+    home = tmp_path / "home"
+    home.mkdir()
+    old = os.umask(0)  # the most permissive umask must not make the new file readable by others
+    try:
+        token = load_or_create_token(Settings.load(home=home))
+    finally:
+        os.umask(old)
+    path = home / "token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(token) >= 32
+    path.chmod(0o644)  # made readable by hand, or by an old version
+    assert load_or_create_token(Settings.load(home=home)) == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

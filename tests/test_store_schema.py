@@ -124,3 +124,32 @@ def test_small_definitions_of_one_class_share_a_chunk() -> None:
     assert len(chunks) == 2
     assert chunks[0].heading_path == ["class Box"] and (chunks[0].start_line, chunks[0].end_line) == (2, 11)
     assert chunks[1].heading_path == ["def helper"]
+
+
+def test_a_long_unit_is_tokenized_a_segment_at_a_time_with_exact_offsets_and_lines() -> None:
+    from lorekeeper.server.chunker import SEGMENT_CHARS
+
+    lines = [f"line {i} " + "tide " * (i % 30) for i in range(20_000)]
+    text = "\n".join(lines)
+    assert len(text) > 5 * SEGMENT_CHARS
+    seen: list[int] = []
+
+    def spans(piece: str):
+        seen.append(len(piece))
+        return [m.span() for m in __import__("re").finditer(r"\S+", piece)]
+
+    chunks = chunk_units(_units(text), spans, max_tokens=100)
+    assert max(seen) <= SEGMENT_CHARS  # never the whole text at once
+    for chunk in chunks:
+        assert text[chunk.char_start : chunk.char_end] == chunk.text
+        assert text.count("\n", 0, chunk.char_start) + 1 == chunk.start_line
+        assert text.count("\n", 0, chunk.char_end - 1) + 1 == chunk.end_line
+    assert chunks[0].char_start == 0 and chunks[-1].char_end == len(text.rstrip())
+
+
+def test_more_chunks_than_the_bound_is_an_error() -> None:
+    from lorekeeper.server.chunker import TooManyChunks
+
+    text = "word " * 50_000
+    with pytest.raises(TooManyChunks, match="max_chunks_per_file"):
+        chunk_units(_units(text), max_tokens=64, max_chunks=100)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
+from fakes import HashEmbedder
 
 from lorekeeper.server.indexer import Indexer
 from lorekeeper.server.search import search
@@ -157,3 +160,75 @@ def test_polling_fallback(indexer: Indexer, store: Store, docs: Path) -> None:
         note = docs.resolve() / "polled.md"
         note.write_text("# Polled\nFound by polling.\n")
         events.wait("indexed", note)
+
+
+class SlowHashEmbedder(HashEmbedder):
+    """The hashing fake at the pace of a real model on a busy machine: time per text embedded."""
+
+    def embed(self, texts):
+        time.sleep(0.02 * len(texts))
+        return super().embed(texts)
+
+
+def test_a_small_file_saved_while_a_large_one_is_embedded_does_not_wait_for_it(
+    store: Store, docs: Path
+) -> None:
+    indexer = Indexer(store, SlowHashEmbedder())
+    indexer.add_root(docs)
+    events = Events(store)
+    with Watcher(indexer, debounce=0.05, reconcile_interval=3600) as watcher:
+        assert watcher.wait_idle(30)
+        big = docs.resolve() / "changelog"
+        big.write_text("\n\n".join(f"Release {i}: " + "fixed the ferry timetable " * 20 for i in range(600)))
+        wait_for(lambda: indexer.activity.get(str(big), (0, 0))[0] > 0)  # the large file is being embedded
+        small = docs.resolve() / "small.md"
+        small.write_text("# Small\nA note saved while the changelog is embedded.\n")
+        events.wait("indexed", small)
+        assert ("indexed", str(big)) not in events.seen  # it did not wait behind the large file
+        progress = watcher.progress()
+        assert str(big) in progress["large_files"] and watcher.pending() >= 1
+        events.wait("indexed", big, timeout=120)
+        assert watcher.wait_idle(30)
+    assert store.check_integrity() == []
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.4])
+def test_folder_round_trip_out_and_back_is_caught_without_a_reconcile(
+    store: Store, tmp_path: Path, docs: Path, pause: float
+) -> None:
+    """Move a subfolder out of the root, rename its parent, move the subfolder back, rename the
+    parent again, editing on the way: the index matches the disk long before a periodic reconcile."""
+    root = docs.resolve()
+    (root / "parent" / "sub").mkdir(parents=True)
+    (root / "parent" / "sub" / "a.txt").write_text("alpha original text\n")
+    (root / "parent" / "b.txt").write_text("bravo text\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    indexer = Indexer(store, HashEmbedder())
+    indexer.add_root(root)
+    with Watcher(indexer, debounce=0.1, reconcile_interval=3600) as watcher:
+        assert watcher.wait_idle(30)
+        steps = [
+            lambda: os.rename(root / "parent" / "sub", outside / "sub"),
+            lambda: (outside / "sub" / "made-outside.txt").write_text("delta written outside\n"),
+            lambda: os.rename(root / "parent", root / "parent2"),
+            lambda: os.rename(outside / "sub", root / "parent2" / "sub"),
+            lambda: os.rename(root / "parent2", root / "parent"),
+            lambda: (root / "parent" / "sub" / "new.txt").write_text("charlie new file\n"),
+            lambda: (root / "parent" / "sub" / "a.txt").write_text("alpha edited text\n"),
+        ]
+        for step in steps:
+            step()
+            if pause:
+                time.sleep(pause)  # events apart, as a person would make them
+
+        def on_disk() -> dict[str, str]:
+            return {str(p): p.read_text().strip() for p in root.rglob("*.txt")}
+
+        def indexed() -> dict[str, str]:
+            return {
+                d.path: " ".join(c.text for c in store.document_chunks(d.path)) for d in store.documents()
+            }
+
+        wait_for(lambda: watcher.wait_idle(1) and indexed() == on_disk(), timeout=30)
+    assert store.check_integrity() == []

@@ -9,6 +9,10 @@ CPU when it is installed, exporting the graph once into the cache directory (tha
 torch), and torch otherwise or when the export fails its check (said once, then remembered);
 ``torch`` is today's path; ``onnx`` insists on onnxruntime and fails loudly without it. A ``device``
 other than cpu runs torch.
+
+One model serves the indexer and searches, one call at a time. ``embed`` works through its texts
+one small batch at a time and lets a waiting search query go between two batches
+(``QueryFirstLock``): a query waits for at most one batch, never for a whole file being indexed.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base import Embedder
+from ..base import Embedder, QueryFirstLock
 from ..hookspecs import hookimpl
 from ..models import default_embedder_path
 
 log = logging.getLogger(__name__)
+
+# Loading the model and loading the tokenizer both import transformers; two threads importing it at
+# once (a query loading the model while the indexer loads the tokenizer) can see a half-initialised
+# module ("cannot import name 'AutoTokenizer'"), so every first load goes through this one lock.
+_LOADING = threading.Lock()
 
 
 class MiniLMEmbedder(Embedder):
@@ -44,7 +53,9 @@ class MiniLMEmbedder(Embedder):
         self._model = None
         self._onnx = None
         self._resolved = self.runtime == "torch"  # whether _onnx has been settled (loaded or refused)
-        self._lock = threading.RLock()
+        self._lock = QueryFirstLock()
+        self._tokenizer = None
+        self._tokenizer_lock = threading.Lock()  # one encode at a time ("Already borrowed")
 
     # ------------------------------------------------------------------ the two runtimes
 
@@ -52,7 +63,7 @@ class MiniLMEmbedder(Embedder):
     def model(self):
         """The sentence-transformers model (torch)."""
         if self._model is None:
-            with self._lock:
+            with self._lock, _LOADING:
                 if self._model is None:
                     from lorekeeper.server.settings import process_environment
 
@@ -120,38 +131,66 @@ class MiniLMEmbedder(Embedder):
 
     @property
     def tokenizer(self):
-        return self.model.tokenizer
+        """A tokenizer of its own for cutting chunks: the model's tokenizer changes its truncation
+        state on every ``encode``, and sharing it across threads fails ("Already borrowed")."""
+        if self._tokenizer is None:
+            with _LOADING:
+                if self._tokenizer is None:
+                    from lorekeeper.server.settings import process_environment
+
+                    process_environment()
+                    from transformers import AutoTokenizer
+
+                    self._tokenizer = AutoTokenizer.from_pretrained(str(default_embedder_path()))
+        return self._tokenizer
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        texts = list(texts)
+        _ = self.onnx  # settle the runtime before taking turns (the export, once, takes a while)
+        parts = []
+        for start in range(0, len(texts), self.batch_size):
+            # neither model is called from two threads at once; a query may go in between
+            with self._lock.hold():
+                parts.append(self._encode(texts[start : start + self.batch_size]))
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        _ = self.onnx
+        with self._lock.hold(urgent=True):
+            return np.ascontiguousarray(self._encode([text])[0], dtype=np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         fast = self.onnx
-        with self._lock:  # neither model is called from two threads at once
-            if fast is not None:
-                return np.ascontiguousarray(fast.embed(texts), dtype=np.float32)
-            vectors = self.model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        if fast is not None:
+            return fast.embed(texts)
+        return self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         fast = self.onnx
         if fast is not None:
             return fast.token_spans(text)
-        encoded = self.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
-        )
+        tokenizer = self.tokenizer
+        with self._tokenizer_lock:
+            encoded = tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+            )
         return [tuple(span) for span in encoded["offset_mapping"]]
 
     def count_tokens(self, text: str) -> int:
         fast = self.onnx
         if fast is not None:
             return fast.count_tokens(text)
-        return len(self.tokenizer.encode(text, add_special_tokens=False, truncation=False, verbose=False))
+        tokenizer = self.tokenizer
+        with self._tokenizer_lock:
+            return len(tokenizer.encode(text, add_special_tokens=False, truncation=False, verbose=False))
 
 
 @hookimpl

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..base import LoaderError, TextUnit
+from ..base import BinaryFileError, LoaderError, TextUnit, check_text_limit
 
 BINARY_PROBE_BYTES = 8192
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -54,7 +54,7 @@ def check_not_binary(data: bytes, path: Path) -> None:
     probe = data[:BINARY_PROBE_BYTES]
     nul = probe.find(b"\x00")
     if nul != -1:
-        raise LoaderError(
+        raise BinaryFileError(
             f"binary file: {path} has a NUL byte at offset {nul}; "
             "it is not text, so exclude it or add a loader plugin for its format"
         )
@@ -131,25 +131,43 @@ _WIDE_BOMS = (
 
 
 def read_text(path: Path, declared: Callable[[bytes], str | None] | None = None) -> DecodedText:
-    """Read, reject binaries, and decode: the shared front half of the text-like loaders.
+    """Read, reject binaries, and decode: ``decode_data`` on the file's bytes."""
+    return decode_data(read_bytes(path), path, declared)
+
+
+def decode_data(
+    data: bytes,
+    path: Path,
+    declared: Callable[[bytes], str | None] | None = None,
+    max_chars: int | None = None,
+) -> DecodedText:
+    """Reject binaries and decode: the shared front half of the text-like loaders.
 
     UTF-16/32 files (what Windows Notepad calls "Unicode") are full of NUL bytes, so their byte
     order mark is checked before the binary test. ``declared`` finds an encoding the file names
-    for itself (Python's ``# -*- coding: latin-1 -*-``).
+    for itself (Python's ``# -*- coding: latin-1 -*-``). Text longer than ``max_chars`` is a
+    ``TextLimitError`` (a UTF-8 file of more than four bytes per allowed character is refused before
+    it is decoded).
     """
-    data = read_bytes(path)
+    if max_chars is not None and len(data) > 4 * max_chars + 4:
+        check_text_limit(len(data) // 4, max_chars, path)
+    decoded = None
     for bom, encoding in _WIDE_BOMS:
         if data.startswith(bom):
             try:
-                return DecodedText(data.decode(encoding), encoding)
+                decoded = DecodedText(data.decode(encoding), encoding)
             except UnicodeDecodeError as exc:
-                return DecodedText(
+                decoded = DecodedText(
                     data.decode(encoding, errors="replace"),
                     encoding,
                     [f"{path}: invalid {encoding} at byte {exc.start}; bad sequences replaced with U+FFFD"],
                 )
-    check_not_binary(data, path)
-    return decode_text(data, path, declared(data) if declared else None)
+            break
+    if decoded is None:
+        check_not_binary(data, path)
+        decoded = decode_text(data, path, declared(data) if declared else None)
+    check_text_limit(len(decoded.text), max_chars, path)
+    return decoded
 
 
 MAX_TITLE = 200  # characters of a heading kept in a heading path

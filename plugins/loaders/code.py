@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..base import LoadedText, Loader, TextUnit
 from ..hookspecs import hookimpl
-from ._common import LineIndex, line_window_units, read_text, text_unit
+from ._common import LineIndex, decode_data, line_window_units, text_unit
 
 WINDOW_LINES = 60  # lines per unit when a file's structure cannot be seen
 MAX_HEADER_LINE = 400  # longer lines are never taken as a definition start (and keep regexes linear)
@@ -165,9 +165,10 @@ class CodeLoader(Loader):
     version = "1"
     extensions = PYTHON_EXTENSIONS + tuple(FAMILIES)
 
-    def load(self, path: Path) -> LoadedText:
+    def load_data(self, path: Path, data: bytes, *, max_chars: int | None = None) -> LoadedText:
         suffix = Path(path).suffix.lower()
-        decoded = read_text(path, _python_coding if suffix in PYTHON_EXTENSIONS else None)
+        declared = _python_coding if suffix in PYTHON_EXTENSIONS else None
+        decoded = decode_data(data, path, declared, max_chars=max_chars)
         text = decoded.text
         warnings = list(decoded.warnings)
         if not text.strip():

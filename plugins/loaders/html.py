@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..base import LoadedText, Loader, LoaderError, TextUnit
+from ..base import LoadedText, Loader, LoaderError, TextUnit, check_text_limit
 from ..hookspecs import hookimpl
-from ._common import check_not_binary, read_bytes, short_title
+from ._common import check_not_binary, short_title
+
+HTML_BYTES_PER_CHAR = 4  # markup allowed per character of text before a page is refused unparsed
 
 if TYPE_CHECKING:  # bs4 is imported when a page is read, not when plugins load (the CLI starts faster)
     from bs4 import BeautifulSoup, Tag
@@ -240,9 +242,12 @@ class HtmlLoader(Loader):
     name = "html"
     version = "1"
     extensions = (".html", ".htm", ".xhtml", ".shtml")
+    one_format = True
 
-    def load(self, path: Path) -> LoadedText:
-        data = read_bytes(path)
+    def load_data(self, path: Path, data: bytes, *, max_chars: int | None = None) -> LoadedText:
+        if max_chars is not None and len(data) > HTML_BYTES_PER_CHAR * max_chars:
+            # the parse tree of a page costs many times its size; refuse before building it
+            check_text_limit(len(data) // HTML_BYTES_PER_CHAR, max_chars, path)
         if not data.strip():
             return LoadedText([])
         check_not_binary(data, path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..base import LoadedText, Loader, TextUnit
 from ..hookspecs import hookimpl
-from ._common import MAX_TITLE, LineIndex, read_text, text_unit
+from ._common import MAX_TITLE, LineIndex, decode_data, text_unit
 
 _ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
@@ -100,9 +100,10 @@ class MarkdownLoader(Loader):
     name = "markdown"
     version = "1"
     extensions = (".md", ".markdown", ".mdx", ".mdown", ".mkd")
+    one_format = True
 
-    def load(self, path: Path) -> LoadedText:
-        decoded = read_text(path)
+    def load_data(self, path: Path, data: bytes, *, max_chars: int | None = None) -> LoadedText:
+        decoded = decode_data(data, path, max_chars=max_chars)
         text = decoded.text
         if not text.strip():
             return LoadedText([], decoded.warnings)

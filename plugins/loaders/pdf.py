@@ -17,15 +17,49 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from pathlib import Path
 
-from ..base import LoadedText, Loader, LoaderError, TextUnit
+from ..base import LoadedText, Loader, LoaderError, TextUnit, check_text_limit
 from ..hookspecs import hookimpl
-from ._common import read_bytes, short_title
+from ._common import short_title
 
 log = logging.getLogger(__name__)
 
 MAX_OUTLINE_DEPTH = 16
+
+
+class _PypdfLog(logging.Handler):
+    """Collects what pypdf logs while this thread reads a PDF ("EOF marker not found", "incorrect
+    startxref"...) so it becomes the document's note instead of a stray line on the console."""
+
+    _lock = threading.Lock()
+    _active = 0
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+        self.addFilter(lambda record: record.thread == self.thread)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().strip())
+
+    def __enter__(self) -> _PypdfLog:
+        logger = logging.getLogger("pypdf")
+        with _PypdfLog._lock:
+            logger.addHandler(self)
+            _PypdfLog._active += 1
+            logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("pypdf")
+        with _PypdfLog._lock:
+            logger.removeHandler(self)
+            _PypdfLog._active -= 1
+            if not _PypdfLog._active:
+                logger.propagate = True
 
 
 def _reason(exc: BaseException) -> str:
@@ -102,11 +136,23 @@ class PdfLoader(Loader):
     name = "pdf"
     version = "1"
     extensions = (".pdf",)
+    one_format = True
 
-    def load(self, path: Path) -> LoadedText:
-        data = read_bytes(path)
+    def load_data(self, path: Path, data: bytes, *, max_chars: int | None = None) -> LoadedText:
         if not data:
             return LoadedText([])
+        with _PypdfLog() as notes:
+            try:
+                units, warnings = self._pages(path, data, max_chars)
+            except LoaderError as exc:
+                if not notes.messages:
+                    raise
+                said = "; ".join(dict.fromkeys(notes.messages))
+                raise type(exc)(f"{exc} (pypdf: {said})") from exc
+        warnings.extend(f"{path}: pypdf: {note}" for note in dict.fromkeys(notes.messages))
+        return LoadedText(units, warnings)
+
+    def _pages(self, path: Path, data: bytes, max_chars: int | None) -> tuple[list[TextUnit], list[str]]:
         reader, page_count = _open(data, path)
         paths = _outline_paths(reader, page_count)
         warnings: list[str] = []
@@ -135,6 +181,7 @@ class PdfLoader(Loader):
                 )
             )
             offset += len(text)
+            check_text_limit(offset, max_chars, path)
         if not units:
             if warnings:
                 raise LoaderError(f"corrupt or unreadable PDF: {path}: no page could be read ({warnings[0]})")
@@ -145,7 +192,7 @@ class PdfLoader(Loader):
         if empty_pages:
             shown = ", ".join(map(str, empty_pages[:20])) + (" ..." if len(empty_pages) > 20 else "")
             warnings.append(f"{path}: no extractable text on page(s) {shown} (images or blank)")
-        return LoadedText(units, warnings)
+        return units, warnings
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..base import LoadedText, Loader
 from ..hookspecs import hookimpl
-from ._common import LineIndex, paragraph_units, read_text
+from ._common import LineIndex, decode_data, paragraph_units
 
 TEXT_EXTENSIONS = (
     ".txt",
@@ -73,8 +73,8 @@ class TextLoader(Loader):
     version = "1"
     extensions = TEXT_EXTENSIONS + TEXT_FILE_NAMES
 
-    def load(self, path: Path) -> LoadedText:
-        decoded = read_text(path)
+    def load_data(self, path: Path, data: bytes, *, max_chars: int | None = None) -> LoadedText:
+        decoded = decode_data(data, path, max_chars=max_chars)
         text = decoded.text
         units = paragraph_units(text, 0, len(text), LineIndex(text), kind="paragraph")
         return LoadedText(units, decoded.warnings)

@@ -102,7 +102,13 @@ _mount_subcommands()
 
 def main() -> None:
     process_environment()  # before torch or llama.cpp load: see its docstring
-    app()
+    from ..store import StoreError
+
+    try:
+        app()
+    except StoreError as exc:  # a full or read-only disk under any command: say so, no traceback
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Index commands: ``add``, ``remove``, ``watch``, ``search``, ``status``, ``reindex``, ``plugins``."""
+"""Index commands: ``add``, ``remove``, ``watch``, ``search``, ``status``, ``files``, ``reindex``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +42,7 @@ def _ticker(progress: Progress, task) -> Callable[[int, int, str], None]:
 
 def _report_line(report) -> str:
     parts = [f"{report.indexed} indexed", f"{report.unchanged} unchanged"]
-    for name in ("moved", "removed", "failed", "skipped"):
+    for name in ("moved", "removed", "failed", "skipped", "ignored"):
         value = getattr(report, name)
         if value:
             parts.append(f"{value} {name}")
@@ -68,9 +69,12 @@ def add(
                 task = progress.add_task(f"indexing {path}", total=None, path="")
                 report = indexer.add_root(path, progress=_ticker(progress, task))
             console.print(f"[green]{path.resolve()}[/green]: {_report_line(report)}")
-            problems = [(p, o) for p, o in report.outcomes.items() if o in ("failed", "skipped")]
-            if problems:
-                console.print(f"  {len(problems)} files not indexed; `lorekeeper status` lists why")
+            if report.failed or report.skipped:
+                console.print(f"  {report.failed + report.skipped} files not indexed: `lorekeeper files --failed` "
+                              "lists them with the reason")  # fmt: skip
+            if report.ignored:
+                console.print(f"  {report.ignored} files and folders left out on purpose: `lorekeeper files "
+                              "--ignored` lists them with the reason")  # fmt: skip
 
 
 def remove(ctx: typer.Context, path: Path = typer.Argument(..., help="A registered folder.")) -> None:
@@ -190,24 +194,93 @@ def status(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Registered folders, counts, files that failed (with reasons) and the last change."""
+    """Registered folders, counts, files not indexed (with reasons) and the last change."""
+    from ..indexer import ACTIVITY_KEY
+
     with open_store(settings_of(ctx), create=False) as store:
         report = store.status()
+        activity = store.get_meta(ACTIVITY_KEY)
     if as_json:
         console.print_json(json.dumps(asdict(report)))
         return
     console.print(f"index: {report.db_path}")
     console.print(f"embedder: {report.embed_model or 'none yet'} ({report.embed_dim or '-'} dims)")
-    table = Table("folder", "documents", "chunks", "failed", "skipped")
+    table = Table("folder", "indexed", "chunks", "failed", "skipped", "ignored")
     for root in report.roots:
-        table.add_row(root.path, str(root.documents), str(root.chunks), str(root.failed), str(root.skipped))
+        table.add_row(root.path, str(root.documents), str(root.chunks), str(root.failed), str(root.skipped),
+                      str(root.ignored))  # fmt: skip
     console.print(table)
     if report.last_change:
         console.print(f"last change: {dt.datetime.fromtimestamp(report.last_change):%Y-%m-%d %H:%M:%S}")
+    _print_activity(activity)
     if report.failed:
         console.print(f"[yellow]{len(report.failed)} files not indexed:[/yellow]")
         for item in report.failed:
             console.print(f"  {item.status:7} {item.path}: {item.error}", highlight=False)
+    if report.ignored:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(report.ignored.items(), key=lambda kv: -kv[1]))
+        console.print(f"{sum(report.ignored.values())} files and folders left out on purpose ({counts}); "
+                      "`lorekeeper files --ignored` lists them with the reason", highlight=False)  # fmt: skip
+
+
+def _print_activity(activity: str | None) -> None:
+    """The large file a running watcher or `add` is embedding, if it said so in the last minute."""
+    if not activity:
+        return
+    try:
+        info = json.loads(activity)
+    except ValueError:
+        return
+    if time.time() - float(info.get("at", 0)) < 60:
+        console.print(
+            f"indexing now: {info['path']} ({info['done']}/{info['total']} chunks embedded)", highlight=False
+        )
+
+
+def files(
+    ctx: typer.Context,
+    folder: Path = typer.Argument(None, help="One registered folder (default: all)."),
+    ignored: bool = typer.Option(
+        False, "--ignored", help="Files and folders left out on purpose, with the reason."
+    ),
+    failed: bool = typer.Option(
+        False, "--failed", help="Files that failed or were skipped, with the reason."
+    ),
+    show_all: bool = typer.Option(False, "--all", help="Every file the index knows of, with its status."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the files of the watched folders: indexed ones (the default), or those not indexed and why."""
+    if sum([ignored, failed, show_all]) > 1:
+        fail("give one of --ignored, --failed, --all")
+    which = "all" if show_all else "ignored" if ignored else "problems" if failed else "indexed"
+    with open_store(settings_of(ctx), create=False) as store:
+        root = None
+        if folder is not None:
+            root = str(folder.expanduser().resolve())
+            if root not in [r.path for r in store.roots()]:
+                fail(f"{folder} is not a registered folder")
+        entries = store.files(which, root)
+    if as_json:
+        console.print_json(json.dumps([asdict(e) for e in entries]))
+        return
+    if not entries:
+        console.print({"indexed": "no files indexed", "ignored": "no files ignored",
+                       "problems": "no files failed or skipped"}.get(which, "no files"))  # fmt: skip
+        return
+    for entry in entries:
+        name = entry.path + ("/" if entry.is_dir else "")
+        if entry.status == "indexed":
+            note = f" ({entry.reason})" if entry.reason and which == "all" else ""
+            line = (
+                f"{entry.chunks:6} chunks  {name}{note}" if which == "indexed" else f"indexed  {name}{note}"
+            )
+        else:
+            line = f"{entry.status:7}  {name}: {entry.reason}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.status] = counts.get(entry.status, 0) + 1
+    err.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
 
 
 def reindex(
@@ -228,11 +301,10 @@ def reindex(
             root = str(path.expanduser().resolve())
             if root not in [r.path for r in store.roots()]:
                 fail(f"{path} is not a registered folder")
-        store.forget_file_state(root, content=full)
         indexer = Indexer(store, settings=settings)
         with _progress() as progress:
             task = progress.add_task("reindexing", total=None, path="")
-            report = indexer.reconcile(root, progress=_ticker(progress, task))
+            report = indexer.reindex(root, full=full, progress=_ticker(progress, task))
     console.print(_report_line(report))
 
 
@@ -272,5 +344,6 @@ def register(app: typer.Typer) -> None:
     app.command()(watch)
     app.command()(search)
     app.command()(status)
+    app.command()(files)
     app.command()(reindex)
     app.command("plugins")(list_plugins)

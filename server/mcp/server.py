@@ -19,8 +19,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp_types import Resource as MCPResource
+from pydantic import ValidationError
 
 from ..indexer import warm_up
 from .api import register_api
@@ -54,6 +56,24 @@ class LorekeeperMCP(MCPServer[AppState]):
         self.state: AppState | None = None
         self.notifier = ChangeNotifier(bus)
 
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        """The SDK's tool call, with every failure put in words the assistant can act on: bad
+        arguments name each field and what it must be; a crash says which kind (the details go to
+        the log) instead of the bare "Error executing tool NAME"."""
+        try:
+            return await super().call_tool(name, arguments, context)
+        except UnexpectedToolError as exc:
+            cause = exc.__cause__ or exc
+            logger.error("tool %s failed", name, exc_info=(type(cause), cause, cause.__traceback__))
+            raise ToolError(
+                f"{name} failed on an internal error ({type(cause).__name__}); the server's log has the "
+                "details. Other requests are unaffected: retry, or change the arguments."
+            ) from cause
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(invalid_arguments(name, exc.__cause__)) from exc.__cause__
+            raise
+
     async def list_resources(self) -> list[MCPResource]:
         listed = await super().list_resources()
         state = self.state
@@ -77,6 +97,18 @@ class LorekeeperMCP(MCPServer[AppState]):
                 )
             )
         return listed
+
+
+def invalid_arguments(tool: str, error: ValidationError) -> str:
+    """A validation failure as one line per field, without echoing the (perhaps huge) values."""
+    problems = error.errors(include_url=False, include_input=False)
+    lines = []
+    for problem in problems[:10]:
+        field = ".".join(str(part) for part in problem["loc"] if part != f"{tool}Arguments") or "arguments"
+        lines.append(f"- {field}: {problem['msg']}")
+    more = f"\n- ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    count = f"{len(problems)} validation error{'s' if len(problems) != 1 else ''}"
+    return f"Invalid arguments for {tool} ({count}):\n" + "\n".join(lines) + more
 
 
 def create_server(options: ServerOptions | None = None) -> LorekeeperMCP:

@@ -105,6 +105,9 @@ def _register_retrieve(server: Any, settings: Settings) -> None:
         state = app_state(ctx)
         try:
             after = parse_since(modified_after)
+        except ValueError as exc:
+            raise ToolError(f"modified_after: {exc}") from exc
+        try:
             hits = await anyio.to_thread.run_sync(
                 lambda: search(
                     state.store,
@@ -155,7 +158,10 @@ def _register_generate(server: Any, settings: Settings) -> None:
             int, Field(ge=1, le=MAX_GENERATE_TOKENS, description="longest answer, in tokens")
         ] = settings.max_tokens,
         temperature: Annotated[
-            float | None, Field(ge=0.0, le=2.0, description="0 = deterministic (default: the settings')")
+            float | None,
+            Field(
+                ge=0.0, le=2.0, allow_inf_nan=False, description="0 = deterministic (default: the settings')"
+            ),
         ] = None,
         adapter: Annotated[
             str | None,
