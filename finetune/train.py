@@ -210,16 +210,16 @@ def make_callbacks(
     run: RunDir, config: TrainConfig, collator: PackedCollator, console: Any, total_steps: int
 ):
     """Progress bar, metrics writer and early stopping, as Trainer callbacks."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+    base = _trainer_callback_base()
+    return (
+        _metrics_callback(base, run, collator),
+        _early_stop_callback(base, run, config),
+        _progress_callback(base, console, total_steps),
     )
 
-    base = _trainer_callback_base()
+
+def _metrics_callback(base: type, run: RunDir, collator: PackedCollator) -> type:
+    """The callback class writing run.metrics; counts tokens/s from the training collator."""
 
     class Metrics(base):
         """Appends one JSON line per log event (training loss, learning rate, held-out loss, tokens/s)."""
@@ -255,6 +255,12 @@ def make_callbacks(
             with open(run.metrics, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
 
+    return Metrics
+
+
+def _early_stop_callback(base: type, run: RunDir, config: TrainConfig) -> type:
+    """The callback class keeping the best adapter and stopping on config's patience."""
+
     class EarlyStopAndKeepBest(base):
         """Keeps the adapter with the lowest held-out loss as adapter/; stops after `patience` misses."""
 
@@ -275,10 +281,24 @@ def make_callbacks(
                 self.stopped_early = True
                 control.should_training_stop = True
 
+    return EarlyStopAndKeepBest
+
+
+def _progress_callback(base: type, console: Any, total_steps: int) -> type:
+    """The callback class drawing the rich progress bar on `console`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     class RichProgress(base):
         """A progress bar with loss, tokens/s and ETA, on stderr."""
 
-        def __init__(self, metrics: Metrics) -> None:
+        def __init__(self, metrics: Any) -> None:
             self.metrics = metrics
             self.progress = Progress(
                 TextColumn("[bold]training"),
@@ -319,7 +339,7 @@ def make_callbacks(
         def on_train_end(self, args, state, control, **kwargs):
             self.progress.stop()
 
-    return Metrics, EarlyStopAndKeepBest, RichProgress
+    return RichProgress
 
 
 def trainer_class():
