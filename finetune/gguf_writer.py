@@ -3,6 +3,10 @@
 Every file is written to a temporary name in the destination directory and renamed into place
 only once complete (``atomic_file``), so a full disk or a crash never leaves a half-written GGUF
 under the name a user or the generator would load.
+
+The module stays one unit (over the ~500-line guide): every section (atomic files, tensor encoding,
+adapter, merged models, tokenizer metadata, quantizer) serves the same few writers and raises the same
+``ExportError``; the tokenizer-metadata section is the seam to cut along if it grows further.
 """
 
 from __future__ import annotations

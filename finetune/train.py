@@ -4,6 +4,10 @@ The Trainer does the loop (schedules, accumulation, checkpoints and exact resume
 adds is around it: data summary before the first step, target-module checks that name the model's
 real layers, a rich progress bar with tokens/s, metrics as JSONL, early stopping on held-out loss,
 the best adapter kept as ``adapter/`` and a loss plot.
+
+The module stays one unit (over the ~500-line guide): the callbacks, the Trainer subclass and
+``train_run`` share the run directory's layout and the lazily imported transformers classes, and each
+piece is small; split off the callbacks first if it grows further.
 """
 
 from __future__ import annotations
