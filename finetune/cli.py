@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .config import ConfigError, TrainConfig, field_default, field_help
+
+if TYPE_CHECKING:
+    from .runs import RunDir
 
 app = typer.Typer(
     help="Fine-tune the local model on your own data (QLoRA), evaluate it and export it as GGUF.",
@@ -84,55 +88,13 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a LoRA adapter (QLoRA by default) and write a run directory."""
+    options = dict(locals())  # the CLI options, taken before any other local exists
     _setup_logging(verbose)
     from .data import DataError
     from .runs import new_run_dir
 
     run = new_run_dir(name, output)
-    if resume:
-        if not run.config.is_file():
-            _fail(f"--resume: no run at {run.root} (give the same --name or --output as the first time)")
-        config = TrainConfig.load(run.config)
-        if max_steps != field_default("max_steps"):
-            config.max_steps = max_steps  # extending a finished run is the usual reason to resume
-        console.print(f"resuming {run.root} with its saved config (max_steps={config.max_steps})")
-    else:
-        try:
-            config = TrainConfig(
-                base=base,
-                data=[str(p) for p in (data or [])],
-                from_index=from_index,
-                index_path_glob=path,
-                index_qa_pairs=qa_pairs,
-                max_seq_len=max_seq_len,
-                overlong=overlong,
-                packing=packing,
-                train_on_prompt=train_on_prompt,
-                eval_fraction=eval_fraction,
-                seed=seed,
-                lora_r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                target_modules=list(target or []),
-                quantize_4bit=quantize_4bit,
-                epochs=epochs,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                grad_accum=grad_accum,
-                learning_rate=learning_rate,
-                lr_scheduler=lr_scheduler,
-                warmup_ratio=warmup_ratio,
-                optimizer=optimizer,
-                precision=precision,
-                gradient_checkpointing=gradient_checkpointing,
-                eval_steps=eval_steps,
-                save_steps=save_steps,
-                early_stopping_patience=early_stopping_patience,
-            )
-        except ConfigError as exc:
-            _fail(str(exc))
-        if run.config.is_file() and run.latest_checkpoint() is not None:
-            _fail(f"{run.root} already holds a run: add --resume to continue it, or pick another --name")
+    config = _resumed_config(run, max_steps) if resume else _new_run_config(run, options)
     from .base_model import BaseModelError
     from .train import TargetModuleError, train_run
 
@@ -144,6 +106,40 @@ def train(
         f"[green]done[/green]: {result.steps} steps, held-out loss {result.eval_loss_text}; run in {run.root}"
     )
     typer.echo(str(run.root))
+
+
+# `train` options that are not TrainConfig fields, and those named differently from their field.
+_TRAIN_OPTIONS_NOT_IN_CONFIG = ("name", "output", "resume", "verbose")
+_TRAIN_OPTION_FIELDS = {"path": "index_path_glob", "qa_pairs": "index_qa_pairs", "target": "target_modules"}
+
+
+def _resumed_config(run: RunDir, max_steps: int) -> TrainConfig:
+    """The saved config of the run in `run`, with --max-steps applied when it was given."""
+    if not run.config.is_file():
+        _fail(f"--resume: no run at {run.root} (give the same --name or --output as the first time)")
+    config = TrainConfig.load(run.config)
+    if max_steps != field_default("max_steps"):
+        config.max_steps = max_steps  # extending a finished run is the usual reason to resume
+    console.print(f"resuming {run.root} with its saved config (max_steps={config.max_steps})")
+    return config
+
+
+def _new_run_config(run: RunDir, options: dict) -> TrainConfig:
+    """A TrainConfig from the `train` options; refuses a run directory that already holds a run."""
+    fields = {
+        _TRAIN_OPTION_FIELDS.get(option, option): value
+        for option, value in options.items()
+        if option not in _TRAIN_OPTIONS_NOT_IN_CONFIG
+    }
+    fields["data"] = [str(p) for p in (fields["data"] or [])]
+    fields["target_modules"] = list(fields["target_modules"] or [])
+    try:
+        config = TrainConfig(**fields)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if run.config.is_file() and run.latest_checkpoint() is not None:
+        _fail(f"{run.root} already holds a run: add --resume to continue it, or pick another --name")
+    return config
 
 
 @app.command("data")

@@ -209,87 +209,131 @@ def export_run(
     out = Path(output_dir).expanduser().resolve() if output_dir else run.export
     base = _read_base(run)
     lora = load_adapter(run.adapter)
+    base_gguf, shape, config = _base_shape(base)
+    job = _Export(
+        run_dir=run_dir,
+        out=out,
+        name=name,
+        outtype=outtype,
+        verify=verify,
+        base=base,
+        lora=lora,
+        shape=shape,
+        config=config,
+        tokenizer_dir=run.tokenizer if (run.tokenizer / "tokenizer.json").is_file() else None,
+        report=ExportReport(
+            name=name,
+            run_dir=run_dir,
+            architecture=shape.spec.name,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            lora_modules=len(lora.modules),
+        ),
+    )
+    if adapter:
+        job.write_adapter(base_gguf, register=register)
+    if merged or quantize:
+        job.write_merged(merged=merged, quantize=quantize)
+    return job.report
 
+
+def _base_shape(base: Any) -> tuple[Path | None, ModelShape, dict[str, Any]]:
+    """The run's base as (its GGUF or None for a Hugging Face directory, its shape, its HF config)."""
     if base.kind == "gguf":
         import gguf
 
         base_gguf = Path(base.gguf_path)
         if not base_gguf.is_file():
             raise ExportError(f"the run's base model {base_gguf} is gone: restore it to export this run")
-        shape = shape_from_gguf(gguf.GGUFReader(str(base_gguf)), str(base_gguf))
-        config: dict[str, Any] = {}
-    else:
-        model_dir = Path(base.path)
-        config_path = model_dir / "config.json"
-        if not config_path.is_file():
-            raise ExportError(f"the run's base model {model_dir} has no config.json: restore it to export")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        shape = shape_from_hf_config(config)
-        base_gguf = None
-    tokenizer_dir = run.tokenizer if (run.tokenizer / "tokenizer.json").is_file() else None
+        return base_gguf, shape_from_gguf(gguf.GGUFReader(str(base_gguf)), str(base_gguf)), {}
+    model_dir = Path(base.path)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"the run's base model {model_dir} has no config.json: restore it to export")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    return None, shape_from_hf_config(config), config
 
-    report = ExportReport(
-        name=name,
-        run_dir=run_dir,
-        architecture=shape.spec.name,
-        rank=lora.rank,
-        alpha=lora.alpha,
-        lora_modules=len(lora.modules),
-    )
 
-    tokenizer_checked = False  # the base and the merged model carry the same converted tokenizer
+@dataclass
+class _Export:
+    """One export_run call: what its adapter and merged-model steps share, and its report."""
 
-    def hf_model(final: Path, with_adapter: LoraAdapter | None, kind: str) -> Path:
-        nonlocal tokenizer_checked
+    run_dir: Path
+    out: Path
+    name: str
+    outtype: str
+    verify: bool
+    base: Any  # the run's BaseRef
+    lora: LoraAdapter
+    shape: ModelShape
+    config: dict[str, Any]  # the Hugging Face config of a directory base ({} for a GGUF base)
+    tokenizer_dir: Path | None
+    report: ExportReport
+    tokenizer_checked: bool = False  # the base and the merged model carry the same converted tokenizer
+
+    def hf_model(self, final: Path, with_adapter: LoraAdapter | None, kind: str) -> Path:
+        """Convert the Hugging Face directory base (plus `with_adapter` merged in) to a GGUF."""
         written = write_model_from_hf(
             final,
-            Path(base.path),
-            tokenizer_dir or Path(base.path),
-            shape,
-            config,
+            Path(self.base.path),
+            self.tokenizer_dir or Path(self.base.path),
+            self.shape,
+            self.config,
             with_adapter,
             kind,
-            name,
+            self.name,
         )
-        if verify and not tokenizer_checked:
-            report.tokenizer_mismatches = check_tokenizer(written, tokenizer_dir or Path(base.path))
-            tokenizer_checked = True
+        if self.verify and not self.tokenizer_checked:
+            self.report.tokenizer_mismatches = check_tokenizer(
+                written, self.tokenizer_dir or Path(self.base.path)
+            )
+            self.tokenizer_checked = True
         return written
 
-    if adapter:
+    def write_adapter(self, base_gguf: Path | None, *, register: bool) -> None:
+        """The GGUF adapter (and a converted base when the base is a directory), registered if asked."""
+        name, out, report = self.name, self.out, self.report
         if base_gguf is None:
-            base_gguf = hf_model(out / f"{name}-base-{outtype}.gguf", None, outtype)
+            base_gguf = self.hf_model(out / f"{name}-base-{self.outtype}.gguf", None, self.outtype)
             report.files.append(base_gguf)
         report.base_gguf = base_gguf
-        adapter_path = write_lora_adapter(out / f"{name}.lora.gguf", shape, lora, name)
+        adapter_path = write_lora_adapter(out / f"{name}.lora.gguf", self.shape, self.lora, name)
         report.adapter_gguf = adapter_path
         report.files.append(adapter_path)
-        if verify:
+        if self.verify:
             check_llama_cpp_loads(base_gguf, adapter_path)
         if register:
             report.registered_gguf, report.registered_json = register_adapter(
-                adapter_path, name, base_gguf=base_gguf, adapter=lora, shape=shape, run_dir=run_dir
+                adapter_path,
+                name,
+                base_gguf=base_gguf,
+                adapter=self.lora,
+                shape=self.shape,
+                run_dir=self.run_dir,
             )
         log.info("adapter written to %s", adapter_path)
 
-    if merged or quantize:
+    def write_merged(self, *, merged: bool, quantize: str | None) -> None:
+        """The merged model, and its llama.cpp-quantized copy when `quantize` names a type."""
+        name, out, report, outtype = self.name, self.out, self.report, self.outtype
         merged_path = out / f"{name}-merged-{outtype}.gguf"
-        if base.kind == "gguf":
-            write_merged_from_gguf(merged_path, Path(base.gguf_path), shape, lora, outtype, name)
+        if self.base.kind == "gguf":
+            write_merged_from_gguf(
+                merged_path, Path(self.base.gguf_path), self.shape, self.lora, outtype, name
+            )
         else:
-            hf_model(merged_path, lora, outtype)
+            self.hf_model(merged_path, self.lora, outtype)
         if quantize:
             qname = quantize.upper().replace("-", "_")
             quantized = quantize_gguf(merged_path, out / f"{name}-merged-{qname}.gguf", qname)
             report.quantized_gguf = quantized
             report.files.append(quantized)
-            if verify:
+            if self.verify:
                 check_llama_cpp_loads(quantized)
         if merged:
             report.merged_gguf = merged_path
             report.files.append(merged_path)
-            if verify:
+            if self.verify:
                 check_llama_cpp_loads(merged_path)
         else:
             merged_path.unlink(missing_ok=True)  # only the quantized model was asked for
-    return report

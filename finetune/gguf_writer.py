@@ -3,6 +3,10 @@
 Every file is written to a temporary name in the destination directory and renamed into place
 only once complete (``atomic_file``), so a full disk or a crash never leaves a half-written GGUF
 under the name a user or the generator would load.
+
+The module stays one unit (over the ~500-line guide): every section (atomic files, tensor encoding,
+adapter, merged models, tokenizer metadata, quantizer) serves the same few writers and raises the same
+``ExportError``; the tokenizer-metadata section is the seam to cut along if it grows further.
 """
 
 from __future__ import annotations
@@ -490,36 +494,12 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size:
     from its live state, not from tokenizer.json on disk: transformers may replace parts of the
     saved tokenizer, and the GGUF must reproduce the ids the adapter was trained on.
     """
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as exc:
-        raise UnsupportedTokenizer(f"cannot load the tokenizer in {tokenizer_dir}: {exc}") from exc
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise UnsupportedTokenizer(
-            f"the tokenizer in {tokenizer_dir} is not a fast (tokenizers) tokenizer; export from a GGUF base instead"
-        )
-    tok_json = json.loads(backend.to_str())
+    tokenizer, tok_json = _load_fast_tokenizer(tokenizer_dir)
     model = tok_json.get("model", {})
-    decoder = (tok_json.get("decoder") or {}).get("type")
-    byte_level = _is_byte_level_bpe(model, decoder)
-    if not byte_level and not _is_sentencepiece_bpe(model, tok_json):
-        raise UnsupportedTokenizer(
-            f"{tokenizer_dir}: the exporter converts byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM) and "
-            f"SentencePiece BPE ones with byte fallback (Llama 2, Mistral, Phi-3, Gemma); this one is "
-            f"{model.get('type')} with a {decoder} decoder: export from a GGUF base of this model instead"
-        )
+    byte_level = _is_byte_level_family(model, tok_json, tokenizer_dir)
     vocab: dict[str, int] = model["vocab"]
     added = tok_json.get("added_tokens", [])
-    needed = max([0, *(i + 1 for i in vocab.values()), *(a["id"] + 1 for a in added)])
-    if needed > vocab_size:
-        raise UnsupportedTokenizer(
-            f"the tokenizer in {tokenizer_dir} has token ids up to {needed - 1}, but the model's embedding "
-            f"has {vocab_size} rows (vocab_size in config.json): tokens were added without resizing the "
-            "model; resize its embeddings (model.resize_token_embeddings) before training, or drop the tokens"
-        )
+    _check_vocab_fits(vocab, added, vocab_size, tokenizer_dir)
     size = vocab_size  # ids past the tokenizer's (a config vocab padded past it) stay placeholders
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
@@ -532,17 +512,7 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size:
         writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json.get("pre_tokenizer")))
         writer.add_token_merges(merges)
     else:
-        writer.add_tokenizer_model("llama")
-        writer.add_add_space_prefix(_adds_space_prefix(tok_json))
-        scores = [0.0] * size
-        for idx, score in _sentencepiece_scores(vocab, merges).items():
-            scores[idx] = score
-        for text, idx in vocab.items():
-            if _BYTE_PIECE.match(text):
-                types[idx] = gguf.TokenType.BYTE
-        if tokenizer.unk_token_id is not None:
-            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
-        writer.add_token_scores(scores)
+        _write_sentencepiece_model(writer, tok_json, vocab, merges, types, tokenizer.unk_token_id)
     for token in added:
         if token["id"] == tokenizer.unk_token_id and not byte_level:
             continue
@@ -550,6 +520,75 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size:
         types[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
+    _write_special_tokens(writer, tokenizer)
+
+
+def _load_fast_tokenizer(tokenizer_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer as training loaded it, and its live state as tokenizer.json would hold it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        raise UnsupportedTokenizer(f"cannot load the tokenizer in {tokenizer_dir}: {exc}") from exc
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedTokenizer(
+            f"the tokenizer in {tokenizer_dir} is not a fast (tokenizers) tokenizer; export from a GGUF base instead"
+        )
+    return tokenizer, json.loads(backend.to_str())
+
+
+def _is_byte_level_family(model: dict[str, Any], tok_json: dict[str, Any], tokenizer_dir: Path) -> bool:
+    """True for byte-level BPE, False for SentencePiece BPE; any other tokenizer is refused."""
+    decoder = (tok_json.get("decoder") or {}).get("type")
+    byte_level = _is_byte_level_bpe(model, decoder)
+    if not byte_level and not _is_sentencepiece_bpe(model, tok_json):
+        raise UnsupportedTokenizer(
+            f"{tokenizer_dir}: the exporter converts byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM) and "
+            f"SentencePiece BPE ones with byte fallback (Llama 2, Mistral, Phi-3, Gemma); this one is "
+            f"{model.get('type')} with a {decoder} decoder: export from a GGUF base of this model instead"
+        )
+    return byte_level
+
+
+def _check_vocab_fits(
+    vocab: dict[str, int], added: list[dict[str, Any]], vocab_size: int, tokenizer_dir: Path
+) -> None:
+    """Refuse a tokenizer whose ids (added tokens included) run past the model's embedding rows."""
+    needed = max([0, *(i + 1 for i in vocab.values()), *(a["id"] + 1 for a in added)])
+    if needed > vocab_size:
+        raise UnsupportedTokenizer(
+            f"the tokenizer in {tokenizer_dir} has token ids up to {needed - 1}, but the model's embedding "
+            f"has {vocab_size} rows (vocab_size in config.json): tokens were added without resizing the "
+            "model; resize its embeddings (model.resize_token_embeddings) before training, or drop the tokens"
+        )
+
+
+def _write_sentencepiece_model(
+    writer: gguf.GGUFWriter,
+    tok_json: dict[str, Any],
+    vocab: dict[str, int],
+    merges: list[str],
+    types: list[gguf.TokenType],
+    unk_token_id: int | None,
+) -> None:
+    """llama.cpp's ``llama`` tokenizer: space-prefix rule and scores; marks byte and unknown pieces in `types`."""
+    writer.add_tokenizer_model("llama")
+    writer.add_add_space_prefix(_adds_space_prefix(tok_json))
+    scores = [0.0] * len(types)
+    for idx, score in _sentencepiece_scores(vocab, merges).items():
+        scores[idx] = score
+    for text, idx in vocab.items():
+        if _BYTE_PIECE.match(text):
+            types[idx] = gguf.TokenType.BYTE
+    if unk_token_id is not None:
+        types[unk_token_id] = gguf.TokenType.UNKNOWN
+    writer.add_token_scores(scores)
+
+
+def _write_special_tokens(writer: gguf.GGUFWriter, tokenizer: Any) -> None:
+    """Special token ids, whether llama.cpp adds BOS/EOS itself, and the chat template."""
     for token_id, add in (
         (tokenizer.bos_token_id, writer.add_bos_token_id),
         (tokenizer.eos_token_id, writer.add_eos_token_id),

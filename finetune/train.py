@@ -4,6 +4,10 @@ The Trainer does the loop (schedules, accumulation, checkpoints and exact resume
 adds is around it: data summary before the first step, target-module checks that name the model's
 real layers, a rich progress bar with tokens/s, metrics as JSONL, early stopping on held-out loss,
 the best adapter kept as ``adapter/`` and a loss plot.
+
+The module stays one unit (over the ~500-line guide): the callbacks, the Trainer subclass and
+``train_run`` share the run directory's layout and the lazily imported transformers classes, and each
+piece is small; split off the callbacks first if it grows further.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .base_model import BaseRef, default_device, load_base, resolve_base
@@ -210,16 +215,16 @@ def make_callbacks(
     run: RunDir, config: TrainConfig, collator: PackedCollator, console: Any, total_steps: int
 ):
     """Progress bar, metrics writer and early stopping, as Trainer callbacks."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+    base = _trainer_callback_base()
+    return (
+        _metrics_callback(base, run, collator),
+        _early_stop_callback(base, run, config),
+        _progress_callback(base, console, total_steps),
     )
 
-    base = _trainer_callback_base()
+
+def _metrics_callback(base: type, run: RunDir, collator: PackedCollator) -> type:
+    """The callback class writing run.metrics; counts tokens/s from the training collator."""
 
     class Metrics(base):
         """Appends one JSON line per log event (training loss, learning rate, held-out loss, tokens/s)."""
@@ -255,6 +260,12 @@ def make_callbacks(
             with open(run.metrics, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
 
+    return Metrics
+
+
+def _early_stop_callback(base: type, run: RunDir, config: TrainConfig) -> type:
+    """The callback class keeping the best adapter and stopping on config's patience."""
+
     class EarlyStopAndKeepBest(base):
         """Keeps the adapter with the lowest held-out loss as adapter/; stops after `patience` misses."""
 
@@ -275,10 +286,24 @@ def make_callbacks(
                 self.stopped_early = True
                 control.should_training_stop = True
 
+    return EarlyStopAndKeepBest
+
+
+def _progress_callback(base: type, console: Any, total_steps: int) -> type:
+    """The callback class drawing the rich progress bar on `console`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     class RichProgress(base):
         """A progress bar with loss, tokens/s and ETA, on stderr."""
 
-        def __init__(self, metrics: Metrics) -> None:
+        def __init__(self, metrics: Any) -> None:
             self.metrics = metrics
             self.progress = Progress(
                 TextColumn("[bold]training"),
@@ -319,7 +344,7 @@ def make_callbacks(
         def on_train_end(self, args, state, control, **kwargs):
             self.progress.stop()
 
-    return Metrics, EarlyStopAndKeepBest, RichProgress
+    return RichProgress
 
 
 def trainer_class():
@@ -397,30 +422,14 @@ def train_run(
 ) -> TrainResult:
     """Train ``config`` into ``run`` (a fresh run, or ``resume`` from its latest checkpoint)."""
     from rich.console import Console
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
     device = device or default_device()
     precision = resolve_precision(config, device)
     optimizer = resolve_optimizer(config, device)
-    run.root.mkdir(parents=True, exist_ok=True)
-    checkpoint = run.latest_checkpoint() if resume else None
-    if resume and checkpoint is None:
-        log.warning("no checkpoint in %s: starting from step 0", run.checkpoints)
-
-    if resume and run.base.is_file():
-        ref = BaseRef.load(run.base)
-    else:
-        ref = resolve_base(config.base)
-    config.save(run.config)
-    ref.save(run.base)
-    if checkpoint is None and run.adapter.exists():
-        import shutil
-
-        shutil.rmtree(
-            run.adapter
-        )  # a fresh start: an adapter left from an earlier attempt must not pass as this one
+    checkpoint, ref = _prepare_run_dir(config, run, resume)
 
     set_seed(config.seed)
     model, tokenizer = load_base(
@@ -444,7 +453,60 @@ def train_run(
     steps_per_epoch = max(1, math.ceil(len(data.train_rows) / (config.batch_size * config.grad_accum)))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     has_heldout = bool(data.heldout_rows)
-    args = TrainingArguments(
+    args = _training_arguments(config, run, precision, optimizer, device, has_heldout)
+    Metrics, EarlyStop, Progress = make_callbacks(run, config, collator, console, total_steps)
+    metrics_cb = Metrics()
+    model_ref: list = []
+    early_cb = EarlyStop(model_ref)
+    trainer = _make_trainer(
+        model, tokenizer, args, data, collator, [metrics_cb, early_cb, Progress(metrics_cb)], has_heldout
+    )
+    model_ref.append(trainer.model)
+
+    output = _train_and_keep_adapter(trainer, config, run, checkpoint, early_cb, has_heldout)
+    plot_loss(run.metrics, run.loss_plot, title=f"{run.name}: {ref.display_name}")
+    losses = _eval_losses(run)
+    return TrainResult(
+        steps=trainer.state.global_step,
+        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        eval_loss=metrics_cb.last_eval,
+        first_eval_loss=losses[0] if losses else None,
+        best_eval_loss=min(losses, default=None),
+        stopped_early=early_cb.stopped_early,
+        seconds=time.perf_counter() - started,
+        tokens=collator.tokens_seen,
+    )
+
+
+def _prepare_run_dir(config: TrainConfig, run: RunDir, resume: bool) -> tuple[Path | None, BaseRef]:
+    """(checkpoint to resume from or None, base model), with config.json and base.json written."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s: starting from step 0", run.checkpoints)
+
+    if resume and run.base.is_file():
+        ref = BaseRef.load(run.base)
+    else:
+        ref = resolve_base(config.base)
+    config.save(run.config)
+    ref.save(run.base)
+    if checkpoint is None and run.adapter.exists():
+        import shutil
+
+        shutil.rmtree(
+            run.adapter
+        )  # a fresh start: an adapter left from an earlier attempt must not pass as this one
+    return checkpoint, ref
+
+
+def _training_arguments(
+    config: TrainConfig, run: RunDir, precision: str, optimizer: str, device: str, has_heldout: bool
+) -> Any:
+    """The Trainer's TrainingArguments for ``config``: checkpoints under run.checkpoints, no tqdm."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -476,10 +538,18 @@ def train_run(
         # checkpointing is switched on by prepare_model, before peft wraps the model; the
         # Trainer's own switch stays at its default, off
     )
-    Metrics, EarlyStop, Progress = make_callbacks(run, config, collator, console, total_steps)
-    metrics_cb = Metrics()
-    model_ref: list = []
-    early_cb = EarlyStop(model_ref)
+
+
+def _make_trainer(
+    model: Any,
+    tokenizer: Any,
+    args: Any,
+    data: BuiltData,
+    collator: PackedCollator,
+    callbacks: list,
+    has_heldout: bool,
+) -> Any:
+    """The Trainer with our callbacks in place of its printer and tqdm bar."""
     trainer = trainer_class()(
         model=model,
         args=args,
@@ -487,15 +557,20 @@ def train_run(
         eval_dataset=RowDataset(data.heldout_rows) if has_heldout else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[metrics_cb, early_cb, Progress(metrics_cb)],
+        callbacks=callbacks,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.eval_collator = PackedCollator(tokenizer.pad_token_id)
-    model_ref.append(trainer.model)
+    return trainer
 
+
+def _train_and_keep_adapter(
+    trainer: Any, config: TrainConfig, run: RunDir, checkpoint: Path | None, early_cb: Any, has_heldout: bool
+) -> Any:
+    """Run the Trainer (held-out loss before and after) and make sure adapter/ holds a result."""
     if has_heldout and checkpoint is None:
         trainer.evaluate()  # the base model's held-out loss, logged as step 0: the bar to beat
     elif has_heldout:
@@ -506,18 +581,7 @@ def train_run(
         trainer.evaluate()
     if not has_heldout or not run.is_trained():
         save_adapter(trainer.model, run, trainer.state.global_step)
-    plot_loss(run.metrics, run.loss_plot, title=f"{run.name}: {ref.display_name}")
-    losses = _eval_losses(run)
-    return TrainResult(
-        steps=trainer.state.global_step,
-        train_loss=float(output.training_loss) if output.training_loss is not None else None,
-        eval_loss=metrics_cb.last_eval,
-        first_eval_loss=losses[0] if losses else None,
-        best_eval_loss=min(losses, default=None),
-        stopped_early=early_cb.stopped_early,
-        seconds=time.perf_counter() - started,
-        tokens=collator.tokens_seen,
-    )
+    return output
 
 
 def _eval_losses(run: RunDir) -> list[float]:
