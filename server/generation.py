@@ -1,7 +1,9 @@
 """Grounded generation: answer a question from the user's indexed documents, with checked citations.
 
 Shared by the MCP ``generate`` tool and ``lorekeeper ask`` so both behave the same. The flow:
-retrieve chunks; fit as many as the model's context window allows (counted with the model's own
+retrieve chunks; keep, of those, the ``context_sentences`` sentences closest to the question
+(small models answer better from a short, focused context; the check below still reads the whole
+passages); fit as many as the model's context window allows (counted with the model's own
 tokenizer and chat template, lowest-ranked dropped first and reported); number them [1]..[n]; let
 the model answer, stopping it if it starts to loop; then check every sentence of the answer
 against the sources (``citations.check_answer``). A source is *cited* only when it supports a
@@ -14,7 +16,10 @@ caller gets a ``PromptTooLongError`` saying by how much, rather than an answer t
 
 Document text is data, not instructions: the sources travel in the user turn, each fenced as
 ``<source id="n" ...>`` with anything that looks like a fence inside it neutralised, and the system
-turn only tells the model how to use them.
+turn only tells the model how to use them. A model that starts copying the fences back is cut there.
+
+The module is one flow over two shared types (``PreparedPrompt`` in, ``GroundedAnswer`` out), so
+it stays one file at a little over 500 lines; the sentence-level checking lives in ``citations``.
 """
 
 from __future__ import annotations
