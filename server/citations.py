@@ -88,6 +88,11 @@ def _tokens(text: str) -> list[str]:
     return _WORD.findall(_MARKER.sub(" ", text))
 
 
+def without_markers(text: str) -> str:
+    """``text`` with its ``[n]`` markers taken out and its spacing normalised (to compare answers)."""
+    return " ".join(_MARKER.sub(" ", text).split()).replace(" .", ".")
+
+
 def content_words(text: str) -> list[str]:
     """The words of ``text`` that carry its claim: stemmed, numbers normalised (``six`` is ``6``),
     stopwords and markers left out."""
@@ -408,8 +413,8 @@ def rank_sentences(question: str, sources: Sequence[str], embedder: Any = None) 
     for number, text in enumerate(sources, start=1):
         for rank, (start, end) in enumerate(source_sentences(text)):
             words = set(content_words(text[start:end]))
-            if len(words) < MIN_CONTENT_WORDS:
-                continue
+            if len(words) < MIN_CONTENT_WORDS or text[start:end].lstrip().startswith("#"):
+                continue  # too short to answer anything, or a heading: a title, not an answer
             overlap = len(wanted & words) / len(wanted) if wanted else 0.0
             candidates.append((number, rank, start, end, overlap))
     if not candidates:

@@ -163,22 +163,41 @@ class _Focused:
         return getattr(self._hit, name)
 
 
+FOCUS_KEEP = 0.6  # a sentence is shown when it scores at least this share of the best one's score
+
+
 def focus_hits(question: str, hits: Sequence[Any], count: int, embedder: Embedder | None) -> list[Any]:
-    """The hits cut down to the ``count`` sentences, over all of them, closest to the question
-    (``citations.rank_sentences``), each hit's in their own order; hits with none left out. All the
-    hits, whole, when no sentence relates to the question."""
-    spans = citations.rank_sentences(question, [h.text for h in hits], embedder)[:count]
-    if count <= 0 or not spans:
+    """The hits cut down to at most ``count`` sentences, over all of them, closest to the question
+    (``citations.rank_sentences``; sentences far below the best one are left out too), each hit's
+    in their own order, neighbours joined and gaps marked with "…"; hits with none left out. All
+    the hits, whole, when no sentence relates to the question."""
+    ranked = citations.rank_sentences(question, [h.text for h in hits], embedder)
+    if count <= 0 or not ranked:
         return list(hits)
+    floor = ranked[0].score * FOCUS_KEEP if ranked[0].score > 0 else float("-inf")
     chosen: dict[int, list[citations.Span]] = {}
-    for span in spans:
-        chosen.setdefault(span.source, []).append(span)
+    for span in ranked[:count]:
+        if span.score >= floor:
+            chosen.setdefault(span.source, []).append(span)
     focused = []
     for number, hit in enumerate(hits, start=1):
         if number in chosen:
-            parts = sorted(chosen[number], key=lambda span: span.start)
-            focused.append(_Focused(hit, "\n…\n".join(part.text for part in parts)))
+            focused.append(_Focused(hit, _joined(hit.text, sorted(chosen[number], key=lambda s: s.start))))
     return focused
+
+
+def _joined(text: str, spans: Sequence[citations.Span]) -> str:
+    """The spans of ``text`` as one paragraph: sentences that follow each other run on, a gap
+    between two is shown as "…"."""
+    out = ""
+    for i, span in enumerate(spans):
+        piece = " ".join(span.text.split())
+        if i and text[spans[i - 1].end : span.start].strip():
+            out += " … "
+        elif i:
+            out += " "
+        out += piece
+    return out
 
 
 def _to_source(number: int, hit: Any, tokens: int) -> Source:
@@ -467,7 +486,7 @@ def _check_grounding(
         return
     best = citations.best_sentence_for(prepared.question, texts, embedder) if fallback else None
     if best is not None:
-        result.answer = f'{FALLBACK_PREFIX} [{best.source}]: "{best.text}"'
+        result.answer = f'{FALLBACK_PREFIX} [{best.source}]: "{" ".join(best.text.split())}"'
         result.cited = [best.source]
         result.fallback = True
         result.fallback_span = best

@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from lorekeeper.server.indexer import Indexer
 from lorekeeper.server.search import search
 from lorekeeper.server.store import Store
@@ -109,3 +111,23 @@ def test_repeated_text_in_one_file_comes_back_once(
     assert sum(c.text == boiler.strip() for c in chunks) == 3
     hits = search(store, embedder, "confidential do not forward", k=10)
     assert sum(h.text == boiler.strip() for h in hits) == 1
+
+
+DEMO = Path(__file__).resolve().parents[1] / "scripts" / "demo" / "docs"
+
+
+@pytest.mark.slow
+def test_readme_command_one_answers_the_demo_question_from_the_right_passage(tmp_path: Path) -> None:
+    """README command 1 on the embedded models: the answer holds the handbook's figure (25 days, not
+    the 28 that follows it in the same passage) and the handbook is the source marked as supporting
+    it. Temperature 0, so the run is repeatable."""
+    db = tmp_path / "demo.db"
+    assert lk("add", str(DEMO), db=db).returncode == 0
+    asked = lk(
+        "ask", "How many days of paid holiday do new staff get?", "--temperature", "0", "--json", db=db
+    )
+    assert asked.returncode == 0, asked.stderr
+    result = json.loads(asked.stdout)
+    assert "25 days" in result["answer"] and "28" not in result["answer"]
+    cited = {Path(s["path"]).name for s in result["sources"] if s["cited"]}
+    assert cited == {"handbook.md"}

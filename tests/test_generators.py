@@ -407,7 +407,9 @@ def test_focused_context_shows_the_sentences_that_answer_and_checks_against_the_
     generator = ScriptedGenerator("New staff get 25 days of paid holiday a year [1].")
     prepared = generation.build_prompt(question, focused, generator, max_tokens=64)
     shown = prepared.messages[-1].content
-    assert "25 days of paid holiday" in shown and "Holiday requests go to your manager" in shown
+    assert "25 days of paid holiday" in shown
+    # far weaker matches stay out even within the count: a small model is easily led off by them
+    assert "Holiday requests go to your manager" not in shown
     assert "The office opens at eight" not in shown and "Laptops" not in shown
     assert prepared.sources[0].text == FOCUS_DOCS[1]  # answers are checked against the whole passage
     result = generation.run(prepared, generator, settings=Settings.load())

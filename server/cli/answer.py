@@ -137,14 +137,16 @@ def ask(
 
 def _show(result, streamed: bool, as_json: bool) -> None:
     """After the streamed tokens: the checked answer when it differs, the sources, the notes."""
+    from ..citations import without_markers
     from ..render import sources_text
 
     if as_json:
         text = result.model_dump_json(indent=2) if hasattr(result, "model_dump_json") else result.json
         sys.stdout.write(text + "\n")
         return
-    if streamed and result.answer != result.generated:
-        # the check replaced what streamed (an unsupported answer, a stripped source list)
+    if streamed and without_markers(result.answer) != without_markers(result.generated or ""):
+        # the check replaced what streamed (an unsupported answer, a stripped source list); markers it
+        # only added are not worth a second copy: the sources list marks what supports the answer
         sys.stdout.write("\n\n" + result.answer)
     sys.stdout.write("\n")
     block = sources_text(result)
