@@ -52,6 +52,7 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
 }
 PASSAGE_CHARS = 1500  # a .txt/.md passage: about 350 tokens, so one file yields several held-out candidates
+MAX_LISTED = 20  # bad lines (and warnings) listed in full; the rest are counted
 
 
 class DataError(ValueError):
@@ -64,6 +65,8 @@ class Record:
 
     ``kind`` is "chat" (``messages``), "completion" (``prompt`` + ``completion`` strings) or "text".
     ``source`` says where it came from ("file.jsonl:12"), for error messages and the held-out file.
+    ``shape`` is the format the record was written in, when it differs from ``kind`` ("alpaca": an
+    instruction/input/output row, trained as a chat), for the summary.
     """
 
     kind: str
@@ -72,6 +75,7 @@ class Record:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    shape: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -91,6 +95,32 @@ class Record:
         if self.kind == "chat" and self.messages:
             return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
         return self.completion
+
+    @property
+    def format_name(self) -> str:
+        """The format the summary reports: "chat", "alpaca", "prompt/completion" or "text"."""
+        return self.shape or ("prompt/completion" if self.kind == "completion" else self.kind)
+
+    def empty_parts(self) -> list[str]:
+        """What in this record is empty (an answer with no text teaches the model to say nothing)."""
+        if self.kind == "chat":
+            if self.shape == "alpaca":
+                names = {"user": "'instruction'", "assistant": "'output'", "system": "'system'"}
+                return [
+                    f"{names[m['role']]} is empty" for m in self.messages or [] if not m["content"].strip()
+                ]
+            return [
+                f"message {i} ({m['role']}) has an empty 'content'"
+                for i, m in enumerate(self.messages or [])
+                if not m["content"].strip()
+            ]
+        if self.kind == "completion":
+            return [
+                f"{name!r} is empty"
+                for name in ("prompt", "completion")
+                if not (getattr(self, name) or "").strip()
+            ]
+        return []
 
 
 @dataclass
@@ -126,6 +156,7 @@ class DataSummary:
     truncated: int = 0
     split_into_windows: int = 0
     dropped_no_loss_tokens: int = 0
+    records_with_empty_content: int = 0
     train_rows: int = 0
     heldout_rows: int = 0
     max_seq_len: int = 0
@@ -206,7 +237,7 @@ def parse_record(obj: Any, where: str) -> Record:
         ]
         if obj.get("system"):
             messages.insert(0, {"role": "system", "content": _require_str(obj["system"], "'system'", where)})
-        return Record("chat", where, messages=messages)
+        return Record("chat", where, messages=messages, shape="alpaca")
     if "prompt" in obj or "completion" in obj:
         if "prompt" not in obj or "completion" not in obj:
             raise DataError(f"{where}: a prompt/completion record needs both 'prompt' and 'completion'")
@@ -229,20 +260,33 @@ def parse_record(obj: Any, where: str) -> Record:
     )
 
 
-def read_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def read_jsonl(path: Path, problems: list[str] | None = None) -> Iterator[Record]:
+    """The records of a JSONL file. With ``problems``, a bad line is added to it (as "file:line: what")
+    and reading goes on, so every bad line is found in one pass; without, the first one raises."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            record = parse_record(obj, where)
-            if record.kind == "text" and not (record.text or "").strip():
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                record = parse_record(obj, where)
+            except UnicodeDecodeError as exc:
+                error = DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)")
+            except DataError as exc:
+                error = exc
+            else:
+                if record.kind == "text" and not (record.text or "").strip():
+                    continue
+                yield record
                 continue
-            yield record
+            if problems is None:
+                raise error
+            problems.append(str(error))
 
 
 def text_passages(text: str, source: Path, limit: int = PASSAGE_CHARS) -> Iterator[Record]:
@@ -286,22 +330,60 @@ def _data_files(path: Path) -> list[Path]:
     return [path]
 
 
+def listing(head: str, items: Sequence[str], limit: int = MAX_LISTED) -> str:
+    """``head``, then the first ``limit`` items one a line, then how many more were left out."""
+    lines = [head, *(f"  {item}" for item in items[:limit])]
+    if len(items) > limit:
+        lines.append(f"  ... and {len(items) - limit} more")
+    return "\n".join(lines)
+
+
 def read_records(paths: Iterable[str | Path]) -> tuple[list[Record], int]:
-    """Every record of the given files/folders, and how many files were read."""
+    """Every record of the given files/folders, and how many files were read.
+
+    Every bad line of every file is found before failing: the ``DataError`` lists them (the first
+    ``MAX_LISTED``, then a count). Records with empty content are read, with a warning naming each.
+    """
     records: list[Record] = []
+    problems: list[str] = []
     n_files = 0
     for raw in paths:
-        for path in _data_files(Path(raw).expanduser()):
+        try:
+            found = _data_files(Path(raw).expanduser())
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        for path in found:
             n_files += 1
             if path.suffix.lower() in JSONL_SUFFIXES:
-                records.extend(read_jsonl(path))
-            else:
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-                records.extend(text_passages(text, path))
+                records.extend(read_jsonl(path, problems))
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
+            records.extend(text_passages(text, path))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(
+            listing(f"{len(problems)} problems in the training data; fix them and run again:", problems)
+        )
+    _warn_empty(records)
     return records, n_files
+
+
+def _warn_empty(records: Sequence[Record]) -> None:
+    empty = [f"{r.source}: {'; '.join(parts)}" for r in records if (parts := r.empty_parts())]
+    if empty:
+        log.warning(
+            "%s",
+            listing(
+                f"{len(empty)} record(s) with empty content (trained as they are; fill or remove them):",
+                empty,
+            ),
+        )
 
 
 def records_from_index(
@@ -616,9 +698,8 @@ def build_datasets(
     records, n_files = gathered
     where = ", ".join(config.data) or "the index"
     summary = DataSummary(files=n_files, records=len(records), max_seq_len=config.max_seq_len)
-    summary.formats = dict(
-        Counter("prompt/completion" if r.kind == "completion" else r.kind for r in records)
-    )
+    summary.formats = dict(Counter(r.format_name for r in records))
+    summary.records_with_empty_content = sum(1 for r in records if r.empty_parts())
     train_records, heldout_records = split_heldout(
         records, config.eval_fraction, config.eval_max_records, config.seed
     )

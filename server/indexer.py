@@ -311,6 +311,8 @@ class Indexer:
     def move_file(self, src: Path | str, dst: Path | str) -> str:
         """A rename or move seen by the watcher: keep the chunks and vectors under the new name."""
         src, dst = os.path.abspath(str(src)), os.path.abspath(str(dst))
+        if src == dst:  # moved away and back before anyone looked: only its content may have changed
+            return self.index_file(dst)
         if os.path.isdir(dst):
             return self.move_dir(src, dst)
         with self._lock:
@@ -325,9 +327,16 @@ class Indexer:
                 and self._same_size(dst, doc.size)
             ):
                 self.store.move_document(src, dst, root.id, mtime=os.stat(dst).st_mtime)
-                return "moved"
-        self.remove_file(src)
-        return self.index_file(dst)
+                outcome = "moved"
+            else:
+                outcome = ""
+        if not outcome:
+            if not os.path.lexists(src):
+                self.remove_file(src)
+            outcome = self.index_file(dst)
+        if os.path.lexists(src):  # a new file has the old name already (vim's save): index it as well
+            self.index_file(src)
+        return outcome
 
     def move_dir(self, src: str, dst: str) -> str:
         """A folder renamed or moved: its documents follow it at once (the caller reconciles the

@@ -215,13 +215,33 @@ class Watcher:
             self._cond.notify_all()
 
     def notify_move(self, src: str, dst: str, is_dir: bool = False) -> None:
+        """A rename, coalesced with what is pending: a file created (or moved in) and renamed again
+        within the debounce window is one move from where it came from. A path whose indexed
+        document is displaced on the way is looked at again: ``src`` when something had been moved
+        onto it (an editor's save, then a rename), and what had been moved onto ``dst`` when ``dst``
+        is replaced in turn (a rename, then an editor's save). Without that, the old document stays
+        in the index after its file is gone."""
         now = time.monotonic()
         with self._cond:
             earlier = self._pending.pop(src, None)
-            # a file created and renamed within the debounce window is simply a new file
-            moved_from = earlier.moved_from if earlier and earlier.moved_from else src
+            if earlier is not None and earlier.moved_from:
+                moved_from = earlier.moved_from
+                self._recheck(src, earlier.is_dir, now)
+            else:
+                moved_from = src
+            displaced = self._pending.get(dst)
+            if displaced is not None and displaced.moved_from not in (None, moved_from, dst):
+                self._recheck(displaced.moved_from, displaced.is_dir, now)
             self._pending[dst] = _Pending(earlier.first if earlier else now, now, moved_from, is_dir)
             self._cond.notify_all()
+
+    def _recheck(self, path: str, is_dir: bool, now: float) -> None:
+        """Look at ``path`` again when events are processed (held: ``_cond``)."""
+        entry = self._pending.get(path)
+        if entry is None:
+            self._pending[path] = _Pending(now, now, is_dir=is_dir)
+        else:
+            entry.last = now
 
     def request_reconcile(self) -> None:
         self._add_job("reconcile", "")

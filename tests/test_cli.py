@@ -64,6 +64,9 @@ def test_bad_arguments_give_clear_errors(tmp_path: Path, docs: Path) -> None:
     a_file = docs / "one.txt"
     a_file.write_text("x")
     assert "give the folder" in lk("add", str(a_file), db=db).stderr
+    assert not db.exists()  # a mistyped folder to add leaves no index behind
+    assert "no lorekeeper index" in lk("remove", str(docs), db=db).stderr
+    Store.open(db).close()
     assert "out of range" in lk("search", "x", "-k", "0", db=db).stderr
     assert "query is empty" in lk("search", "  ", db=db).stderr
     assert "is not a date" in lk("search", "x", "--since", "yesterday", db=db).stderr
@@ -72,6 +75,43 @@ def test_bad_arguments_give_clear_errors(tmp_path: Path, docs: Path) -> None:
     not_db.write_text("plain text, not an index" * 50)
     bad_db = lk("status", db=not_db)
     assert bad_db.returncode == 1 and "--db" in bad_db.stderr
+
+
+def _one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_db_in_a_missing_folder_is_an_error_and_creates_nothing(tmp_path: Path, docs: Path) -> None:
+    db = tmp_path / "nope" / "sub" / "index.db"
+    for args in (
+        ["search", "bees"],
+        ["status"],
+        ["add", str(docs)],
+        ["watch"],
+        ["watch", str(docs)],
+        ["serve"],
+    ):
+        proc = lk(*args, db=db)
+        _one_clear_line(proc, str(db), "--db")
+        assert "does not exist" in proc.stderr
+    assert not (tmp_path / "nope").exists()
+
+
+def test_ask_with_a_model_that_is_not_a_gguf_file(tmp_path: Path, docs: Path) -> None:
+    db = tmp_path / "cli.db"
+    Store.open(db).close()
+    not_a_model = tmp_path / "notamodel.txt"
+    not_a_model.write_text("hello\n")
+    _one_clear_line(lk("ask", "who keeps the lighthouse", "--model", str(not_a_model), db=db),
+                    str(not_a_model), "not a GGUF model", ".gguf")  # fmt: skip
+    _one_clear_line(
+        lk("ask", "x", "--model", str(tmp_path / "absent.gguf"), db=db), "absent.gguf", "no such file"
+    )
+    _one_clear_line(lk("ask", "x", "--model", str(docs), db=db), str(docs), "is a folder")
 
 
 def test_readers_do_not_wait_for_the_writer(indexer: Indexer, store: Store, docs: Path, embedder) -> None:

@@ -98,6 +98,77 @@ def test_malformed_record_error_names_file_and_line(tmp_path, bad_line, message)
     assert message in str(err.value)
 
 
+def test_every_bad_line_is_listed_not_only_the_first(tmp_path):
+    good = json.dumps({"text": "fine"})
+    first = write_jsonl(tmp_path / "a.jsonl", [good, '{"messages": [', good, '{"instruction": "half"}'])
+    rows = [good] + ['{"question": "?"}'] * 30
+    second = write_jsonl(tmp_path / "b.jsonl", rows)
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError) as err:
+        read_records([first, second, tmp_path / "c.jsonl", tmp_path / "absent.jsonl"])
+    message = str(err.value)
+    assert message.startswith("34 problems in the training data")
+    assert f"{first}:2: not valid JSON" in message
+    assert f"{first}:4: an Alpaca record needs both" in message
+    assert f"{second}:2: unrecognised record" in message
+    assert f"{second}:19: unrecognised record" in message  # the 20th listed
+    assert f"{second}:20:" not in message  # beyond the cap: counted, not listed
+    assert "... and 14 more" in message
+    assert len(message.splitlines()) == 1 + 20 + 1
+
+
+def test_bad_lines_past_the_cap_in_other_files_are_counted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"text": "fine"}', "[1]", "{}", "not json"])
+    (tmp_path / "e.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError) as err:
+        read_records([path, tmp_path / "e.jsonl", tmp_path / "absent.jsonl"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == "5 problems in the training data; fix them and run again:"
+    assert [line.strip().split(": ")[0] for line in lines[1:]] == [
+        f"{path}:2", f"{path}:3", f"{path}:4", f"{tmp_path / 'e.jsonl'}:2", str(tmp_path / "absent.jsonl")
+    ]  # fmt: skip
+    assert "not UTF-8 text" in lines[4] and "no such file" in lines[5]
+
+
+def test_empty_content_is_read_with_a_warning_naming_the_line(tmp_path, caplog):
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "  "}]},
+            {"instruction": "Name it", "output": ""},
+            {"prompt": "2+2=", "completion": ""},
+            {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "Pong."}]},
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="lorekeeper.finetune.data"):
+        records, _ = read_records([path])
+    assert len(records) == 5
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "4 record(s) with empty content" in warned
+    assert f"{path}:2: message 1 (assistant) has an empty 'content'" in warned
+    assert f"{path}:3: 'output' is empty" in warned
+    assert f"{path}:4: 'completion' is empty" in warned
+    assert f"{path}:5: message 0 (user) has an empty 'content'" in warned
+    assert f"{path}:1" not in warned
+
+
+def test_alpaca_rows_are_reported_as_alpaca(tmp_path):
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"instruction": "Translate", "input": "chat", "output": "cat"},
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {"prompt": "2+2=", "completion": "4"},
+            {"text": "Plain prose."},
+        ],
+    )
+    records, _ = read_records([path])
+    assert [r.format_name for r in records] == ["alpaca", "chat", "prompt/completion", "text"]
+    assert records[0].kind == "chat"  # trained with the chat template all the same
+    assert Record.from_json(records[0].to_json()).format_name == "alpaca"  # survives the held-out file
+
+
 def test_missing_file_and_unsupported_suffix_are_clear(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_records([tmp_path / "absent.jsonl"])
@@ -337,7 +408,7 @@ def test_cli_data_reports_tokens_and_names_bad_lines(tmp_path):
     result = CliRunner().invoke(app, ["data", str(good), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{") :])
-    assert summary["records"] == 10 and summary["formats"] == {"chat": 10} and summary["train_tokens"] > 0
+    assert summary["records"] == 10 and summary["formats"] == {"alpaca": 10} and summary["train_tokens"] > 0
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], '{"instruction": "x", "output": }'])
     result = CliRunner().invoke(app, ["data", str(bad)])
@@ -346,3 +417,23 @@ def test_cli_data_reports_tokens_and_names_bad_lines(tmp_path):
 
     result = CliRunner().invoke(app, ["train"])
     assert result.exit_code == 2 and "no training data" in result.output
+
+
+def test_cli_data_lists_every_bad_line_before_loading_the_tokenizer(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lorekeeper.finetune import base_model
+    from lorekeeper.finetune.cli import app
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("the tokenizer loaded before the files were checked")
+
+    monkeypatch.setattr(base_model, "load_tokenizer", no_tokenizer)
+    rows = [{"text": "fine"}, "{broken", {"instruction": "x"}, {"text": "fine"}, "[]"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = CliRunner().invoke(app, ["data", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert "error: 3 problems in the training data" in result.output
+    for line in (2, 3, 5):
+        assert f"{bad}:{line}: " in result.output
+    assert "Traceback" not in result.output

@@ -232,3 +232,78 @@ def test_folder_round_trip_out_and_back_is_caught_without_a_reconcile(
 
         wait_for(lambda: watcher.wait_idle(1) and indexed() == on_disk(), timeout=30)
     assert store.check_integrity() == []
+
+
+def _index_equals_disk(store: Store, root: Path) -> bool:
+    on_disk = {str(p): p.read_text() for p in root.rglob("*") if p.is_file()}
+    indexed = {d.path: "".join(c.text for c in store.document_chunks(d.path)) for d in store.documents()}
+    return set(indexed) == set(on_disk) and all(on_disk[p].strip() in indexed[p] for p in on_disk)
+
+
+def test_renames_and_saves_right_after_a_folder_moves_in_leave_no_stale_document(
+    watched, store: Store, tmp_path: Path
+) -> None:
+    """Found by scripts/watch_endurance.py (seeds 7 and 11): a file renamed and then saved over with
+    a temporary file (or saved, then renamed) within the debounce window left its old document in
+    the index; here right after its folder moved into the root, and a file deleted beside it."""
+    docs, watcher, _ = watched
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("keep", "save-then-rename", "rename-then-save", "delete", "vim"):
+        (outside / f"{name}.txt").write_text(f"the {name} note about kites\n")
+    (docs / "root-note.txt").write_text("a note about tides at the root\n")
+    assert wait_for(lambda: watcher.wait_idle(1) and _index_equals_disk(store, docs), timeout=30)
+
+    moved = docs / "back1"
+    os.rename(outside, moved)
+    (moved / ".tmp1").write_text("saved over, then renamed\n")
+    os.replace(moved / ".tmp1", moved / "save-then-rename.txt")
+    os.replace(moved / "save-then-rename.txt", docs / "renamed-away.txt")
+    os.replace(moved / "rename-then-save.txt", moved / "renamed.txt")
+    (moved / ".tmp2").write_text("renamed, then saved over\n")
+    os.replace(moved / ".tmp2", moved / "renamed.txt")
+    (moved / "delete.txt").unlink()
+    os.replace(moved / "vim.txt", moved / "vim.txt~")
+    (moved / "vim.txt").write_text("written the way vim saves\n")
+    (moved / "vim.txt~").unlink()
+    os.replace(docs / "root-note.txt", docs / "root-renamed.txt")  # the same at the root, long indexed
+    (docs / ".tmp3").write_text("the root note, saved over after its rename\n")
+    os.replace(docs / ".tmp3", docs / "root-renamed.txt")
+
+    assert wait_for(lambda: watcher.wait_idle(1) and _index_equals_disk(store, docs), timeout=30)
+    assert store.check_integrity() == []
+
+
+def test_coalesced_moves_look_again_at_every_displaced_path(
+    indexer: Indexer, store: Store, docs: Path
+) -> None:
+    """The exact event sequences, fed in one debounce window (no OS timing involved)."""
+    root = docs.resolve()
+    for name in ("a", "c", "e"):
+        (root / f"{name}.txt").write_text(f"note {name}\n")
+    indexer.add_root(root)
+    watcher = Watcher(indexer, debounce=60, reconcile_interval=3600)  # never started: events by hand
+    # a -> b, then an editor's save onto b: a's document must go
+    os.replace(root / "a.txt", root / "b.txt")
+    watcher.notify_move(str(root / "a.txt"), str(root / "b.txt"))
+    (root / ".t1").write_text("b saved\n")
+    watcher.notify(str(root / ".t1"))
+    os.replace(root / ".t1", root / "b.txt")
+    watcher.notify_move(str(root / ".t1"), str(root / "b.txt"))
+    # an editor's save onto c, then c -> d: c's document must go
+    (root / ".t2").write_text("c saved\n")
+    watcher.notify(str(root / ".t2"))
+    os.replace(root / ".t2", root / "c.txt")
+    watcher.notify_move(str(root / ".t2"), str(root / "c.txt"))
+    os.replace(root / "c.txt", root / "d.txt")
+    watcher.notify_move(str(root / "c.txt"), str(root / "d.txt"))
+    # e -> f -> e: the document stays, with the text on disk
+    os.replace(root / "e.txt", root / "f.txt")
+    watcher.notify_move(str(root / "e.txt"), str(root / "f.txt"))
+    (root / "f.txt").write_text("note e, edited on the way\n")
+    os.replace(root / "f.txt", root / "e.txt")
+    watcher.notify_move(str(root / "f.txt"), str(root / "e.txt"))
+
+    watcher._process(dict(watcher._pending))
+    assert sorted(Path(d.path).name for d in store.documents()) == ["b.txt", "d.txt", "e.txt"]
+    assert _index_equals_disk(store, root)

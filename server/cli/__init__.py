@@ -71,10 +71,22 @@ def settings_of(ctx: typer.Context, **flags: Any) -> Settings:
         fail(str(exc))
 
 
+def check_index_folder(settings: Settings) -> None:
+    """Fail when the index was named (``--db``, LOREKEEPER_DB, the db setting) inside a folder that does
+    not exist: a mistyped path must not leave a new empty index (and its folders) behind. The default
+    index's data directory is made as needed."""
+    parent = settings.db_path.parent
+    if settings.db and not parent.is_dir():
+        fail(f"the folder of the index {settings.db_path} does not exist: create it first (mkdir -p {parent}) "
+             "or point --db at an existing index")  # fmt: skip
+
+
 def open_store(settings: Settings, *, create: bool = True) -> Any:
     """The index the settings name; a clear error (never a traceback) if it cannot be opened."""
     from ..store import Store, StoreError
 
+    if create:
+        check_index_folder(settings)
     try:
         return Store.open(settings.db_path, create=create)
     except StoreError as exc:

@@ -58,13 +58,14 @@ def add(
     from ..indexer import Indexer
 
     settings = settings_of(ctx)
+    for path in paths:  # before the index is opened: a mistyped folder creates nothing
+        if not path.exists():
+            fail(f"{path}: no such folder; give the path of a folder to index")
+        if not path.is_dir():
+            fail(f"{path} is a file; give the folder that contains it")
     with open_store(settings) as store:
         indexer = Indexer(store, settings=settings)
         for path in paths:
-            if not path.exists():
-                fail(f"{path}: no such folder; give the path of a folder to index")
-            if not path.is_dir():
-                fail(f"{path} is a file; give the folder that contains it")
             with _progress() as progress:
                 task = progress.add_task(f"indexing {path}", total=None, path="")
                 report = indexer.add_root(path, progress=_ticker(progress, task))
@@ -96,13 +97,15 @@ def watch(
     from ..watcher import Watcher
 
     settings = settings_of(ctx, polling=polling or None)
-    with open_store(settings) as store:
+    for path in paths or []:
+        if not path.is_dir():
+            fail(f"{path}: not a folder")
+    # only folders given here make a new index; without them, there must be one with folders in it
+    with open_store(settings, create=bool(paths)) as store:
         indexer = Indexer(store, settings=settings)
         warm_up(indexer.embedder)  # the first change after start waits for no model load
         watcher = Watcher(indexer, settings=settings)
         for path in paths or []:
-            if not path.is_dir():
-                fail(f"{path}: not a folder")
             store.add_root(path)
         if not store.roots():
             fail("no folders registered: run `lorekeeper add FOLDER` or pass one to `watch`")

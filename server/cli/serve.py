@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from ..settings import Settings, home_from_environment
-from . import err, fail, settings_of
+from . import check_index_folder, err, fail, settings_of
 
 
 def serve(
@@ -50,6 +50,7 @@ def serve(
         if not folder.expanduser().is_dir():
             fail(f"--watch {folder}: no such folder")
     settings = model_settings(ctx, generator, model, n_ctx, threads, db=db, http_port=port, token=token)
+    check_index_folder(settings)
     options = ServerOptions(
         settings=settings,
         watch=[f.expanduser().resolve() for f in watch or []],
@@ -82,9 +83,17 @@ def model_settings(
         if name == "openai":
             flags["openai_model"] = model
         else:
+            from lorekeeper.plugins.generators.llamacpp import ModelLoadError, check_gguf
+
             path = Path(model).expanduser()
+            if path.is_dir():
+                fail(f"--model {model} is a folder; give the path of a .gguf model file")
             if not path.is_file():
                 fail(f"--model {model}: no such file; give the path of a .gguf model")
+            try:  # before any index or model loads: a wrong file is named at once
+                check_gguf(path)
+            except ModelLoadError as exc:
+                fail(f"--model: {exc}")
             flags["model"] = str(path.resolve())
     return settings_of(ctx, **flags)
 
