@@ -147,7 +147,11 @@ def run_config(name: str, questions: list[dict], store, embedder, settings, gene
             modes.setdefault(f"{name} fallback", []).append(
                 _row(f"{name} fallback", q, result.answer, cited, finish, result.supported, seconds)
             )
-            plain = (generation.NOT_FOUND, []) if result.fallback else (result.answer, cited)
+            # without the fallback: the checked answer when a source supports it, else "not found"
+            plain = (generation.NOT_FOUND, [])
+            if result.supported:
+                paths = {s.number: Path(s.path).name for s in result.sources}
+                plain = (result.check.text, [paths[n] for n in result.check.cited])
             modes.setdefault(f"{name} generated", []).append(
                 _row(f"{name} generated", q, *plain, finish, result.supported, seconds)
             )
@@ -235,7 +239,7 @@ def main() -> None:
             f"| {name} | {s['accuracy']:.2f} | {s['citation_precision']:.2f} | {s['citation_recall']:.2f} | "
             f"{s['loops']:.2f} | {s['truncated']:.2f} | {s['seconds_per_answer']:.1f} |"
         )
-    print(f"\n{len(questions)} questions on {report.indexed} manual pages; {machine()}\n")
+    print(f"\n{len(questions)} questions on {len(list(pages.glob('*.txt')))} manual pages; {machine()}\n")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"table": table, "rows": rows, "machine": machine(),

@@ -419,14 +419,7 @@ def rank_sentences(question: str, sources: Sequence[str], embedder: Any = None) 
             candidates.append((number, rank, start, end, overlap))
     if not candidates:
         return []
-    similarity = [0.0] * len(candidates)
-    if embedder is not None:
-        import numpy as np
-
-        texts = [sources[c[0] - 1][c[2] : c[3]] for c in candidates]
-        vectors = np.asarray(embedder.embed(texts), dtype=np.float32)
-        query = np.asarray(embedder.embed_query(question), dtype=np.float32)
-        similarity = (vectors @ query).tolist()
+    similarity = _similarity(question, [sources[c[0] - 1][c[2] : c[3]] for c in candidates], embedder)
     ranked: list[Span] = []
     for (number, rank, start, end, overlap), sim in zip(candidates, similarity):
         if overlap == 0 and sim <= 0.3:
@@ -435,6 +428,29 @@ def rank_sentences(question: str, sources: Sequence[str], embedder: Any = None) 
         ranked.append(Span(number, start, end, sources[number - 1][start:end].strip(), score))
     ranked.sort(key=lambda span: -span.score)
     return ranked
+
+
+def _similarity(question: str, texts: Sequence[str], embedder: Any) -> list[float]:
+    """Cosine similarity of each text to the question by the embedder (zeros without one)."""
+    if embedder is None or not texts:
+        return [0.0] * len(texts)
+    import numpy as np
+
+    vectors = np.asarray(embedder.embed(list(texts)), dtype=np.float32)
+    query = np.asarray(embedder.embed_query(question), dtype=np.float32)
+    return (vectors @ query).tolist()
+
+
+def relevance(question: str, texts: Sequence[str], embedder: Any = None) -> list[float]:
+    """How closely each text answers ``question``, on the scale ``rank_sentences`` ranks source
+    sentences by (meaning similarity plus half the share of the question's content words held)."""
+    wanted = set(content_words(question))
+    similarity = _similarity(question, texts, embedder)
+    out = []
+    for text, sim in zip(texts, similarity):
+        overlap = len(wanted & set(content_words(text))) / len(wanted) if wanted else 0.0
+        out.append(sim + 0.5 * overlap)
+    return out
 
 
 def best_sentence_for(question: str, sources: Sequence[str], embedder: Any = None) -> Span | None:

@@ -466,10 +466,17 @@ def run(
     return result
 
 
+OFF_QUESTION_MARGIN = 0.1  # how much less closely than the best passage an answer may address the question
+
+
 def _check_grounding(
     result: GroundedAnswer, prepared: PreparedPrompt, fallback: bool, embedder: Embedder | None
 ) -> None:
-    """Check the answer's sentences against the sources; say so when nothing supports it."""
+    """Check the answer's sentences against the sources; say so when nothing supports it.
+
+    With the fallback on, a supported answer that addresses the question clearly less closely than
+    the best sentence of the sources (a small model copying a true but beside-the-point sentence)
+    is replaced by that sentence too."""
     texts = [s.text for s in prepared.sources]
     check = citations.check_answer(result.answer, texts)
     result.check = check
@@ -477,28 +484,39 @@ def _check_grounding(
     result.invalid_citations = check.invalid
     result.supported = check.supported
     result.answer = check.text
-    if check.supported or not prepared.sources:
+    if not prepared.sources:
+        return
+    best = citations.best_sentence_for(prepared.question, texts, embedder) if fallback else None
+    if check.supported:
+        supported = [c.text for c in check.claims if c.supported]
+        answered = max(citations.relevance(prepared.question, supported, embedder))
+        if embedder is not None and best is not None and answered < best.score - OFF_QUESTION_MARGIN:
+            _quote(result, best, "the model's answer, though its sources support it, addresses the question "
+                   "less closely than this passage, so the passage is quoted instead (the model said: ")  # fmt: skip
+            return
         unsupported = [s for s in check.claims if not s.supported]
-        if unsupported and check.supported:
+        if unsupported:
             result.warnings.append(
                 f"{len(unsupported)} of {len(check.claims)} sentences of the answer are not supported by any source"
             )
         return
-    best = citations.best_sentence_for(prepared.question, texts, embedder) if fallback else None
     if best is not None:
-        result.answer = f'{FALLBACK_PREFIX} [{best.source}]: "{" ".join(best.text.split())}"'
-        result.cited = [best.source]
-        result.fallback = True
-        result.fallback_span = best
-        result.warnings.append(
-            "no source supports the model's answer, so the passage that best matches the question is "
-            "quoted instead (the model said: " + _short(result.streamed_text) + ")"
-        )
+        _quote(result, best, "no source supports the model's answer, so the passage that best matches the "
+               "question is quoted instead (the model said: ")  # fmt: skip
     else:
         result.answer = NOT_FOUND
         said = _short(result.streamed_text)
         if said and NOT_FOUND.lower() not in result.streamed_text.lower():
             result.warnings.append(f"no source supports the model's answer ({said})")
+
+
+def _quote(result: GroundedAnswer, best: citations.Span, why: str) -> None:
+    """Answer with the quoted passage ``best`` instead of the model's text."""
+    result.answer = f'{FALLBACK_PREFIX} [{best.source}]: "{" ".join(best.text.split())}"'
+    result.cited = [best.source]
+    result.fallback = True
+    result.fallback_span = best
+    result.warnings.append(why + _short(result.streamed_text) + ")")
 
 
 def _short(text: str, limit: int = 160) -> str:

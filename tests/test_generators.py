@@ -432,3 +432,27 @@ def test_a_model_copying_the_sources_back_is_cut_where_it_starts() -> None:
     result = generation.run(prepared, echo, settings=Settings.load())
     assert "<source" not in result.answer and "Laptops" not in result.answer
     assert result.answer.startswith("New staff get 25 days of paid holiday [1].")
+
+
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [
+        ("The office opens at eight [1].", False),  # true, but not what was asked
+        ("New staff get 25 days of paid holiday a year [1].", True),
+    ],
+)
+def test_a_true_answer_beside_the_question_gives_way_to_the_passage_that_answers_it(
+    embedder, said: str, kept: bool
+) -> None:
+    from fakes import ScriptedGenerator
+
+    question = "How many days of paid holiday do new staff get?"
+    generator = ScriptedGenerator(said)
+    prepared = generation.build_prompt(question, [_text_hit(1, FOCUS_DOCS[1])], generator, max_tokens=64)
+    result = generation.run(prepared, generator, settings=Settings.load(), embedder=embedder)
+    assert result.supported  # the sentence is true either way: the source supports it
+    if kept:
+        assert not result.fallback and result.answer == said
+    else:
+        assert result.fallback and "25 days of paid holiday" in result.answer and result.cited == [1]
+        assert any("less closely" in w for w in result.warnings)
