@@ -251,7 +251,7 @@ def _expected_texts(folder: Path, embedder, seen: set[str]) -> list[str]:
     them, less chunks embedded before (the indexer's cache holds those)."""
     from lorekeeper import plugins
     from lorekeeper.server.chunker import chunk_units
-    from lorekeeper.server.indexer import OVERLAP_TOKENS
+    from lorekeeper.server.prepare import OVERLAP_TOKENS
 
     texts: dict[str, str] = {}
     for directory, _dirs, names in sorted(os.walk(folder)):
