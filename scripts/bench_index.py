@@ -251,7 +251,7 @@ def _expected_texts(folder: Path, embedder, seen: set[str]) -> list[str]:
     them, less chunks embedded before (the indexer's cache holds those)."""
     from lorekeeper import plugins
     from lorekeeper.server.chunker import chunk_units
-    from lorekeeper.server.indexer import OVERLAP_TOKENS
+    from lorekeeper.server.prepare import OVERLAP_TOKENS
 
     texts: dict[str, str] = {}
     for directory, _dirs, names in sorted(os.walk(folder)):
@@ -315,10 +315,21 @@ def _index_without_model(settings: Settings, embedder, folders: list[Path]) -> C
     return clock
 
 
-def bench_throughput(settings: Settings, store, embedder, indexer) -> dict:
-    from lorekeeper.server.chunker import embed_text
-    from lorekeeper.server.indexer import EMBED_BATCH_CHUNKS
+@dataclass
+class SliceRun:
+    """One slice indexed and embedded raw, in the order its number picks."""
 
+    index: Clock
+    baseline: Clock
+    report: object
+    chunks: int
+    baseline_texts: int
+    baseline_first: bool
+    matched: bool
+
+
+def _prepare_corpus(settings: Settings) -> tuple[list[tuple[Path, int, int]], dict[str, int]]:
+    """Copy the real text files into slices; return the slices and the file count of each pool."""
     files = collect_corpus(settings.files, settings.max_file_kb * 1024, settings.seed)
     if len(files) < settings.files:
         log.warning(
@@ -339,95 +350,104 @@ def bench_throughput(settings: Settings, store, embedder, indexer) -> dict:
         sum(s[2] for s in slices) / 1e6,
         len(slices),
     )
+    return slices, kinds
 
-    seen: set[str] = set()
-    totals = dict(
-        index_wall=0.0,
-        index_cpu=0.0,
-        base_wall=0.0,
-        base_cpu=0.0,
-        files=0,
-        bytes=0,
-        chunks=0,
-        embedded=0,
-        baseline_texts=0,
-        indexed=0,
-        failed=0,
-        skipped=0,
-    )
-    per_slice = []
-    mismatched = 0
-    for number, (folder, n_files, n_bytes) in enumerate(slices):
-        # Odd slices embed first (their texts cut beforehand exactly as the indexer cuts them), even
-        # slices index first: neither side always runs second on a machine whose load drifts.
-        baseline_first = number % 2 == 1
-        if baseline_first:
-            texts = _expected_texts(folder, embedder, seen)
-            with Clock() as base:
-                _embed_in_batches(embedder, texts, EMBED_BATCH_CHUNKS)
-        with Clock() as idx:
-            report = indexer.add_root(folder)
-        indexed_texts = []
-        chunks = 0
-        for chunk in store.iter_chunks(root=str(folder)):
-            chunks += 1
-            if chunk.chunk_hash not in seen:
-                seen.add(chunk.chunk_hash)
-                indexed_texts.append(embed_text(chunk.text, chunk.heading_path))
-        if baseline_first:
-            if sorted(texts) != sorted(indexed_texts):
-                mismatched += 1
-                log.warning("slice %s: the texts cut beforehand differ from the indexed ones", folder.name)
-        else:
-            texts = indexed_texts
-            with Clock() as base:
-                _embed_in_batches(embedder, texts, EMBED_BATCH_CHUNKS)
-        if report.embedded_chunks != len(texts):
-            log.warning(
-                "slice %s: the indexer embedded %d texts, the baseline %d",
-                folder.name,
-                report.embedded_chunks,
-                len(texts),
-            )
-        per_slice.append(
-            dict(
-                slice=folder.name,
-                files=n_files,
-                chunks=chunks,
-                embedded=report.embedded_chunks,
-                order="embed, index" if baseline_first else "index, embed",
-                index_s=idx.wall,
-                baseline_s=base.wall,
-                ratio=base.wall / idx.wall,
-            )
-        )
-        log.info(
-            "%s: %d files, %d chunks (%d embedded) indexed in %.1f s; raw embedding %.1f s; ratio %.3f",
+
+def _new_indexed_texts(store, folder: Path, seen: set[str]) -> tuple[int, list[str]]:
+    """(chunks under ``folder``, embed texts of those not seen before); marks them seen."""
+    from lorekeeper.server.chunker import embed_text
+
+    indexed_texts = []
+    chunks = 0
+    for chunk in store.iter_chunks(root=str(folder)):
+        chunks += 1
+        if chunk.chunk_hash not in seen:
+            seen.add(chunk.chunk_hash)
+            indexed_texts.append(embed_text(chunk.text, chunk.heading_path))
+    return chunks, indexed_texts
+
+
+def _measure_slice(number: int, folder: Path, store, embedder, indexer, seen: set[str]) -> SliceRun:
+    from lorekeeper.server.indexer import EMBED_BATCH_CHUNKS
+
+    # Odd slices embed first (their texts cut beforehand exactly as the indexer cuts them), even
+    # slices index first: neither side always runs second on a machine whose load drifts.
+    baseline_first = number % 2 == 1
+    if baseline_first:
+        texts = _expected_texts(folder, embedder, seen)
+        with Clock() as base:
+            _embed_in_batches(embedder, texts, EMBED_BATCH_CHUNKS)
+    with Clock() as idx:
+        report = indexer.add_root(folder)
+    chunks, indexed_texts = _new_indexed_texts(store, folder, seen)
+    matched = True
+    if baseline_first:
+        if sorted(texts) != sorted(indexed_texts):
+            matched = False
+            log.warning("slice %s: the texts cut beforehand differ from the indexed ones", folder.name)
+    else:
+        texts = indexed_texts
+        with Clock() as base:
+            _embed_in_batches(embedder, texts, EMBED_BATCH_CHUNKS)
+    if report.embedded_chunks != len(texts):
+        log.warning(
+            "slice %s: the indexer embedded %d texts, the baseline %d",
             folder.name,
-            n_files,
-            chunks,
             report.embedded_chunks,
-            idx.wall,
-            base.wall,
-            base.wall / idx.wall,
+            len(texts),
         )
-        for key, value in (
-            ("index_wall", idx.wall),
-            ("index_cpu", idx.cpu),
-            ("base_wall", base.wall),
-            ("base_cpu", base.cpu),
-            ("files", n_files),
-            ("bytes", n_bytes),
-            ("chunks", chunks),
-            ("embedded", report.embedded_chunks),
-            ("baseline_texts", len(texts)),
-            ("indexed", report.indexed),
-            ("failed", report.failed),
-            ("skipped", report.skipped),
-        ):
-            totals[key] += value
+    return SliceRun(idx, base, report, chunks, len(texts), baseline_first, matched)
+
+
+def _slice_record(folder: Path, n_files: int, run: SliceRun) -> dict:
+    """The per-slice figures, logged as they come."""
+    idx, base, report = run.index, run.baseline, run.report
+    log.info(
+        "%s: %d files, %d chunks (%d embedded) indexed in %.1f s; raw embedding %.1f s; ratio %.3f",
+        folder.name,
+        n_files,
+        run.chunks,
+        report.embedded_chunks,
+        idx.wall,
+        base.wall,
+        base.wall / idx.wall,
+    )
+    return dict(
+        slice=folder.name,
+        files=n_files,
+        chunks=run.chunks,
+        embedded=report.embedded_chunks,
+        order="embed, index" if run.baseline_first else "index, embed",
+        index_s=idx.wall,
+        baseline_s=base.wall,
+        ratio=base.wall / idx.wall,
+    )
+
+
+def _add_slice_totals(totals: dict, run: SliceRun, n_files: int, n_bytes: int) -> None:
+    for key, value in (
+        ("index_wall", run.index.wall),
+        ("index_cpu", run.index.cpu),
+        ("base_wall", run.baseline.wall),
+        ("base_cpu", run.baseline.cpu),
+        ("files", n_files),
+        ("bytes", n_bytes),
+        ("chunks", run.chunks),
+        ("embedded", run.report.embedded_chunks),
+        ("baseline_texts", run.baseline_texts),
+        ("indexed", run.report.indexed),
+        ("failed", run.report.failed),
+        ("skipped", run.report.skipped),
+    ):
+        totals[key] = totals.get(key, 0) + value
+
+
+def _throughput_figures(
+    settings: Settings, totals: dict, kinds: dict, per_slice: list[dict], mismatched: int, model_free: Clock
+) -> dict:
+    from lorekeeper.server.indexer import EMBED_BATCH_CHUNKS
+
     iw, bw = totals["index_wall"], totals["base_wall"]
-    model_free = _index_without_model(settings, embedder, [folder for folder, _, _ in slices])
     return {
         "model_free_index_seconds": model_free.wall,
         "model_free_index_cpu_seconds": model_free.cpu,
@@ -461,85 +481,115 @@ def bench_throughput(settings: Settings, store, embedder, indexer) -> dict:
     }
 
 
+def bench_throughput(settings: Settings, store, embedder, indexer) -> dict:
+    slices, kinds = _prepare_corpus(settings)
+    seen: set[str] = set()
+    totals: dict = {}
+    per_slice = []
+    mismatched = 0
+    for number, (folder, n_files, n_bytes) in enumerate(slices):
+        run = _measure_slice(number, folder, store, embedder, indexer, seen)
+        mismatched += 0 if run.matched else 1
+        per_slice.append(_slice_record(folder, n_files, run))
+        _add_slice_totals(totals, run, n_files, n_bytes)
+    model_free = _index_without_model(settings, embedder, [folder for folder, _, _ in slices])
+    return _throughput_figures(settings, totals, kinds, per_slice, mismatched, model_free)
+
+
 # -- part 2: save-to-searchable latency --------------------------------------------------------
 
 
-def bench_latency(settings: Settings, store, embedder, indexer, folder: Path) -> dict:
-    from lorekeeper.server.search import search
-    from lorekeeper.server.watcher import Watcher
+SAVE_ACTIONS = ("new", "modify", "editor-save")
 
-    rng = random.Random(settings.seed + 1)
+
+class IndexedSignal:
+    """A store listener noting when each awaited path fires "indexed"."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.waiting: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, event: str, path: str) -> None:
+        if event != "indexed":
+            return
+        with self.lock:
+            flag = self.waiting.get(path)
+            if flag is not None and not flag.is_set():
+                self.arrived[path] = time.perf_counter()
+                flag.set()
+
+    def expect(self, key: str) -> threading.Event:
+        with self.lock:
+            self.waiting[key] = threading.Event()
+            self.arrived.pop(key, None)
+        return self.waiting[key]
+
+    def forget(self, key: str) -> None:
+        with self.lock:
+            self.waiting.pop(key, None)
+
+
+def _latency_paragraphs(store, folder: Path, rng: random.Random) -> list[str]:
     paragraphs = [c.text[:600] for c in store.iter_chunks(root=str(folder)) if len(c.text) > 200]
     paragraphs = paragraphs or ["A short note saved from an editor, as people do all day."]
     rng.shuffle(paragraphs)
-    notes = folder / "bench-notes"
-    notes.mkdir(exist_ok=True)
-    arrived: dict[str, float] = {}
-    waiting: dict[str, threading.Event] = {}
-    lock = threading.Lock()
+    return paragraphs
 
-    def listener(event: str, path: str) -> None:
-        if event != "indexed":
-            return
-        with lock:
-            flag = waiting.get(path)
-            if flag is not None and not flag.is_set():
-                arrived[path] = time.perf_counter()
-                flag.set()
 
-    store.add_listener(listener)
-    watcher = Watcher(indexer)
-    samples: list[dict] = []
-    created: list[Path] = []
-    try:
-        with Clock() as startup:
-            watcher.start()
-            if not watcher.wait_idle(timeout=900):
-                raise RuntimeError("the watcher did not finish its start-up reconcile in 15 minutes")
-        log.info("watcher up (%s) after a %.1f s start-up reconcile", watcher.modes, startup.wall)
-        actions = ["new", "modify", "editor-save"]
-        for run in range(settings.latency_runs):
-            action = actions[run % len(actions)] if created else "new"
-            marker = f"lkbench{run}x{rng.getrandbits(40):010x}"
-            body = f"{paragraphs[run % len(paragraphs)]}\n\nBenchmark marker {marker} for run {run}.\n"
-            if action == "new":
-                target = notes / f"note-{run:03d}{'.md' if run % 2 else '.txt'}"
-                created.append(target)
-            else:
-                target = created[rng.randrange(len(created))]
-            key = str(target.resolve())
-            with lock:
-                waiting[key] = threading.Event()
-                arrived.pop(key, None)
-            began = time.perf_counter()
-            if action == "editor-save":
-                temp = target.with_name(f".{target.name}.tmp")
-                temp.write_text(body, encoding="utf-8")
-                os.replace(temp, target)
-            else:
-                target.write_text(body, encoding="utf-8")
-            indexed_ok = waiting[key].wait(timeout=60)
-            searchable = None
-            deadline = time.perf_counter() + 60
-            while time.perf_counter() < deadline:
-                hits = search(store, embedder, marker, k=SEARCH_K, mode="hybrid")
-                if any(h.path == key and marker in h.text for h in hits):
-                    searchable = time.perf_counter() - began
-                    break
-            if not indexed_ok or searchable is None:
-                raise RuntimeError(f"run {run} ({action} {target.name}): not searchable within 60 s")
-            samples.append(dict(action=action, indexed_s=arrived[key] - began, searchable_s=searchable))
-            with lock:
-                waiting.pop(key, None)
-            watcher.wait_idle(timeout=60)
-    finally:
-        watcher.stop()
-        store.remove_listener(listener)
+def _write_like(action: str, target: Path, body: str) -> None:
+    """Save ``body`` to ``target`` in place, or editor-style (a temporary file renamed over it)."""
+    if action == "editor-save":
+        temp = target.with_name(f".{target.name}.tmp")
+        temp.write_text(body, encoding="utf-8")
+        os.replace(temp, target)
+    else:
+        target.write_text(body, encoding="utf-8")
+
+
+def _seconds_until_found(store, embedder, marker: str, key: str, began: float) -> float | None:
+    """Seconds from ``began`` until a hybrid search for ``marker`` returns ``key`` (None after 60 s)."""
+    from lorekeeper.server.search import search
+
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline:
+        hits = search(store, embedder, marker, k=SEARCH_K, mode="hybrid")
+        if any(h.path == key and marker in h.text for h in hits):
+            return time.perf_counter() - began
+    return None
+
+
+def _timed_save(
+    run: int, store, embedder, signal: IndexedSignal, notes: Path, created: list[Path], paragraphs, rng
+) -> dict:
+    """Save one note (new, modified or editor-saved) and time it until indexed and until searchable."""
+    action = SAVE_ACTIONS[run % len(SAVE_ACTIONS)] if created else "new"
+    marker = f"lkbench{run}x{rng.getrandbits(40):010x}"
+    body = f"{paragraphs[run % len(paragraphs)]}\n\nBenchmark marker {marker} for run {run}.\n"
+    if action == "new":
+        target = notes / f"note-{run:03d}{'.md' if run % 2 else '.txt'}"
+        created.append(target)
+    else:
+        target = created[rng.randrange(len(created))]
+    key = str(target.resolve())
+    flag = signal.expect(key)
+    began = time.perf_counter()
+    _write_like(action, target, body)
+    indexed_ok = flag.wait(timeout=60)
+    searchable = _seconds_until_found(store, embedder, marker, key, began)
+    if not indexed_ok or searchable is None:
+        raise RuntimeError(f"run {run} ({action} {target.name}): not searchable within 60 s")
+    sample = dict(action=action, indexed_s=signal.arrived[key] - began, searchable_s=searchable)
+    signal.forget(key)
+    return sample
+
+
+def _latency_figures(samples: list[dict], watcher, startup: Clock) -> dict:
     indexed = [s["indexed_s"] for s in samples]
     found = [s["searchable_s"] for s in samples]
     return {
         "runs": len(samples),
-        "actions": {a: sum(1 for s in samples if s["action"] == a) for a in ("new", "modify", "editor-save")},
+        "actions": {a: sum(1 for s in samples if s["action"] == a) for a in SAVE_ACTIONS},
         "debounce_s": watcher.debounce,
         "watch_mode": sorted(set(watcher.modes.values())),
         "startup_reconcile_s": startup.wall,
@@ -552,6 +602,33 @@ def bench_latency(settings: Settings, store, embedder, indexer, folder: Path) ->
         "samples": samples,
         "target_p95_s": 1.0,
     }
+
+
+def bench_latency(settings: Settings, store, embedder, indexer, folder: Path) -> dict:
+    from lorekeeper.server.watcher import Watcher
+
+    rng = random.Random(settings.seed + 1)
+    paragraphs = _latency_paragraphs(store, folder, rng)
+    notes = folder / "bench-notes"
+    notes.mkdir(exist_ok=True)
+    signal = IndexedSignal()
+    store.add_listener(signal)
+    watcher = Watcher(indexer)
+    samples: list[dict] = []
+    created: list[Path] = []
+    try:
+        with Clock() as startup:
+            watcher.start()
+            if not watcher.wait_idle(timeout=900):
+                raise RuntimeError("the watcher did not finish its start-up reconcile in 15 minutes")
+        log.info("watcher up (%s) after a %.1f s start-up reconcile", watcher.modes, startup.wall)
+        for run in range(settings.latency_runs):
+            samples.append(_timed_save(run, store, embedder, signal, notes, created, paragraphs, rng))
+            watcher.wait_idle(timeout=60)
+    finally:
+        watcher.stop()
+        store.remove_listener(signal)
+    return _latency_figures(samples, watcher, startup)
 
 
 # -- part 3: search latency --------------------------------------------------------------------
@@ -735,18 +812,8 @@ def _time_searches(
     return out
 
 
-def bench_search(settings: Settings, store, embedder, used_files: set[Path]) -> dict:
-    from lorekeeper.server.store import Store
-
-    rng = np.random.default_rng(settings.seed + 3)
-    model_id = embedder.model_id
-    sdb = settings.workdir / "search.db"
-    sstore = Store.open(sdb)
-    sstore.ensure_embedder(model_id, embedder.dimension)
-    root_dir = settings.workdir / "search-root"
-    root_dir.mkdir(exist_ok=True)
-    root = sstore.add_root(root_dir)
-
+def _real_documents(settings: Settings, store, model_id: str) -> list[tuple[str, list, np.ndarray]]:
+    """(path relative to the work folder, chunks, their cached vectors) of every document part 1 indexed."""
     real_docs = []
     for doc in store.documents():
         if doc.status != "indexed":
@@ -762,6 +829,34 @@ def bench_search(settings: Settings, store, embedder, used_files: set[Path]) -> 
                 np.stack([cached[c.chunk_hash] for c in chunks]),
             )
         )
+    return real_docs
+
+
+def _embed_queries(embedder, queries: list[str]) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Each query's vector, and the seconds one more embedding of each took (the path warmed first)."""
+    qlist = [embedder.embed_query(q) for q in queries]  # also warms the query path
+    qvecs = dict(zip(queries, qlist))
+    query_times = []
+    for query in queries:
+        began = time.perf_counter()
+        embedder.embed_query(query)
+        query_times.append(time.perf_counter() - began)
+    return qvecs, query_times
+
+
+def bench_search(settings: Settings, store, embedder, used_files: set[Path]) -> dict:
+    from lorekeeper.server.store import Store
+
+    rng = np.random.default_rng(settings.seed + 3)
+    model_id = embedder.model_id
+    sdb = settings.workdir / "search.db"
+    sstore = Store.open(sdb)
+    sstore.ensure_embedder(model_id, embedder.dimension)
+    root_dir = settings.workdir / "search-root"
+    root_dir.mkdir(exist_ok=True)
+    root = sstore.add_root(root_dir)
+
+    real_docs = _real_documents(settings, store, model_id)
     real = np.concatenate([v for _, _, v in real_docs]) if real_docs else None
     if real is None or len(real) < 10:
         raise RuntimeError("part 1 produced too few real vectors to synthesise from")
@@ -772,13 +867,7 @@ def bench_search(settings: Settings, store, embedder, used_files: set[Path]) -> 
             yield rel, chunks, None
 
     queries = QUERIES[: settings.queries]
-    qlist = [embedder.embed_query(q) for q in queries]  # also warms the query path
-    qvecs = dict(zip(queries, qlist))
-    query_times = []
-    for query in queries:
-        began = time.perf_counter()
-        embedder.embed_query(query)
-        query_times.append(time.perf_counter() - began)
+    qvecs, query_times = _embed_queries(embedder, queries)
     proxy = FixedQueryEmbedder(embedder, qvecs)
 
     counts = {"chunks": 0, "docs": 0, "real": 0, "synthetic": 0}

@@ -214,10 +214,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def p50_p95(values: list[float]) -> dict:
+    return {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95)}
+
+
+def retrieve_queries(count: int) -> list[str]:
+    """``count`` queries cycling through QUERIES, numbered after the first pass so none repeats."""
+    return [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(count)]
+
+
 # ---------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=10_000, help="index size for the retrieve latency")
     parser.add_argument("--runs", type=int, default=5, help="generation runs per side")
@@ -229,87 +238,90 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lorekeeper-bench-mcp")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args()
 
-    from mcp import Client, StdioServerParameters
 
-    from lorekeeper.server.search import search
-    from lorekeeper.server.store import Store
+def server_params(args: argparse.Namespace, db: Path):
+    """How to start ``lorekeeper serve`` over stdio on ``db``, with the raw side's context and threads."""
+    from mcp import StdioServerParameters
 
-    db = build_index(args.workdir, args.chunks)
     home = args.workdir / "home"
     env = dict(os.environ, LOREKEEPER_HOME=str(home), LOREKEEPER_N_CTX=str(args.n_ctx))
     if args.threads:
         env["LOREKEEPER_THREADS"] = str(args.threads)
-    params = StdioServerParameters(
+    return StdioServerParameters(
         command=sys.executable,
         args=["-m", "lorekeeper.server.cli", "--db", str(db), "serve", "--no-watcher"],
         env=env,
     )
-    llm = raw_llama(args.n_ctx, args.threads)
-    figures: dict = {"model": Path(llm.model_path).name, "max_tokens": args.max_tokens, "n_ctx": args.n_ctx}
 
-    async def measure() -> None:
-        async with Client(params, mode="legacy") as client:
-            await run_mcp(client, 4)  # load the model in the server
-            run_raw(llm, 4)
-            raw_runs, mcp_runs = [], []
-            for i in range(args.runs):
-                raw_runs.append(run_raw(llm, args.max_tokens))
-                mcp_runs.append(await run_mcp(client, args.max_tokens))
-                log.warning(
-                    "run %d: raw %d tok %.2f s | mcp %d tok %.2f s",
-                    i + 1,
-                    raw_runs[-1]["tokens"],
-                    raw_runs[-1]["total_s"],
-                    mcp_runs[-1]["tokens"],
-                    mcp_runs[-1]["total_s"],
-                )
-            same_text = all(r["text"].strip() == m["text"].strip() for r, m in zip(raw_runs, mcp_runs))
-            for name, runs in (("raw", raw_runs), ("mcp", mcp_runs)):
-                figures[name] = {
-                    "tokens_per_s": statistics.median(r["tokens"] / r["total_s"] for r in runs),
-                    "decode_tokens_per_s": statistics.median((r["tokens"] - 1) / r["decode_s"] for r in runs),
-                    "first_token_ms": statistics.median(r["first_s"] * 1000 for r in runs),
-                    "tokens": statistics.median(r["tokens"] for r in runs),
-                }
-            figures["same_output"] = same_text
-            figures["ratio_tokens_per_s"] = figures["mcp"]["tokens_per_s"] / figures["raw"]["tokens_per_s"]
-            figures["ratio_decode_tokens_per_s"] = (
-                figures["mcp"]["decode_tokens_per_s"] / figures["raw"]["decode_tokens_per_s"]
-            )
 
-            # retrieve: warm up the embedder in the server, then time round trips
-            queries = [
-                QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(args.queries)
-            ]
-            await client.call_tool("retrieve", {"query": "warm up", "k": 8})
-            times = []
-            for query in queries:
-                started = time.perf_counter()
-                result = await client.call_tool("retrieve", {"query": query, "k": 8})
-                times.append((time.perf_counter() - started) * 1000)
-                assert not result.is_error and result.structured_content["hits"], result.content[0].text
-            figures["retrieve_mcp_ms"] = {"p50": percentile(times, 0.5), "p95": percentile(times, 0.95)}
+def generation_figures(runs: list[dict]) -> dict:
+    return {
+        "tokens_per_s": statistics.median(r["tokens"] / r["total_s"] for r in runs),
+        "decode_tokens_per_s": statistics.median((r["tokens"] - 1) / r["decode_s"] for r in runs),
+        "first_token_ms": statistics.median(r["first_s"] * 1000 for r in runs),
+        "tokens": statistics.median(r["tokens"] for r in runs),
+    }
 
-    anyio.run(measure)
 
+async def measure_generation(client, llm, args: argparse.Namespace, figures: dict) -> None:
+    """Alternate raw and MCP generation runs; add both sides' figures and their ratios."""
+    await run_mcp(client, 4)  # load the model in the server
+    run_raw(llm, 4)
+    raw_runs, mcp_runs = [], []
+    for i in range(args.runs):
+        raw_runs.append(run_raw(llm, args.max_tokens))
+        mcp_runs.append(await run_mcp(client, args.max_tokens))
+        log.warning(
+            "run %d: raw %d tok %.2f s | mcp %d tok %.2f s",
+            i + 1,
+            raw_runs[-1]["tokens"],
+            raw_runs[-1]["total_s"],
+            mcp_runs[-1]["tokens"],
+            mcp_runs[-1]["total_s"],
+        )
+    same_text = all(r["text"].strip() == m["text"].strip() for r, m in zip(raw_runs, mcp_runs))
+    for name, runs in (("raw", raw_runs), ("mcp", mcp_runs)):
+        figures[name] = generation_figures(runs)
+    figures["same_output"] = same_text
+    figures["ratio_tokens_per_s"] = figures["mcp"]["tokens_per_s"] / figures["raw"]["tokens_per_s"]
+    figures["ratio_decode_tokens_per_s"] = (
+        figures["mcp"]["decode_tokens_per_s"] / figures["raw"]["decode_tokens_per_s"]
+    )
+
+
+async def time_mcp_retrieve(client, queries: list[str]) -> dict:
+    """p50/p95 ms of ``retrieve`` round trips, after one call that warms up the server's embedder."""
+    await client.call_tool("retrieve", {"query": "warm up", "k": 8})
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        result = await client.call_tool("retrieve", {"query": query, "k": 8})
+        times.append((time.perf_counter() - started) * 1000)
+        assert not result.is_error and result.structured_content["hits"], result.content[0].text
+    return p50_p95(times)
+
+
+def time_inprocess_search(db: Path, queries: list[str], figures: dict) -> None:
+    """The index's chunk count and p50/p95 ms of the same queries through ``search()`` in this process."""
     from lorekeeper import plugins
+    from lorekeeper.server.search import search
+    from lorekeeper.server.store import Store
 
     embedder = plugins.get_embedder()
     with Store.open(db) as store:
         figures["chunks"] = store.status().chunks
         search(store, embedder, "warm up", k=8)
         local = []
-        for i in range(args.queries):
-            query = QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}")
+        for query in queries:
             started = time.perf_counter()
             search(store, embedder, query, k=8)
             local.append((time.perf_counter() - started) * 1000)
-    figures["retrieve_inprocess_ms"] = {"p50": percentile(local, 0.5), "p95": percentile(local, 0.95)}
+    figures["retrieve_inprocess_ms"] = p50_p95(local)
 
+
+def report(figures: dict, args: argparse.Namespace) -> str:
     raw, mcp = figures["raw"], figures["mcp"]
     lines = [
         f"model {figures['model']}, max_tokens {args.max_tokens}, n_ctx {args.n_ctx}, {args.runs} runs per side",
@@ -323,7 +335,30 @@ def main() -> None:
         f"p95 {figures['retrieve_mcp_ms']['p95']:.1f} ms; in-process search() p50 "
         f"{figures['retrieve_inprocess_ms']['p50']:.1f} ms, p95 {figures['retrieve_inprocess_ms']['p95']:.1f} ms",
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    from mcp import Client
+
+    db = build_index(args.workdir, args.chunks)
+    params = server_params(args, db)
+    llm = raw_llama(args.n_ctx, args.threads)
+    figures: dict = {"model": Path(llm.model_path).name, "max_tokens": args.max_tokens, "n_ctx": args.n_ctx}
+    queries = retrieve_queries(args.queries)
+
+    async def measure() -> None:
+        async with Client(params, mode="legacy") as client:
+            await measure_generation(client, llm, args, figures)
+            figures["retrieve_mcp_ms"] = await time_mcp_retrieve(client, queries)
+
+    anyio.run(measure)
+    time_inprocess_search(db, queries, figures)
+    sys.stdout.write(report(figures, args))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

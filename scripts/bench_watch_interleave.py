@@ -90,7 +90,27 @@ def save_and_time(store, folder: Path, name: str, deadline: float) -> float | No
     return None
 
 
-def main() -> None:
+def save_series(store, folder: Path, prefix: str, count: int, gap: float, deadline: float,
+                stop: threading.Event | None = None) -> list[float | None]:  # fmt: skip
+    """Save ``count`` small files ``gap`` seconds apart and time each; stop early once ``stop`` is set."""
+    seconds: list[float | None] = []
+    for i in range(count):
+        if stop is not None and stop.is_set():
+            break
+        seconds.append(save_and_time(store, folder, f"{prefix}-{i}", deadline))
+        time.sleep(gap)
+    return seconds
+
+
+def summary(values: list[float | None]) -> str:
+    done = [v for v in values if v is not None]
+    if not done:
+        return "none searchable before the timeout"
+    return (f"median {statistics.median(done):.2f} s, max {max(done):.2f} s ({len(done)}/{len(values)} "
+            f"searchable; each: {', '.join(f'{v:.2f}' if v is not None else 'timeout' for v in values)})")  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -100,34 +120,26 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
     parser.add_argument("--fake-embedder", action="store_true", help="the hashing test embedder")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def make_embedder(fake: bool):
+    """The hashing test embedder, or the real one."""
     from lorekeeper import plugins
-    from lorekeeper.server.indexer import Indexer
-    from lorekeeper.server.settings import process_environment
-    from lorekeeper.server.store import Store
-    from lorekeeper.server.watcher import Watcher
 
-    process_environment()
-    if args.fake_embedder:
+    if fake:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from fakes import HashEmbedder
 
-        inner = HashEmbedder()
-    else:
-        inner = plugins.get_embedder()
-    embedder = Timing(inner)
-    embedder.embed(["warm up the model before anything is timed"])
-    deadline = time.monotonic() + args.timeout
-    work = Path(tempfile.mkdtemp(prefix="lorekeeper-interleave-"))
-    folder = work / "docs"
-    folder.mkdir()
-    (folder / "start.md").write_text("# Start\nThe watched folder.\n")
-    store = Store.open(work / "index.db")
-    indexer = Indexer(store, embedder)
-    indexer.add_root(folder)
-    idle: list[float | None] = []
-    busy: list[float | None] = []
+        return HashEmbedder()
+    return plugins.get_embedder()
+
+
+def measure(args: argparse.Namespace, embedder: Timing, folder: Path, store, indexer, deadline: float):
+    """Time the idle saves, then the busy saves while the large file embeds; return (idle, busy,
+    seconds until the large file was indexed or None, its chunks)."""
+    from lorekeeper.server.watcher import Watcher
+
     big_seconds = None
     big_done = threading.Event()
     store.add_listener(
@@ -137,34 +149,46 @@ def main() -> None:
     watcher.start()
     try:
         watcher.wait_idle(60)
-        for i in range(args.saves):
-            idle.append(save_and_time(store, folder, f"idle-{i}", deadline))
-            time.sleep(args.gap)
+        idle = save_series(store, folder, "idle", args.saves, args.gap, deadline)
         text = big_text(args.big_mb, salt=str(time.time()))
         calls = embedder.calls
         big_start = time.monotonic()
         (folder / "big.txt").write_text(text)
         while embedder.calls == calls and time.monotonic() < deadline:
             time.sleep(0.02)  # the embedder is now working on the large file
-        for i in range(args.saves):
-            if big_done.is_set():
-                break
-            busy.append(save_and_time(store, folder, f"busy-{i}", deadline))
-            time.sleep(args.gap)
+        busy = save_series(store, folder, "busy", args.saves, args.gap, deadline, stop=big_done)
         if big_done.wait(max(0.0, deadline - time.monotonic())):
             big_seconds = time.monotonic() - big_start
         chunks = len(store.document_chunks((folder / "big.txt").resolve()))
     finally:
         watcher.stop()
+    return idle, busy, big_seconds, chunks
+
+
+def main() -> None:
+    args = parse_args()
+
+    from lorekeeper.server.indexer import Indexer
+    from lorekeeper.server.settings import process_environment
+    from lorekeeper.server.store import Store
+
+    process_environment()
+    inner = make_embedder(args.fake_embedder)
+    embedder = Timing(inner)
+    embedder.embed(["warm up the model before anything is timed"])
+    deadline = time.monotonic() + args.timeout
+    work = Path(tempfile.mkdtemp(prefix="lorekeeper-interleave-"))
+    folder = work / "docs"
+    folder.mkdir()
+    (folder / "start.md").write_text("# Start\nThe watched folder.\n")
+    store = Store.open(work / "index.db")
+    try:
+        indexer = Indexer(store, embedder)
+        indexer.add_root(folder)
+        idle, busy, big_seconds, chunks = measure(args, embedder, folder, store, indexer, deadline)
+    finally:
         store.close()
         shutil.rmtree(work, ignore_errors=True)
-
-    def summary(values: list[float | None]) -> str:
-        done = [v for v in values if v is not None]
-        if not done:
-            return "none searchable before the timeout"
-        return (f"median {statistics.median(done):.2f} s, max {max(done):.2f} s ({len(done)}/{len(values)} "
-                f"searchable; each: {', '.join(f'{v:.2f}' if v is not None else 'timeout' for v in values)})")  # fmt: skip
 
     print(f"embedder: {inner.model_id}; large file: {args.big_mb:g} MB, {chunks} chunks, "
           f"searchable after {big_seconds:.1f} s" if big_seconds else "large file: not searchable before the timeout")  # fmt: skip

@@ -60,84 +60,112 @@ def longest_shared_run(a, b):
     return best
 
 
-def main():
+class Tally:
+    """What the checks found over all questions."""
+
+    def __init__(self):
+        self.errors, self.paraphrase, self.common = [], [], []
+        self.seen = set()
+        self.per_section = collections.Counter()
+        self.per_page = collections.Counter()
+        self.spread = []  # (pages with the canonical answer, id, answer, page)
+        self.n = 0
+
+
+def parse_args():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
     ap.add_argument("--questions", default=os.path.join(here, "questions.jsonl"))
     ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    if not os.path.isdir(args.rendered):
-        sys.exit(f"{args.rendered}: not a folder; render it first with render_manpages.py")
+
+def load_pages(rendered):
+    if not os.path.isdir(rendered):
+        sys.exit(f"{rendered}: not a folder; render it first with render_manpages.py")
     pages = {}
-    for fn in sorted(os.listdir(args.rendered)):
+    for fn in sorted(os.listdir(rendered)):
         if fn.endswith(".txt") and fn != "VERSIONS.txt":
-            with open(os.path.join(args.rendered, fn), encoding="utf-8") as f:
+            with open(os.path.join(rendered, fn), encoding="utf-8") as f:
                 pages[fn] = f.read()
+    return pages
+
+
+def parse_question(lineno, line, pages, rendered, tally):
+    """The question on this line if it is well formed and names a rendered page, else None (noted)."""
+    try:
+        q = json.loads(line)
+    except json.JSONDecodeError as e:
+        tally.errors.append(f"line {lineno}: bad JSON: {e}")
+        return None
+    missing = [k for k in REQUIRED if k not in q]
+    if missing:
+        tally.errors.append(f"line {lineno}: missing keys {missing}")
+        return None
+    qid = q["id"]
+    if qid in tally.seen:
+        tally.errors.append(f"{qid}: duplicate id")
+    tally.seen.add(qid)
+    ans = q["answers"]
+    if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
+        tally.errors.append(f"{qid}: answers must be a non-empty list of non-empty strings")
+        return None
+    if q["page"] not in pages:
+        tally.errors.append(f"{qid}: page {q['page']} not in {rendered}")
+        return None
+    return q
+
+
+def check_question(q, normpages, lowpages, tally):
+    qid, ans, page = q["id"], q["answers"], q["page"]
+    errors = tally.errors
+    tally.per_page[page] += 1
+    tally.per_section[page.rsplit(".", 2)[-2]] += 1
+    ev = norm(q["evidence"])
+    if ev not in normpages[page]:
+        errors.append(f"{qid}: evidence not found verbatim in {page}: {ev[:90]!r}")
+    evl = ev.lower()
+    if ans[0].lower() not in evl:
+        errors.append(f"{qid}: canonical answer {ans[0]!r} not in evidence")
+    for a in ans[1:]:
+        if a.lower() not in evl:
+            tally.paraphrase.append(f"{qid}: {a!r}")
+    ql = q["question"].lower()
+    for a in ans:
+        if re.search(r"(?<![a-z0-9_])" + re.escape(a.lower()) + r"(?![a-z0-9_])", ql):
+            errors.append(f"{qid}: answer {a!r} appears in the question")
+    run = longest_shared_run(q["question"], ev)
+    if run >= MAX_COPIED_WORDS:
+        errors.append(f"{qid}: question copies {run} consecutive words of the evidence")
+    # on how many pages can the canonical answer be found?
+    hits = [p for p, t in lowpages.items() if ans[0].lower() in t]
+    tally.spread.append((len(hits), qid, ans[0], page))
+    if len(hits) > MAX_PAGES_PER_ANSWER:
+        tally.common.append(f"{qid}: {ans[0]!r} on {len(hits)} pages")
+
+
+def check_file(path, pages, rendered):
     normpages = {k: norm(v) for k, v in pages.items()}
     lowpages = {k: v.lower() for k, v in normpages.items()}
-
-    errors, paraphrase, common = [], [], []
-    seen = set()
-    per_section = collections.Counter()
-    per_page = collections.Counter()
-    spread = []
-    n = 0
-    with open(args.questions, encoding="utf-8") as f:
+    tally = Tally()
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            n += 1
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"line {lineno}: bad JSON: {e}")
-                continue
-            missing = [k for k in REQUIRED if k not in q]
-            if missing:
-                errors.append(f"line {lineno}: missing keys {missing}")
-                continue
-            qid = q["id"]
-            if qid in seen:
-                errors.append(f"{qid}: duplicate id")
-            seen.add(qid)
-            ans = q["answers"]
-            if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
-                errors.append(f"{qid}: answers must be a non-empty list of non-empty strings")
-                continue
-            page = q["page"]
-            if page not in pages:
-                errors.append(f"{qid}: page {page} not in {args.rendered}")
-                continue
-            per_page[page] += 1
-            per_section[page.rsplit(".", 2)[-2]] += 1
-            ev = norm(q["evidence"])
-            if ev not in normpages[page]:
-                errors.append(f"{qid}: evidence not found verbatim in {page}: {ev[:90]!r}")
-            evl = ev.lower()
-            if ans[0].lower() not in evl:
-                errors.append(f"{qid}: canonical answer {ans[0]!r} not in evidence")
-            for a in ans[1:]:
-                if a.lower() not in evl:
-                    paraphrase.append(f"{qid}: {a!r}")
-            ql = q["question"].lower()
-            for a in ans:
-                if re.search(r"(?<![a-z0-9_])" + re.escape(a.lower()) + r"(?![a-z0-9_])", ql):
-                    errors.append(f"{qid}: answer {a!r} appears in the question")
-            run = longest_shared_run(q["question"], ev)
-            if run >= MAX_COPIED_WORDS:
-                errors.append(f"{qid}: question copies {run} consecutive words of the evidence")
-            # on how many pages can the canonical answer be found?
-            hits = [p for p, t in lowpages.items() if ans[0].lower() in t]
-            spread.append((len(hits), qid, ans[0], page))
-            if len(hits) > MAX_PAGES_PER_ANSWER:
-                common.append(f"{qid}: {ans[0]!r} on {len(hits)} pages")
-    if len(common) > MAX_COMMON:
-        errors.append(f"{len(common)} questions have a common answer (max {MAX_COMMON})")
+            tally.n += 1
+            q = parse_question(lineno, line, pages, rendered, tally)
+            if q is not None:
+                check_question(q, normpages, lowpages, tally)
+    if len(tally.common) > MAX_COMMON:
+        tally.errors.append(f"{len(tally.common)} questions have a common answer (max {MAX_COMMON})")
+    return tally
 
-    print(f"questions: {n}   rendered pages: {len(pages)}   pages used: {len(per_page)}")
-    print("per section: " + ", ".join(f"{s}: {c}" for s, c in sorted(per_section.items())))
+
+def print_summary(tally, pages, verbose):
+    spread, common = tally.spread, tally.common
+    print(f"questions: {tally.n}   rendered pages: {len(pages)}   pages used: {len(tally.per_page)}")
+    print("per section: " + ", ".join(f"{s}: {c}" for s, c in sorted(tally.per_section.items())))
     ones = sum(1 for h, *_ in spread if h == 1)
     few = sum(1 for h, *_ in spread if 2 <= h <= 3)
     print(
@@ -147,15 +175,22 @@ def main():
     )
     for c in common:
         print("  common-answer " + c)
-    print(f"variants not literally in the evidence (paraphrase variants): {len(paraphrase)}")
-    if args.verbose:
-        for p in paraphrase:
+    print(f"variants not literally in the evidence (paraphrase variants): {len(tally.paraphrase)}")
+    if verbose:
+        for p in tally.paraphrase:
             print("  " + p)
         for h, qid, a, page in sorted(spread, reverse=True):
             print(f"  {qid} {a!r:40} {page:22} on {h} page(s)")
-    if errors:
-        print(f"FAIL: {len(errors)} problem(s)")
-        for e in errors:
+
+
+def main():
+    args = parse_args()
+    pages = load_pages(args.rendered)
+    tally = check_file(args.questions, pages, args.rendered)
+    print_summary(tally, pages, args.verbose)
+    if tally.errors:
+        print(f"FAIL: {len(tally.errors)} problem(s)")
+        for e in tally.errors:
             print("  " + e)
         sys.exit(1)
     print("OK: all checks passed")
