@@ -265,7 +265,10 @@ def test_instructions_inside_a_document_are_returned_as_data_and_nothing_happens
     with Store.open(site["db"], create=False) as store:
         roots_before = [r.path for r in store.roots()]
     server = create_server(
-        ServerOptions(settings=_settings(site["db"]), start_watcher=False, allow_folder_tools=True)
+        # whole passages (context_sentences=0): what is checked here is how a passage travels, all of it
+        ServerOptions(
+            settings=_settings(site["db"], context_sentences=0), start_watcher=False, allow_folder_tools=True
+        )  # fmt: skip
     )
     question = "What does the maintenance note say?"
 

@@ -105,7 +105,12 @@ def read_document(store: Any, raw: str, max_bytes: int, max_chars: int | None = 
     target = resolve_document(store, raw)
     roots = [r.path for r in store.roots()]
     try:
-        return read_text(str(target), roots, max_bytes=max_bytes, max_chars=max_chars,
-                         expect=os.path.realpath(target))  # fmt: skip
+        expect = os.path.realpath(target)
+    except OSError as exc:  # the path changed under us (a link swapped in or out while resolving it)
+        raise DocumentAccessError(
+            f"{target} changed while it was being opened ({exc.strerror}): try again"
+        ) from exc
+    try:
+        return read_text(str(target), roots, max_bytes=max_bytes, max_chars=max_chars, expect=expect)
     except LoaderError as exc:
         raise DocumentAccessError(str(exc)) from exc
