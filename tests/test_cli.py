@@ -23,6 +23,7 @@ def lk(*args: str, db: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_add_search_status_reindex_remove(tmp_path: Path, docs: Path) -> None:
     db = tmp_path / "cli.db"
     (docs / "bees.md").write_text("# Bees\nHoney bees communicate the direction of flowers by dancing.\n")
@@ -57,6 +58,7 @@ def test_add_search_status_reindex_remove(tmp_path: Path, docs: Path) -> None:
     assert json.loads(lk("status", "--json", db=db).stdout)["documents"] == 0
 
 
+@pytest.mark.slow
 def test_bad_arguments_give_clear_errors(tmp_path: Path, docs: Path) -> None:
     db = tmp_path / "cli.db"
     missing = lk("add", str(tmp_path / "nope"), db=db)
@@ -85,6 +87,7 @@ def _one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_db_in_a_missing_folder_is_an_error_and_creates_nothing(tmp_path: Path, docs: Path) -> None:
     db = tmp_path / "nope" / "sub" / "index.db"
     for args in (

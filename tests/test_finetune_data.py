@@ -398,6 +398,7 @@ def test_drafting_pairs_with_the_real_generator(tmp_path):
 # --- the CLI face ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_data_reports_tokens_and_names_bad_lines(tmp_path):
     from typer.testing import CliRunner
 

@@ -33,6 +33,10 @@ from lorekeeper.finetune.export import (  # noqa: E402
 from lorekeeper.finetune.gguf_arch import permute_rows_for_rope  # noqa: E402
 from lorekeeper.finetune.parity import compare_logits, llama_cpp_logits, transformers_logits  # noqa: E402
 
+pytestmark = (
+    pytest.mark.slow
+)  # every test here trains or converts a real model (seconds to half a minute each)
+
 RANK, ALPHA = 8, 16.0
 
 

@@ -58,6 +58,7 @@ def _ids(seed: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "phi3", "gemma"])
+@pytest.mark.slow
 def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, tokenizer_dir):
     model_dir, model = ft.make_hf_base(tmp_path, arch, tokenizer_dir)
     ids = _ids()
@@ -87,6 +88,7 @@ def test_tiny_model_adapter_and_merged_gguf_match_transformers(arch, tmp_path, t
         assert effect.mean_kl > 100 * result.mean_kl
 
 
+@pytest.mark.slow
 def test_rslora_and_per_module_rank_alpha_scales_are_carried_into_the_gguf_adapter(tmp_path, tokenizer_dir):
     """llama.cpp scales every module by one alpha over that module's rank; rsLoRA (alpha/sqrt(r)) and
     peft's rank_pattern/alpha_pattern give other scales, which the exporter must reproduce."""

@@ -268,6 +268,7 @@ def test_unreadable_file(tmp_path: Path, docs: Path) -> None:
     assert "permission denied" in failed[locked]
 
 
+@pytest.mark.slow
 def test_crash_mid_indexing_leaves_a_consistent_index(tmp_path: Path, docs: Path) -> None:
     """SIGKILL while a big folder is being indexed; the index must open consistent and catch up."""
     for i in range(120):

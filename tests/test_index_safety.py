@@ -44,6 +44,7 @@ def chunk_texts(store: Store) -> list[str]:
 # -- the symlink race ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_file_flipping_to_a_symlink_never_lets_outside_text_in(fake_indexer: Indexer, store: Store,
                                                                   docs: Path, tmp_path: Path) -> None:  # fmt: skip
     """A file flipped between a regular file and a symlink out of the folder while it is indexed

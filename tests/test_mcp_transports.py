@@ -63,6 +63,7 @@ def _env(home: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------- stdio
 
 
+@pytest.mark.slow
 def test_stdio_server_with_the_sdk_client(docs: Path, lorekeeper_home: Path, tmp_path: Path) -> None:
     params = StdioServerParameters(
         command=CLI[0], args=[*CLI[1:], "--db", str(tmp_path / "i.db"), "serve", "--watch", str(docs)],

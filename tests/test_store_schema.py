@@ -126,6 +126,7 @@ def test_small_definitions_of_one_class_share_a_chunk() -> None:
     assert chunks[1].heading_path == ["def helper"]
 
 
+@pytest.mark.slow
 def test_a_long_unit_is_tokenized_a_segment_at_a_time_with_exact_offsets_and_lines() -> None:
     from lorekeeper.server.chunker import SEGMENT_CHARS
 

@@ -170,6 +170,7 @@ class SlowHashEmbedder(HashEmbedder):
         return super().embed(texts)
 
 
+@pytest.mark.slow
 def test_a_small_file_saved_while_a_large_one_is_embedded_does_not_wait_for_it(
     store: Store, docs: Path
 ) -> None:
