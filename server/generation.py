@@ -475,7 +475,8 @@ def _check_grounding(
     """Check the answer's sentences against the sources; say so when nothing supports it.
 
     With the fallback on, a supported answer that addresses the question clearly less closely than
-    the best sentence of the sources (a small model copying a true but beside-the-point sentence)
+    the best sentence of the sources (a small model copying a true but beside-the-point sentence),
+    or that no sentence of that best sentence's source supports (a true line of a neighbouring page),
     is replaced by that sentence too."""
     texts = [s.text for s in prepared.sources]
     check = citations.check_answer(result.answer, texts)
@@ -493,6 +494,10 @@ def _check_grounding(
         if embedder is not None and best is not None and answered < best.score - OFF_QUESTION_MARGIN:
             _quote(result, best, "the model's answer, though its sources support it, addresses the question "
                    "less closely than this passage, so the passage is quoted instead (the model said: ")  # fmt: skip
+            return
+        if best is not None and best.source not in check.cited:
+            _quote(result, best, f"the model's answer does not draw on [{best.source}], the passage that best "
+                   "matches the question, so that passage is quoted instead (the model said: ")  # fmt: skip
             return
         unsupported = [s for s in check.claims if not s.supported]
         if unsupported:
@@ -592,5 +597,11 @@ def answer_question(
         **filters,
     )
     return run(
-        prepared, generator, temperature=temperature, adapter=adapter, on_token=on_token, settings=settings
+        prepared,
+        generator,
+        temperature=temperature,
+        adapter=adapter,
+        on_token=on_token,
+        settings=settings,
+        embedder=embedder,
     )
