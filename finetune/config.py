@@ -128,7 +128,8 @@ class TrainConfig:
             raise bad("early_stopping_patience", "must be 0 (off) or more")
         if not self.data and not self.from_index:
             raise ConfigError("no training data: give --data FILE/FOLDER (repeatable) or --from-index")
-        self.data = [str(p) for p in self.data]
+        # absolute, so `--resume` (which reads config.json) works from any working directory
+        self.data = [str(Path(p).expanduser().resolve()) for p in self.data]
         self.target_modules = list(self.target_modules)
 
     def to_json(self) -> dict[str, Any]:
