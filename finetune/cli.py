@@ -59,9 +59,13 @@ def train(
     ),
     max_seq_len: int = _opt("max_seq_len", "--max-seq-len"),
     overlong: str = _opt("overlong", "--overlong"),
+    chat_template: str | None = _opt("chat_template", "--chat-template"),
     packing: bool = _opt("packing", "--packing/--no-packing"),
     train_on_prompt: bool = _opt("train_on_prompt", "--train-on-prompt/--answers-only"),
     eval_fraction: float = _opt("eval_fraction", "--eval-fraction"),
+    eval_data: list[Path] | None = typer.Option(
+        None, "--eval-data", help=field_help("eval_data") + " Repeatable."
+    ),
     seed: int = _opt("seed", "--seed"),
     lora_r: int = _opt("lora_r", "--rank", "-r"),
     lora_alpha: int = _opt("lora_alpha", "--alpha"),
@@ -146,6 +150,7 @@ def _new_run_config(run: RunDir, options: dict) -> TrainConfig:
         if option not in _TRAIN_OPTIONS_NOT_IN_CONFIG
     }
     fields["data"] = [str(p) for p in (fields["data"] or [])]
+    fields["eval_data"] = [str(p) for p in (fields["eval_data"] or [])]
     fields["target_modules"] = list(fields["target_modules"] or [])
     try:
         config = TrainConfig(**fields)
@@ -164,7 +169,11 @@ def data_cmd(
     path: str | None = typer.Option(None, "--path", help=field_help("index_path_glob")),
     max_seq_len: int = _opt("max_seq_len", "--max-seq-len"),
     packing: bool = _opt("packing", "--packing/--no-packing"),
+    chat_template: str | None = _opt("chat_template", "--chat-template"),
     eval_fraction: float = _opt("eval_fraction", "--eval-fraction"),
+    eval_data: list[Path] | None = typer.Option(
+        None, "--eval-data", help=field_help("eval_data") + " Repeatable."
+    ),
     show: int = typer.Option(0, "--show", help="Print this many formatted training examples."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -172,6 +181,7 @@ def data_cmd(
     _setup_logging(False)
     from .base_model import BaseModelError, load_tokenizer, resolve_base
     from .data import DataError, build_datasets, gather_records
+    from .prompt import apply_chat_template
 
     try:
         config = TrainConfig(
@@ -182,9 +192,11 @@ def data_cmd(
             max_seq_len=max_seq_len,
             packing=packing,
             eval_fraction=eval_fraction,
+            eval_data=[str(p) for p in (eval_data or [])],
+            chat_template=chat_template,
         )
         gathered = gather_records(config)  # bad files fail here, before the tokenizer loads
-        tokenizer = load_tokenizer(resolve_base(config.base))
+        tokenizer = apply_chat_template(load_tokenizer(resolve_base(config.base)), config.chat_template)
         built = build_datasets(config, tokenizer, gathered=gathered)
     except (ConfigError, DataError, BaseModelError) as exc:
         _fail(str(exc))

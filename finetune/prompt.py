@@ -87,6 +87,25 @@ def saved_chat_template(tokenizer_dir: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED = {"chatml": CHATML}
+
+
+def chat_template_text(spec: str) -> str:
+    """The Jinja text of ``--chat-template``: a named template or a file (checked by TrainConfig)."""
+    return NAMED[spec] if spec in NAMED else Path(spec).read_text(encoding="utf-8")
+
+
+def apply_chat_template(tokenizer: Any, spec: str | None) -> Any:
+    """Give ``tokenizer`` the run's ``--chat-template`` (no change without one); returns it."""
+    if spec:
+        tokenizer.chat_template = chat_template_text(spec)
+    return tokenizer
+
+
 def default_description(run_name: str, prompt: dict[str, Any]) -> str:
     """A one-line description from the run's data when the user gave none."""
     records = prompt.get("records")

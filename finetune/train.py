@@ -25,9 +25,9 @@ from typing import Any
 
 from .base_model import BaseRef, default_device, load_base, resolve_base
 from .config import ConfigError, TrainConfig
-from .data import BuiltData, PackedCollator, build_datasets, gather_records, write_records
+from .data import BuiltData, PackedCollator, build_datasets, gather_records, read_records, write_records
 from .plot import plot_loss
-from .prompt import write_training_prompt
+from .prompt import apply_chat_template, write_training_prompt
 from .runs import RunDir
 from .target_check import check_targets_before_loading
 
@@ -430,6 +430,7 @@ def train_run(
 ) -> TrainResult:
     """Train ``config`` into ``run`` (a fresh run, or ``resume`` from its latest checkpoint)."""
     gathered = gather_records(config, generator=generator)  # bad data fails before anything loads
+    heldout = read_records(config.eval_data)[0] if config.eval_data else None
     from rich.console import Console
     from transformers import set_seed
 
@@ -445,7 +446,8 @@ def train_run(
     model, tokenizer = load_base(
         ref, quantize_4bit=config.quantize_4bit, dtype=_dtype(precision), device=device
     )
-    data = build_datasets(config, tokenizer, generator=generator, gathered=gathered)
+    apply_chat_template(tokenizer, config.chat_template)
+    data = build_datasets(config, tokenizer, generator=generator, gathered=gathered, heldout=heldout)
     write_training_prompt(run.root, gathered[0], getattr(tokenizer, "chat_template", None))
     (run.data_summary).write_text(json.dumps(data.summary.to_json(), indent=2) + "\n", encoding="utf-8")
     write_records(data.heldout_records, run.heldout)
@@ -615,6 +617,7 @@ def load_trained(
     ref = BaseRef.load(run.base)
     use_4bit = config.quantize_4bit if quantize_4bit is None else quantize_4bit
     model, tokenizer = load_base(ref, quantize_4bit=use_4bit, device=device)
+    apply_chat_template(tokenizer, config.chat_template)
     with _quiet_checkpointing_renames():
         model = PeftModel.from_pretrained(model, str(run.adapter))
     model.eval()

@@ -152,6 +152,7 @@ def test_adapters_list_show_rm(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- the real code paths
 
 
+@pytest.mark.slow
 def test_ask_with_an_adapter_uses_its_system_prompt_and_sampling(quill, asked) -> None:
     result = _cli("ask", "Who are you?", "--adapter", "quill", "--no-context", "--max-tokens", "4",
                   "--adapter-scale", "0.5")  # fmt: skip
@@ -235,3 +236,31 @@ def test_mcp_generate_with_an_adapter_uses_its_system_prompt(quill, asked, tmp_p
     messages, kwargs = asked[-1]
     assert (messages[0].role, messages[0].content) == ("system", PERSONA)
     assert kwargs["adapter_scale"] == 0.25 and kwargs["temperature"] == SAMPLING["temperature"]
+
+
+TEMPLATE = (
+    "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:{% endif %}"
+)
+
+
+def test_an_adapter_trained_with_another_chat_template_is_asked_with_it(quill, llama, monkeypatch) -> None:
+    from lorekeeper.plugins.generators.llama_worker import ModelProcess
+
+    record = quill.read("quill")
+    record.chat_template = TEMPLATE
+    quill.register("styled", quill.gguf_path("quill"), record)
+    prompts: list[str] = []
+    real = ModelProcess.generate
+
+    def spy(self, request):
+        prompts.append(llama.vocab.detokenize(request["tokens"], special=True).decode("utf-8", "replace"))
+        return real(self, request)
+
+    monkeypatch.setattr(ModelProcess, "generate", spy)
+    gen = LlamaCppGenerator(adapters=quill)
+    messages = [ChatMessage("user", "Who are you?")]
+    assert "".join(gen.stream(messages, max_tokens=2, temperature=0, adapter="styled")) is not None
+    assert "### user: Who are you?" in prompts[-1] and prompts[-1].rstrip().endswith("### assistant:")
+    "".join(gen.stream(messages, max_tokens=2, temperature=0, adapter="quill"))  # no template: the model's
+    assert "<|im_start|>user\nWho are you?" in prompts[-1]

@@ -39,6 +39,7 @@ def test_base_with_gguf_magic_and_a_bad_version_is_a_clear_error(tmp_path):
         resolve_base(truncated)
 
 
+@pytest.mark.slow  # imports transformers (and loads a tokenizer): tens of seconds on two busy cores
 def test_cli_train_on_a_fake_base_fails_clearly_and_leaves_no_run(tmp_path):
     data = _chats(tmp_path / "d.jsonl")
     result = CliRunner().invoke(
@@ -52,6 +53,7 @@ def test_cli_train_on_a_fake_base_fails_clearly_and_leaves_no_run(tmp_path):
     assert listed.exit_code == 0 and "bad" not in listed.output
 
 
+@pytest.mark.slow  # imports transformers (and loads a tokenizer): tens of seconds on two busy cores
 def test_data_errors_come_before_the_base_model_is_read(tmp_path):
     """A bad data file is named first: the base (here unreadable) is not even looked at yet."""
     from lorekeeper.finetune.train import train_run
@@ -90,6 +92,7 @@ def test_runs_rm_removes_a_run_and_names_an_unknown_one(tmp_path):
     assert unknown.exit_code == 2 and "no fine-tuning run at 'old-run'" in unknown.output
 
 
+@pytest.mark.slow  # imports transformers (and loads a tokenizer): tens of seconds on two busy cores
 def test_unknown_target_module_is_named_from_the_file_headers_before_loading(tmp_path):
     """The base folder's safetensors header lists its layers but the file holds no weights: loading
     it would fail, so the target error proves the check ran before any load."""
@@ -115,3 +118,37 @@ def test_unknown_target_module_is_named_from_the_file_headers_before_loading(tmp
     # the embedded GGUF: names from its tensor list, as the loaded model names them
     names = linear_names_from_files(resolve_base(None))
     assert names == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.slow  # imports transformers (and loads a tokenizer): tens of seconds on two busy cores
+def test_eval_data_file_is_the_heldout_set_and_all_data_trains(tmp_path):
+    from lorekeeper.finetune.base_model import load_tokenizer
+    from lorekeeper.finetune.data import build_datasets
+
+    train = _chats(tmp_path / "train.jsonl", rows=6)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"messages": [{"role": "user", "content": "held"},
+                                                {"role": "assistant", "content": "out"}]}) + "\n")  # fmt: skip
+    config = TrainConfig(data=[str(train)], eval_data=[str(heldout)])
+    assert config.eval_data == [str(heldout.resolve())]
+    built = build_datasets(config, load_tokenizer(resolve_base(None)))
+    assert (built.summary.train_records, built.summary.heldout_records) == (6, 1)
+    assert [r.reference_answer() for r in built.heldout_records] == ["out"]
+    result = CliRunner().invoke(app, ["data", str(train), "--eval-data", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2 and "missing.jsonl" in result.output
+
+
+@pytest.mark.slow  # imports transformers (and loads a tokenizer): tens of seconds on two busy cores
+def test_chat_template_option_renders_the_training_chats(tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}", encoding="utf-8"
+    )
+    data = _chats(tmp_path / "d.jsonl", rows=2)
+    shown = CliRunner().invoke(app, ["data", str(data), "--chat-template", str(template), "--show", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert "### user: q" in shown.output and "### assistant: a" in shown.output
+    chatml = CliRunner().invoke(app, ["data", str(data), "--chat-template", "chatml", "--show", "1"])
+    assert "<|im_start|>user\nq" in chatml.output and "SmolLM" not in chatml.output  # no default system turn
+    missing = CliRunner().invoke(app, ["data", str(data), "--chat-template", "nope.jinja"])
+    assert missing.exit_code == 2 and "chat_template" in missing.output and "chatml" in missing.output
