@@ -150,7 +150,6 @@ def _new_run_config(run: RunDir, options: dict) -> TrainConfig:
         if option not in _TRAIN_OPTIONS_NOT_IN_CONFIG
     }
     fields["data"] = [str(p) for p in (fields["data"] or [])]
-    fields["eval_data"] = [str(p) for p in (fields["eval_data"] or [])]
     fields["target_modules"] = list(fields["target_modules"] or [])
     try:
         config = TrainConfig(**fields)

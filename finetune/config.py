@@ -16,7 +16,6 @@ OVERLONG_CHOICES = ("truncate", "error")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZER_CHOICES = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
-NAMED_TEMPLATES = ("chatml",)  # chat templates --chat-template knows by name (finetune/prompt.py)
 
 
 class ConfigError(ValueError):
@@ -139,7 +138,9 @@ class TrainConfig:
             raise ConfigError("no training data: give --data FILE/FOLDER (repeatable) or --from-index")
         # absolute, so `--resume` (which reads config.json) works from any working directory
         self.data = [str(Path(p).expanduser().resolve()) for p in self.data]
-        self.eval_data = [str(Path(p).expanduser().resolve()) for p in self.eval_data]
+        self.eval_data = [str(Path(p).expanduser().resolve()) for p in self.eval_data or []]
+        from .prompt import NAMED as NAMED_TEMPLATES  # the templates --chat-template knows by name
+
         if self.chat_template and self.chat_template not in NAMED_TEMPLATES:
             template = Path(self.chat_template).expanduser().resolve()
             if not template.is_file():
