@@ -123,6 +123,21 @@ def test_sampling_request_over_record_over_settings() -> None:
     )
 
 
+def test_chat_history_keeps_the_latest_whole_turns_that_fit() -> None:
+    from lorekeeper.server.cli.chat import fit_history
+
+    gen = ScriptedGenerator()
+    history = []
+    for i in range(6):
+        history += [ChatMessage("user", f"question {i} " * 5), ChatMessage("assistant", f"answer {i} " * 5)]
+    everything, dropped = fit_history(gen, history, "now?", 10_000)
+    assert everything == history and dropped == 0
+    budget = gen.count_message_tokens([*history[-4:], ChatMessage("user", "now?")])
+    kept, dropped = fit_history(gen, history, "now?", budget)
+    assert kept == history[-4:] and dropped == 8  # two whole turns, the latest
+    assert fit_history(gen, history, "now?", 1) == ([], 12)
+
+
 # ---------------------------------------------------------------------------- adapters list|show|rm
 
 
@@ -228,6 +243,11 @@ def test_mcp_generate_with_an_adapter_uses_its_system_prompt(quill, asked, tmp_p
 
     async def main():
         async with Client(server) as client:
+            status = await client.call_tool("index_status", {})
+            assert (
+                "adapter quill (base " in status.content[0].text
+                and ": the ferry clerk" in status.content[0].text
+            )
             return await client.call_tool("generate", {"prompt": "Who are you?", "use_context": False,
                                                        "max_tokens": 4, "adapter": "quill", "adapter_scale": 0.25})  # fmt: skip
 

@@ -249,7 +249,7 @@ def test_last_progress_line_shows_the_final_heldout_loss(tmp_path, use_shared_ho
 
     from lorekeeper.finetune.train import train_run
 
-    data = write_notes(tmp_path / "notes", files=1, paragraphs=6)
+    data = write_notes(tmp_path / "notes")
     out = io.StringIO()
     run = RunDir(tmp_path / "run")
     train_run(small_config(data, max_steps=3, eval_steps=2, save_steps=2), run,

@@ -91,7 +91,7 @@ def _converse(options: dict, interactive: bool) -> None:
     history: list = []
     said_trimmed = False
     generator, settings = options["generator"], options["settings"]
-    budget = generator.context_window - settings.max_tokens
+    budget = generator.context_window - settings.max_tokens - _system_tokens(options)
     if options["use_context"]:
         budget = int(budget * SOURCE_ROOM)
     for line in _lines(interactive):
@@ -110,6 +110,19 @@ def _converse(options: dict, interactive: bool) -> None:
         answer = _turn(text, kept, options)
         if answer is not None:
             history += [ChatMessage("user", text), ChatMessage("assistant", answer)]
+
+
+def _system_tokens(options: dict) -> int:
+    """Tokens the system turn takes (the adapter's prompt or --system, the retrieval instructions)."""
+    from .. import generation
+
+    generator, adapters = options["generator"], options["adapters"]
+    record = adapters.read(options["adapter"]) if adapters is not None else None
+    turns = generation.adapter_turns(record, options["system"])
+    text = " ".join(t for t in (turns.persona, turns.system) if t)
+    if options["use_context"]:
+        text += " " + generation.GROUNDED_SYSTEM
+    return generator.count_tokens(text) + 16 if text.strip() else 0
 
 
 def _turn(text: str, history: list, options: dict) -> str | None:

@@ -400,6 +400,7 @@ def _adapters(state: AppState) -> list[AdapterOut]:
                 base_model=record.base_model,
                 architecture=record.architecture,
                 created=record.created,
+                description=record.description,
                 runs_on_server_model=matches,
             )
         )
