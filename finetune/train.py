@@ -594,11 +594,17 @@ def _train_and_keep_adapter(
         early_cb.stopper.best = min(_eval_losses(run), default=None)
     with _quiet_checkpointing_renames():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if has_heldout and trainer.state.global_step % config.eval_steps != 0:
-        trainer.evaluate()
+    if has_heldout and not _evaluated_at(run, trainer.state.global_step):
+        trainer.evaluate()  # the last step's held-out loss, unless the Trainer measured it already
     if not has_heldout or not run.is_trained():
         save_adapter(trainer.model, run, trainer.state.global_step)
     return output
+
+
+def _evaluated_at(run: RunDir, step: int) -> bool:
+    from .plot import read_metrics
+
+    return any(row.get("step") == step and "eval_loss" in row for row in read_metrics(run.metrics))
 
 
 def _eval_losses(run: RunDir) -> list[float]:
