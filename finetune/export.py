@@ -278,6 +278,17 @@ def _base_shape(base: Any) -> tuple[Path | None, ModelShape, dict[str, Any]]:
     return None, shape_from_hf_config(config), config
 
 
+def _trained_template(run_dir: Path) -> str | None:
+    """The chat template a run trained with when it chose one (``--chat-template``); None: the base's."""
+    from .prompt import read_training_prompt
+
+    try:
+        chosen = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return read_training_prompt(run_dir).get("chat_template") if chosen else None
+
+
 @dataclass
 class _Export:
     """One export_run call: what its adapter and merged-model steps share, and its report."""
@@ -350,9 +361,8 @@ class _Export:
             merged_path = out / f".{name}-merged-{outtype}.{secrets.token_hex(4)}.for-quantize.gguf"
         try:
             if self.base.kind == "gguf":
-                write_merged_from_gguf(
-                    merged_path, Path(self.base.gguf_path), self.shape, self.lora, outtype, name
-                )
+                write_merged_from_gguf(merged_path, Path(self.base.gguf_path), self.shape, self.lora,
+                                       outtype, name, _trained_template(self.run_dir))  # fmt: skip
             else:
                 self.hf_model(merged_path, self.lora, outtype)
             if quantize:

@@ -493,3 +493,19 @@ def test_quantize_only_export_keeps_a_merged_model_an_earlier_export_wrote(tiny,
     assert not [p for p in first.merged_gguf.parent.iterdir() if p.name.startswith(".")]  # scratch removed
     # llama.cpp's own log (hundreds of lines while quantizing) stays quiet without --verbose
     assert len(capfd.readouterr().err.splitlines()) < 5
+
+
+def test_merged_model_of_a_gguf_base_carries_the_chat_template_the_run_trained_with(tiny, tmp_path):
+    from lorekeeper.finetune.prompt import CHATML
+
+    first = export_run(_copy_run(tiny, tmp_path, "hf-run"), name="tiny-base", register=False)
+    run = _copy_run(tiny, tmp_path, "gguf-run")
+    base = first.base_gguf
+    (run / "base.json").write_text(json.dumps({"kind": "gguf", "path": str(base.parent),
+                                               "gguf_file": base.name, "architecture": "llama"}))  # fmt: skip
+    (run / "prompt.json").write_text(json.dumps({"system_prompt": None, "chat_template": CHATML}))
+    plain = export_run(run, name="plain", adapter=False, merged=True, register=False)
+    assert _field(plain.merged_gguf, "tokenizer.chat_template") == _field(base, "tokenizer.chat_template")
+    (run / "config.json").write_text(json.dumps({"chat_template": "chatml"}))
+    chosen = export_run(run, name="chosen", adapter=False, merged=True, register=False)
+    assert _field(chosen.merged_gguf, "tokenizer.chat_template") == CHATML
