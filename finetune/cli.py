@@ -132,13 +132,12 @@ def _resumed_config(run: RunDir, max_steps: int) -> TrainConfig:
 
 def _given(ctx: typer.Context, option: str) -> bool:
     """Whether the user typed `option` (a preset must not override it) rather than leaving its default."""
-    import click
-
     try:
         source = ctx.get_parameter_source(option)
     except (AttributeError, KeyError):
         return False
-    return source not in (None, click.core.ParameterSource.DEFAULT)
+    # by name: typer may bring its own copy of click's ParameterSource enum
+    return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _new_run_config(run: RunDir, options: dict, given: set[str]) -> TrainConfig:

@@ -10,7 +10,8 @@ the CPU, exports the adapter as GGUF, and asks every question greedily of:
 * the trained model in transformers (base + peft adapter, in the precision it trained in).
 
 Recall is exact-contains: the fact's key (the name, the number) appears in the answer. Training
-time and tokens/s come from the run, peak memory is the training subprocess's peak RSS.
+time and tokens/s come from the run, peak memory is the training subprocess's peak RSS. Gradient
+checkpointing is off here (a 135M model needs no activation memory saved; it would cost ~30%).
 
 ``--compare-nf4`` trains twice on the same data, LoRA on the dequantized GGUF weights (the default)
 and QLoRA on NF4, and adds for each: held-out loss (answer tokens of the paraphrased questions, in
@@ -103,15 +104,22 @@ def invent_facts(companies: int, seed: int) -> list[dict]:
     return facts
 
 
+# A short system turn of our own: without one SmolLM2's template adds its 17-token default to every
+# example, a third of each training row.
+SYSTEM = "You answer questions about companies."
+
+
+def messages(question: str, answer: str | None = None) -> list[dict]:
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
 def write_data(facts: list[dict], folder: Path) -> tuple[Path, Path]:
     """(training chats, paraphrase chats) as JSONL; only the first is trained on."""
     folder.mkdir(parents=True, exist_ok=True)
     train, held = folder / "facts.jsonl", folder / "paraphrases.jsonl"
     for path, key in ((train, "question"), (held, "paraphrase")):
-        rows = [
-            {"messages": [{"role": "user", "content": f[key]}, {"role": "assistant", "content": f["answer"]}]}
-            for f in facts
-        ]
+        rows = [{"messages": messages(f[key], f["answer"])} for f in facts]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return train, held
 
@@ -131,6 +139,8 @@ def train_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.lr)) if v is not None}
+    # 135M parameters need no activation memory saved; recomputing them costs ~30% of each step
+    overrides["gradient_checkpointing"] = False
     if args.rank:
         overrides.update(lora_r=args.rank, lora_alpha=2 * args.rank)
     config = config_for_goal(
@@ -156,6 +166,10 @@ def train_child(args: argparse.Namespace) -> None:
 
 
 def train_in_subprocess(args: argparse.Namespace, mode: str) -> dict:
+    """Train ``mode`` in a child process (or, with --reuse, take an earlier run's row from its file)."""
+    saved = args.out / f"trained-{mode}.json"
+    if args.reuse and saved.is_file():
+        return json.loads(saved.read_text(encoding="utf-8"))
     command = [sys.executable, __file__, "--out", str(args.out), "--train-child", mode]
     command += ["--threads", str(args.threads)]
     for flag, value in (("--epochs", args.epochs), ("--lr", args.lr), ("--rank", args.rank)):
@@ -166,6 +180,7 @@ def train_in_subprocess(args: argparse.Namespace, mode: str) -> dict:
     if done.returncode or not lines:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"training ({mode}) failed with exit code {done.returncode}")
+    saved.write_text(lines[-1][len("RESULT ") :] + "\n", encoding="utf-8")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -174,9 +189,7 @@ def train_in_subprocess(args: argparse.Namespace, mode: str) -> dict:
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+    text = tokenizer.apply_chat_template(messages(question), tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -229,8 +242,7 @@ def parity_ids(tokenizer, facts: list[dict], positions: int) -> list[int]:
     """Training chats (question and answer) one after another, cut to ``positions`` tokens."""
     ids: list[int] = []
     for f in facts:
-        messages = [{"role": "user", "content": f["question"]}, {"role": "assistant", "content": f["answer"]}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = tokenizer.apply_chat_template(messages(f["question"], f["answer"]), tokenize=False)
         ids += tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= positions:
             break
@@ -312,7 +324,7 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="Folder for data, runs and results.json.")
-    parser.add_argument("--companies", type=int, default=8, help="Invented companies (6 facts each).")
+    parser.add_argument("--companies", type=int, default=7, help="Invented companies (6 facts each).")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--compare-nf4", action="store_true", help="Also train QLoRA (NF4) and compare.")
     parser.add_argument("--epochs", type=float, default=None, help="Override the facts preset's epochs.")
@@ -321,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rank", type=int, default=None, help="Override the preset's rank (alpha = 2 x rank)."
     )
     parser.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads.")
+    parser.add_argument(
+        "--reuse", action="store_true", help="Reuse runs already trained in --out (same data and settings)."
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--parity-positions", type=int, default=320)
     parser.add_argument("--train-child", choices=("full", "nf4"), help=argparse.SUPPRESS)

@@ -82,3 +82,54 @@ def test_planned_steps_count_epochs_or_max_steps():
     assert planned_steps(config, 48) == (config.epochs, math.ceil(6 * config.epochs))
     capped = config_for_goal("facts", data=["d"], batch_size=8, max_steps=30)
     assert planned_steps(capped, 48) == (5.0, 30)
+
+
+def _chats(path, n: int):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Code of depot {i}?"},
+                {"role": "assistant", "content": f"D-{i}7"},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_cli_data_states_the_presets_plan_and_explicit_options_win(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorekeeper.finetune.cli import app
+
+    data = _chats(tmp_path / "facts.jsonl", 20)
+    result = CliRunner().invoke(app, ["data", str(data), "--goal", "facts", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout[result.stdout.index("{") :])
+    preset = GOAL_PRESETS["facts"]
+    assert plan["goal"] == "facts" and plan["heldout_records"] == 0 and plan["train_records"] == 20
+    assert plan["epochs"] == preset["epochs"]
+    assert plan["optimizer_steps"] == math.ceil(20 / preset["batch_size"]) * preset["epochs"]
+    assert "estimate" in plan["estimated_cpu_minutes"]
+
+    result = CliRunner().invoke(app, ["data", str(data), "--goal", "facts", "--epochs", "3", "--json"])
+    plan = json.loads(result.stdout[result.stdout.index("{") :])
+    assert plan["epochs"] == 3 and plan["optimizer_steps"] == 3 * math.ceil(20 / preset["batch_size"])
+
+
+def test_cli_train_refuses_contradicting_precision_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorekeeper.finetune.cli import app
+
+    data = _chats(tmp_path / "facts.jsonl", 4)
+    result = CliRunner().invoke(
+        app, ["train", "--data", str(data), "--4bit", "--base-precision", "full", "-o", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "contradicts --base-precision full" in result.output
+    result = CliRunner().invoke(
+        app, ["train", "--data", str(data), "--goal", "poems", "-o", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "goal='poems'" in result.output
