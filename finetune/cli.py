@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .runs import RunDir
 
 app = typer.Typer(
-    help="Fine-tune the local model on your own data (QLoRA), evaluate it and export it as GGUF.",
+    help="Fine-tune the local model on your own data (LoRA, QLoRA for big bases), evaluate it and export it as GGUF.",
     no_args_is_help=True,
 )
 console = Console(stderr=True)

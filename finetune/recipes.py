@@ -83,10 +83,11 @@ def planned_steps(config: TrainConfig, train_rows: int) -> tuple[float, int]:
     return config.epochs, math.ceil(steps_per_epoch * config.epochs)
 
 
-# Training throughput of the embedded SmolLM2-135M on this project's reference machine (two shared
-# CPU cores, one torch thread, fp32 LoRA r=16 on every projection, gradient checkpointing), measured
-# by scripts/bench_facts.py; other bases scale it by their parameter count.
-CPU_TRAIN_TOKENS_PER_S = 400.0
+# Training throughput (real tokens/s) of the embedded SmolLM2-135M on this project's reference
+# machine: two CPU cores shared with other work, one torch thread, fp32 LoRA r=16 on every projection.
+# scripts/bench_facts.py measured 45-50 tokens/s with one other job running, less under heavier load;
+# other bases scale it by their parameter count. An estimate: machines and loads differ.
+CPU_TRAIN_TOKENS_PER_S = 45.0
 REFERENCE_PARAMS = 135_000_000
 
 
