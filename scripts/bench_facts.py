@@ -301,6 +301,35 @@ def evaluate_mode(args: argparse.Namespace, facts: list[dict], trained: dict, wi
     return row
 
 
+def snapshot_run(args: argparse.Namespace, mode: str, step: int, checkpoint: Path) -> dict:
+    """A run directory holding the adapter of ``checkpoint`` (step ``step`` of run-MODE), exported;
+    lets two modes be compared at the same step when one has not finished (``--at-step``)."""
+    import shutil
+
+    from lorekeeper.finetune.export import export_run
+
+    source, target = args.out / f"run-{mode}", args.out / f"run-{mode}-step{step}"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    for name in ("config.json", "base.json"):
+        shutil.copy(source / name, target / name)
+    shutil.copytree(source / "tokenizer", target / "tokenizer")
+    (target / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(checkpoint / name, target / "adapter" / name)
+    report = export_run(target, register=False)
+    metrics = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines()]
+    rate = [r["tokens_per_s"] for r in metrics if r.get("step") == step and "tokens_per_s" in r]
+    return {
+        "mode": mode,
+        "steps": step,
+        "tokens_per_s": rate[-1] if rate else None,
+        "run": str(target),
+        "adapter_gguf": str(report.adapter_gguf),
+    }
+
+
 def print_table(results: dict) -> None:
     cols = ["mode", "train_seconds", "tokens_per_s", "peak_rss_mb", "steps"]
     cols += [
@@ -321,6 +350,11 @@ def print_table(results: dict) -> None:
                 print(f"  {col:32} {row[col]}")
 
 
+def checkpoint_of(args: argparse.Namespace, mode: str) -> Path:
+    given = getattr(args, f"checkpoint_{mode}")
+    return Path(given) if given else args.out / f"run-{mode}" / "checkpoints" / f"checkpoint-{args.at_step}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="Folder for data, runs and results.json.")
@@ -338,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--parity-positions", type=int, default=320)
+    parser.add_argument("--at-step", type=int, default=0, help="Compare runs already in --out at this step.")
+    parser.add_argument("--checkpoint-full", help="With --at-step: the full run's checkpoint folder.")
+    parser.add_argument("--checkpoint-nf4", help="With --at-step: the NF4 run's checkpoint folder.")
     parser.add_argument("--train-child", choices=("full", "nf4"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -351,11 +388,17 @@ def main(argv: list[str] | None = None) -> None:
     facts = invent_facts(args.companies, args.seed)
     write_data(facts, args.out)
     modes = ["full", "nf4"] if args.compare_nf4 else ["full"]
-    trained = [train_in_subprocess(args, mode) for mode in modes]
+    if args.at_step:
+        # each mode's checkpoint of that step, as --checkpoint-MODE or under run-MODE/checkpoints
+        trained = [snapshot_run(args, mode, args.at_step, checkpoint_of(args, mode)) for mode in modes]
+    else:
+        trained = [train_in_subprocess(args, mode) for mode in modes]
     results = {"facts": len(facts), "modes": []}
     for i, row in enumerate(trained):
         results["modes"].append(evaluate_mode(args, facts, row, with_base=i == 0))
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results["at_step"] = args.at_step or None
+    name = f"results-step{args.at_step}.json" if args.at_step else "results.json"
+    (args.out / name).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)
 
 
