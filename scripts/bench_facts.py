@@ -254,11 +254,11 @@ def heldout_loss(model, tokenizer, run, path: Path) -> float:
     from dataclasses import replace
 
     from lorekeeper.finetune.config import TrainConfig
-    from lorekeeper.finetune.data import DataSummary, load_records, tokenize_all
+    from lorekeeper.finetune.data import DataSummary, read_jsonl, tokenize_all
     from lorekeeper.finetune.evaluate import transformers_nll
 
     config = replace(TrainConfig.load(run.config), overlong="truncate")
-    examples = tokenize_all(load_records(path), tokenizer, config, DataSummary())
+    examples = tokenize_all(list(read_jsonl(path)), tokenizer, config, DataSummary())
     return transformers_nll(model, examples)["loss"]
 
 
@@ -278,9 +278,9 @@ def evaluate_mode(args: argparse.Namespace, facts: list[dict], trained: dict, wi
     n, t = args.max_new_tokens, args.threads
     for split, prompts in questions.items():
         row[f"llama_cpp_adapter_{split}"] = recall(facts, llama_answers(base_gguf, prompts, adapter, t, n))
-        row[f"transformers_adapter_{split}"] = recall(
-            facts, transformers_answers(model, tokenizer, prompts, n)
-        )
+        if not args.skip_transformers_recall:
+            answers = transformers_answers(model, tokenizer, prompts, n)
+            row[f"transformers_adapter_{split}"] = recall(facts, answers)
         if with_base:
             row[f"llama_cpp_base_{split}"] = recall(facts, llama_answers(base_gguf, prompts, None, t, n))
     row["heldout_loss_adapter"] = heldout_loss(model, tokenizer, run, args.out / "paraphrases.jsonl")
@@ -372,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--parity-positions", type=int, default=320)
+    parser.add_argument(
+        "--skip-transformers-recall", action="store_true", help="Ask only llama.cpp (the slow part)."
+    )
     parser.add_argument("--at-step", type=int, default=0, help="Compare runs already in --out at this step.")
     parser.add_argument("--checkpoint-full", help="With --at-step: the full run's checkpoint folder.")
     parser.add_argument("--checkpoint-nf4", help="With --at-step: the NF4 run's checkpoint folder.")
@@ -393,12 +396,11 @@ def main(argv: list[str] | None = None) -> None:
         trained = [snapshot_run(args, mode, args.at_step, checkpoint_of(args, mode)) for mode in modes]
     else:
         trained = [train_in_subprocess(args, mode) for mode in modes]
-    results = {"facts": len(facts), "modes": []}
+    results = {"facts": len(facts), "at_step": args.at_step or None, "modes": []}
+    name = f"results-step{args.at_step}.json" if args.at_step else "results.json"
     for i, row in enumerate(trained):
         results["modes"].append(evaluate_mode(args, facts, row, with_base=i == 0))
-    results["at_step"] = args.at_step or None
-    name = f"results-step{args.at_step}.json" if args.at_step else "results.json"
-    (args.out / name).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (args.out / name).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)
 
 
