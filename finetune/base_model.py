@@ -87,6 +87,35 @@ def gguf_architecture(path: Path) -> str | None:
         return None
 
 
+GGUF_VERSIONS = (2, 3)  # the GGUF format versions transformers and llama.cpp read
+
+
+def check_gguf_header(path: Path) -> None:
+    """A ``BaseModelError`` unless ``path`` starts like a GGUF file that can be read (magic, version,
+    metadata), so a bad file is named before any model loads."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise BaseModelError(f"base model {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    if head[:4] != b"GGUF":
+        raise BaseModelError(f"base model {str(path)!r} is not a GGUF file (it does not start with 'GGUF')")
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if version not in GGUF_VERSIONS:
+        raise BaseModelError(
+            f"base model {str(path)!r} has GGUF version {version}, which cannot be read (versions "
+            f"{', '.join(map(str, GGUF_VERSIONS))} can): is the file complete and a GGUF model?"
+        )
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path), "r")
+    except Exception as exc:  # the gguf reader raises ValueError, struct/numpy errors ... on a bad file
+        raise BaseModelError(
+            f"base model {str(path)!r} is not a readable GGUF file ({exc}): is the download complete?"
+        ) from None
+
+
 def resolve_base(spec: str | Path | None) -> BaseRef:
     """Turn what the user typed (nothing, a .gguf file, or a model directory) into a ``BaseRef``.
 
@@ -105,6 +134,7 @@ def resolve_base(spec: str | Path | None) -> BaseRef:
                 f"base model {str(path)!r} is a file but not a .gguf: give a GGUF file or a Hugging Face "
                 "model directory (with config.json)"
             )
+        check_gguf_header(path)
         return BaseRef(
             kind=GGUF, path=str(path.parent), gguf_file=path.name, architecture=gguf_architecture(path)
         )

@@ -60,9 +60,13 @@ def train(
     ),
     max_seq_len: int = _opt("max_seq_len", "--max-seq-len"),
     overlong: str = _opt("overlong", "--overlong"),
+    chat_template: str | None = _opt("chat_template", "--chat-template"),
     packing: bool = _opt("packing", "--packing/--no-packing"),
     train_on_prompt: bool = _opt("train_on_prompt", "--train-on-prompt/--answers-only"),
     eval_fraction: float = _opt("eval_fraction", "--eval-fraction"),
+    eval_data: list[Path] | None = typer.Option(
+        None, "--eval-data", help=field_help("eval_data") + " Repeatable."
+    ),
     seed: int = _opt("seed", "--seed"),
     lora_r: int = _opt("lora_r", "--rank", "-r"),
     lora_alpha: int = _opt("lora_alpha", "--alpha"),
@@ -104,14 +108,28 @@ def train(
     from .base_model import BaseModelError
     from .train import TargetModuleError, train_run
 
+    fresh = not run.root.exists()
     try:
         result = train_run(config, run, resume=resume, console=console)
     except (DataError, BaseModelError, TargetModuleError, ConfigError) as exc:
+        _discard_untrained(run, fresh)
         _fail(str(exc))
+    except BaseException:
+        _discard_untrained(run, fresh)
+        raise
     console.print(
         f"[green]done[/green]: {result.steps} steps, held-out loss {result.eval_loss_text}; run in {run.root}"
     )
     typer.echo(str(run.root))
+
+
+def _discard_untrained(run: RunDir, fresh: bool) -> None:
+    """Remove the folder a failed `train` made, when it holds no checkpoint and no adapter, so
+    `finetune runs` lists only runs that trained."""
+    if fresh and run.root.is_dir() and run.latest_checkpoint() is None and not run.is_trained():
+        import shutil
+
+        shutil.rmtree(run.root, ignore_errors=True)
 
 
 # `train` options that are not TrainConfig fields, and those named differently from their field.
@@ -184,7 +202,11 @@ def data_cmd(
     path: str | None = typer.Option(None, "--path", help=field_help("index_path_glob")),
     max_seq_len: int = _opt("max_seq_len", "--max-seq-len"),
     packing: bool = _opt("packing", "--packing/--no-packing"),
+    chat_template: str | None = _opt("chat_template", "--chat-template"),
     eval_fraction: float = _opt("eval_fraction", "--eval-fraction"),
+    eval_data: list[Path] | None = typer.Option(
+        None, "--eval-data", help=field_help("eval_data") + " Repeatable."
+    ),
     show: int = typer.Option(0, "--show", help="Print this many formatted training examples."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -194,6 +216,7 @@ def data_cmd(
     _setup_logging(False)
     from .base_model import BaseModelError, load_tokenizer, resolve_base
     from .data import DataError, build_datasets, gather_records
+    from .prompt import apply_chat_template
     from .recipes import config_for_goal
 
     names = ("epochs", "max_steps", "batch_size", "max_seq_len", "packing", "eval_fraction")
@@ -205,11 +228,13 @@ def data_cmd(
             data=[str(p) for p in (files or [])],
             from_index=from_index,
             index_path_glob=path,
+            eval_data=[str(p) for p in (eval_data or [])],
+            chat_template=chat_template,
             **given,
         )
         gathered = gather_records(config)  # bad files fail here, before the tokenizer loads
         ref = resolve_base(config.base)
-        tokenizer = load_tokenizer(ref)
+        tokenizer = apply_chat_template(load_tokenizer(ref), config.chat_template)
         built = build_datasets(config, tokenizer, gathered=gathered)
     except (ConfigError, DataError, BaseModelError) as exc:
         _fail(str(exc))
@@ -280,9 +305,34 @@ def eval_cmd(
         render_report(report, Console())
 
 
-@app.command()
-def runs() -> None:
+runs_app = typer.Typer(help="List the fine-tuning runs (or remove one with `runs rm NAME`).")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs(ctx: typer.Context) -> None:
     """List the fine-tuning runs under the runs directory."""
+    if ctx.invoked_subcommand is None:
+        _list_runs()
+
+
+@runs_app.command("rm")
+def runs_rm(run: str = typer.Argument(..., help="Run directory or name.")) -> None:
+    """Remove a run directory (checkpoints, adapter, exports). Registered adapters stay: they keep
+    their own copy (`lorekeeper adapters rm NAME` removes one)."""
+    import shutil
+
+    from .runs import RunNotFound, find_run
+
+    try:
+        run_dir = find_run(run)
+    except RunNotFound as exc:
+        _fail(str(exc))
+    shutil.rmtree(run_dir.root)
+    typer.echo(f"removed run {run_dir.name} ({run_dir.root})")
+
+
+def _list_runs() -> None:
     from lorekeeper.server.settings import Settings
 
     from .plot import read_metrics
@@ -292,7 +342,7 @@ def runs() -> None:
     table = Table(title=str(runs_dir))
     for col in ("run", "trained", "steps", "held-out loss"):
         table.add_column(col)
-    for path in sorted(runs_dir.iterdir()):
+    for path in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
         run = RunDir(path)
         if not run.config.is_file():
             continue
@@ -327,10 +377,14 @@ def export(
     output_dir: Path | None = typer.Option(
         None, "--output-dir", help="Where to write (default: RUN/export)."
     ),
+    description: str | None = typer.Option(
+        None, "--description", help="A short description kept in the adapter's record (see `adapters list`)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own log."),
 ) -> None:
     """Export a run's adapter (and optionally a merged model) as GGUF for llama.cpp."""
-    _setup_logging(False)
+    _setup_logging(verbose)
     from .export import AdapterFormatError, ExportError, UnsupportedArchitecture, export_run
     from .runs import RunNotFound, find_run
 
@@ -345,6 +399,8 @@ def export(
             quantize=quantize,
             register=register,
             output_dir=output_dir,
+            description=description,
+            verbose=verbose,
         )
     except (RunNotFound, ExportError, UnsupportedArchitecture, AdapterFormatError) as exc:
         _fail(str(exc))

@@ -49,10 +49,18 @@ class TrainConfig:
     overlong: str = _f(
         "truncate", "A record longer than max_seq_len: 'truncate' (counted, warned) or 'error'."
     )
+    chat_template: str | None = _f(
+        None,
+        "Render chat records with this chat template instead of the base model's own: a Jinja file, or "
+        "'chatml'. The adapter's record keeps it, so answers are rendered the same way.",
+    )
     packing: bool = _f(True, "Pack several records into each sequence (no padding wasted).")
     train_on_prompt: bool = _f(False, "Compute the loss on prompt/user tokens too (default: answers only).")
     eval_fraction: float = _f(0.1, "Share of records held out for evaluation and early stopping.")
     eval_max_records: int = _f(200, "At most this many held-out records.")
+    eval_data: list[str] = _f(
+        [], "Held-out records from these files or folders instead of a random share of the training data."
+    )
     seed: int = _f(42, "Seed of the held-out split, shuffling and LoRA initialisation.")
     # --- LoRA ------------------------------------------------------------------------------
     lora_r: int = _f(8, "LoRA rank.")
@@ -150,7 +158,19 @@ class TrainConfig:
             raise bad("early_stopping_patience", "must be 0 (off) or more")
         if not self.data and not self.from_index:
             raise ConfigError("no training data: give --data FILE/FOLDER (repeatable) or --from-index")
-        self.data = [str(p) for p in self.data]
+        # absolute, so `--resume` (which reads config.json) works from any working directory
+        self.data = [str(Path(p).expanduser().resolve()) for p in self.data]
+        self.eval_data = [str(Path(p).expanduser().resolve()) for p in self.eval_data or []]
+        from .prompt import NAMED as NAMED_TEMPLATES  # the templates --chat-template knows by name
+
+        if self.chat_template and self.chat_template not in NAMED_TEMPLATES:
+            template = Path(self.chat_template).expanduser().resolve()
+            if not template.is_file():
+                raise bad(
+                    "chat_template",
+                    f"no such file; give a Jinja template file or one of: {', '.join(NAMED_TEMPLATES)}",
+                )
+            self.chat_template = str(template)
         self.target_modules = list(self.target_modules)
 
     def to_json(self) -> dict[str, Any]:

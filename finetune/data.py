@@ -690,9 +690,11 @@ def build_datasets(
     extra_records: Sequence[Record] = (),
     generator: Any = None,
     gathered: tuple[list[Record], int] | None = None,
+    heldout: Sequence[Record] | None = None,
 ) -> BuiltData:
     """Read, split, tokenize and pack the run's data; fails early with a clear error when unusable.
-    ``gathered`` is what ``gather_records`` returned, when the caller read the records already."""
+    ``gathered`` is what ``gather_records`` returned, when the caller read the records already;
+    ``heldout``, the records of ``config.eval_data`` when the caller read them already."""
     if gathered is None:
         gathered = gather_records(config, extra_records=extra_records, generator=generator)
     records, n_files = gathered
@@ -700,9 +702,13 @@ def build_datasets(
     summary = DataSummary(files=n_files, records=len(records), max_seq_len=config.max_seq_len)
     summary.formats = dict(Counter(r.format_name for r in records))
     summary.records_with_empty_content = sum(1 for r in records if r.empty_parts())
-    train_records, heldout_records = split_heldout(
-        records, config.eval_fraction, config.eval_max_records, config.seed
-    )
+    if config.eval_data:  # a held-out file: every record of the data trains
+        given = read_records(config.eval_data)[0] if heldout is None else heldout
+        train_records, heldout_records = list(records), list(given)[: config.eval_max_records]
+    else:
+        train_records, heldout_records = split_heldout(
+            records, config.eval_fraction, config.eval_max_records, config.seed
+        )
     summary.train_records, summary.heldout_records = len(train_records), len(heldout_records)
     train_examples = tokenize_all(train_records, tokenizer, config, summary)
     heldout_examples = tokenize_all(heldout_records, tokenizer, config, summary)

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lorekeeper.plugins.llama_open import quiet_native_stderr
 
 from .gguf_arch import ModelShape, UnsupportedArchitecture, shape_from_gguf, shape_from_hf_config
 from .gguf_writer import (
@@ -35,6 +38,7 @@ from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
+SAMPLING_KEYS = ("temperature", "top_p", "min_p", "repeat_penalty")  # stored in the adapter's record
 
 __all__ = [
     "AdapterFormatError",
@@ -109,8 +113,11 @@ def _read_base(run: RunDir) -> Any:
     return BaseRef.load(run.base)
 
 
-def check_llama_cpp_loads(base_gguf: Path, adapter_gguf: Path | None = None) -> None:
-    """Load the model (and adapter) in llama.cpp once, so a broken export is caught before use."""
+def check_llama_cpp_loads(
+    base_gguf: Path, adapter_gguf: Path | None = None, *, verbose: bool = False
+) -> None:
+    """Load the model (and adapter) in llama.cpp once, so a broken export is caught before use;
+    llama.cpp's own log stays quiet unless ``verbose``."""
     from lorekeeper.plugins.llama_open import open_llama
 
     try:
@@ -119,7 +126,7 @@ def check_llama_cpp_loads(base_gguf: Path, adapter_gguf: Path | None = None) -> 
             lora_path=str(adapter_gguf) if adapter_gguf else None,
             n_ctx=32,
             n_threads=1,
-            verbose=False,
+            verbose=verbose,
         )
     except (ValueError, RuntimeError) as exc:
         what = f"adapter {adapter_gguf} on {base_gguf}" if adapter_gguf else str(base_gguf)
@@ -156,14 +163,21 @@ def register_adapter(
     shape: ModelShape,
     run_dir: Path,
     settings: Any = None,
+    description: str | None = None,
 ) -> tuple[Path, Path]:
-    """Register the adapter by name in the adapter registry (GGUF and record replaced as a pair)."""
+    """Register the adapter by name in the adapter registry (GGUF and record replaced as a pair).
+
+    The record carries how the run was asked (its training system prompt and chat template, see
+    ``prompt.py``), default sampling (the settings at export time) and a description."""
     from lorekeeper.server.adapters import AdapterError, AdapterRecord, AdapterRegistry
     from lorekeeper.server.settings import Settings
+
+    from .prompt import default_description, read_training_prompt
 
     settings = settings or Settings.load()
     registry = AdapterRegistry(settings.adapters_dir)
     suffixes = sorted({m.module.rsplit(".", 1)[-1] for m in adapter.modules.values()})
+    prompt = read_training_prompt(Path(run_dir))
     record = AdapterRecord(
         name=name,
         base_model=str(base_gguf),
@@ -174,6 +188,10 @@ def register_adapter(
         use_rslora=adapter.use_rslora,
         target_modules=suffixes,
         run_dir=str(run_dir),
+        system_prompt=prompt.get("system_prompt"),
+        chat_template=prompt.get("chat_template"),
+        sampling={key: float(getattr(settings, key)) for key in SAMPLING_KEYS},
+        description=description or default_description(Path(run_dir).name, prompt),
     )
     try:
         return registry.register(name, adapter_gguf, record)
@@ -192,12 +210,16 @@ def export_run(
     register: bool = True,
     output_dir: Path | str | None = None,
     verify: bool = True,
+    description: str | None = None,
+    verbose: bool = False,
 ) -> ExportReport:
     """Export a run's adapter (and optionally a merged, optionally quantized, model) as GGUF.
 
     ``outtype`` (f16, f32, q8_0) applies to the merged model and to a base converted from a
     Hugging Face directory. ``quantize`` (e.g. "Q4_K_M") re-quantizes the merged model with
     llama.cpp; it implies a merged export. ``verify`` loads the results in llama.cpp once.
+    ``description`` goes into the adapter's record (default: one line about the run's data);
+    llama.cpp's own log (hundreds of lines on some CPUs) is shown only when ``verbose``.
     """
     run_dir = Path(run_dir).expanduser().resolve()
     if outtype not in OUTTYPES:
@@ -221,6 +243,8 @@ def export_run(
         shape=shape,
         config=config,
         tokenizer_dir=run.tokenizer if (run.tokenizer / "tokenizer.json").is_file() else None,
+        description=description,
+        verbose=verbose,
         report=ExportReport(
             name=name,
             run_dir=run_dir,
@@ -254,6 +278,17 @@ def _base_shape(base: Any) -> tuple[Path | None, ModelShape, dict[str, Any]]:
     return None, shape_from_hf_config(config), config
 
 
+def _trained_template(run_dir: Path) -> str | None:
+    """The chat template a run trained with when it chose one (``--chat-template``); None: the base's."""
+    from .prompt import read_training_prompt
+
+    try:
+        chosen = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return read_training_prompt(run_dir).get("chat_template") if chosen else None
+
+
 @dataclass
 class _Export:
     """One export_run call: what its adapter and merged-model steps share, and its report."""
@@ -269,6 +304,8 @@ class _Export:
     config: dict[str, Any]  # the Hugging Face config of a directory base ({} for a GGUF base)
     tokenizer_dir: Path | None
     report: ExportReport
+    description: str | None = None
+    verbose: bool = False  # let llama.cpp's own log through
     tokenizer_checked: bool = False  # the base and the merged model carry the same converted tokenizer
 
     def hf_model(self, final: Path, with_adapter: LoraAdapter | None, kind: str) -> Path:
@@ -301,7 +338,7 @@ class _Export:
         report.adapter_gguf = adapter_path
         report.files.append(adapter_path)
         if self.verify:
-            check_llama_cpp_loads(base_gguf, adapter_path)
+            check_llama_cpp_loads(base_gguf, adapter_path, verbose=self.verbose)
         if register:
             report.registered_gguf, report.registered_json = register_adapter(
                 adapter_path,
@@ -310,6 +347,7 @@ class _Export:
                 adapter=self.lora,
                 shape=self.shape,
                 run_dir=self.run_dir,
+                description=self.description,
             )
         log.info("adapter written to %s", adapter_path)
 
@@ -317,23 +355,29 @@ class _Export:
         """The merged model, and its llama.cpp-quantized copy when `quantize` names a type."""
         name, out, report, outtype = self.name, self.out, self.report, self.outtype
         merged_path = out / f"{name}-merged-{outtype}.gguf"
-        if self.base.kind == "gguf":
-            write_merged_from_gguf(
-                merged_path, Path(self.base.gguf_path), self.shape, self.lora, outtype, name
-            )
-        else:
-            self.hf_model(merged_path, self.lora, outtype)
-        if quantize:
-            qname = quantize.upper().replace("-", "_")
-            quantized = quantize_gguf(merged_path, out / f"{name}-merged-{qname}.gguf", qname)
-            report.quantized_gguf = quantized
-            report.files.append(quantized)
-            if self.verify:
-                check_llama_cpp_loads(quantized)
+        if not merged:
+            # only the quantized model was asked for: its full-precision source is this export's own
+            # scratch file, never a merged model an earlier export left under the final name
+            merged_path = out / f".{name}-merged-{outtype}.{secrets.token_hex(4)}.for-quantize.gguf"
+        try:
+            if self.base.kind == "gguf":
+                write_merged_from_gguf(merged_path, Path(self.base.gguf_path), self.shape, self.lora,
+                                       outtype, name, _trained_template(self.run_dir))  # fmt: skip
+            else:
+                self.hf_model(merged_path, self.lora, outtype)
+            if quantize:
+                qname = quantize.upper().replace("-", "_")
+                with quiet_native_stderr(not self.verbose):  # llama.cpp logs hundreds of lines
+                    quantized = quantize_gguf(merged_path, out / f"{name}-merged-{qname}.gguf", qname)
+                report.quantized_gguf = quantized
+                report.files.append(quantized)
+                if self.verify:
+                    check_llama_cpp_loads(quantized, verbose=self.verbose)
+        finally:
+            if not merged:
+                merged_path.unlink(missing_ok=True)  # the scratch source of the quantized model
         if merged:
             report.merged_gguf = merged_path
             report.files.append(merged_path)
             if self.verify:
-                check_llama_cpp_loads(merged_path)
-        else:
-            merged_path.unlink(missing_ok=True)  # only the quantized model was asked for
+                check_llama_cpp_loads(merged_path, verbose=self.verbose)

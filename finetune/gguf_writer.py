@@ -253,12 +253,19 @@ def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: set[st
 
 
 def write_merged_from_gguf(
-    final: Path, base_gguf: Path, shape: ModelShape, adapter: LoraAdapter | None, outtype: str, name: str
+    final: Path,
+    base_gguf: Path,
+    shape: ModelShape,
+    adapter: LoraAdapter | None,
+    outtype: str,
+    name: str,
+    chat_template: str | None = None,
 ) -> Path:
     """Base GGUF weights (dequantized) plus the LoRA deltas, re-encoded as ``outtype``.
 
     Everything else - hyper-parameters, tokenizer, chat template, BOS behaviour - is copied from
-    the base file, so the merged model speaks exactly like the model the adapter was trained on.
+    the base file, so the merged model speaks exactly like the model the adapter was trained on;
+    ``chat_template`` replaces the base's when the run trained with another (``--chat-template``).
     """
     reader = gguf.GGUFReader(str(base_gguf))
     adapted = _adapted_gguf_names(shape, adapter)
@@ -289,7 +296,9 @@ def write_merged_from_gguf(
             tensors.append(PlannedTensor("output.weight", dims, untied, outtype))
 
     def fill(writer: gguf.GGUFWriter) -> None:
-        copy_metadata(reader, writer)
+        copy_metadata(reader, writer, _SKIP_COPY | ({"tokenizer.chat_template"} if chat_template else set()))
+        if chat_template:
+            writer.add_chat_template(chat_template)
         writer.add_name(name)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_file_type(_FILE_TYPES[outtype])

@@ -25,10 +25,12 @@ from typing import Any
 
 from .base_model import BaseRef, default_device, load_base, resolve_base
 from .config import ConfigError, TrainConfig
-from .data import BuiltData, PackedCollator, build_datasets, write_records
+from .data import BuiltData, PackedCollator, build_datasets, gather_records, read_records, write_records
 from .plot import plot_loss
 from .precision import PrecisionChoice, base_parameter_count, choose_base_precision
+from .prompt import apply_chat_template, write_training_prompt
 from .runs import RunDir
+from .target_check import check_targets_before_loading
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +345,13 @@ def _progress_callback(base: type, console: Any, total_steps: int) -> type:
                 tps=f"{m.tokens_per_second():.0f}",
             )
 
-        def on_train_end(self, args, state, control, **kwargs):
+        def on_evaluate(self, args, state, control, **kwargs):
+            # the held-out loss after the last step comes after training ends: show it too
+            if self.task is not None and self.metrics.last_eval is not None:
+                self.progress.update(self.task, eval=f"{self.metrics.last_eval:.4f}")
+
+        def finish(self) -> None:
+            """Stop the bar (after the last held-out evaluation, so its last line is current)."""
             self.progress.stop()
 
     return RichProgress
@@ -423,6 +431,8 @@ def train_run(
     generator: Any = None,
 ) -> TrainResult:
     """Train ``config`` into ``run`` (a fresh run, or ``resume`` from its latest checkpoint)."""
+    gathered = gather_records(config, generator=generator)  # bad data fails before anything loads
+    heldout = read_records(config.eval_data)[0] if config.eval_data else None
     from rich.console import Console
     from transformers import set_seed
 
@@ -432,6 +442,7 @@ def train_run(
     precision = resolve_precision(config, device)
     checkpoint, ref, choice = _prepare_run_dir(config, run, resume)
     optimizer = resolve_optimizer(config, device)
+    check_targets_before_loading(ref, config.target_modules)  # a typo fails before the model loads
     log.info("base held in %s: %s", choice.label, choice.reason)
     console.print(f"base: {choice.label}; {choice.reason}")
 
@@ -439,7 +450,9 @@ def train_run(
     model, tokenizer = load_base(
         ref, quantize_4bit=choice.quantize_4bit, dtype=_dtype(precision), device=device
     )
-    data = build_datasets(config, tokenizer, generator=generator)
+    apply_chat_template(tokenizer, config.chat_template)
+    data = build_datasets(config, tokenizer, generator=generator, gathered=gathered, heldout=heldout)
+    write_training_prompt(run.root, gathered[0], getattr(tokenizer, "chat_template", None))
     (run.data_summary).write_text(json.dumps(data.summary.to_json(), indent=2) + "\n", encoding="utf-8")
     write_records(data.heldout_records, run.heldout)
     console.print(summary_table(data))
@@ -462,12 +475,16 @@ def train_run(
     metrics_cb = Metrics()
     model_ref: list = []
     early_cb = EarlyStop(model_ref)
+    progress_cb = Progress(metrics_cb)
     trainer = _make_trainer(
-        model, tokenizer, args, data, collator, [metrics_cb, early_cb, Progress(metrics_cb)], has_heldout
+        model, tokenizer, args, data, collator, [metrics_cb, early_cb, progress_cb], has_heldout
     )
     model_ref.append(trainer.model)
 
-    output = _train_and_keep_adapter(trainer, config, run, checkpoint, early_cb, has_heldout)
+    try:
+        output = _train_and_keep_adapter(trainer, config, run, checkpoint, early_cb, has_heldout)
+    finally:
+        progress_cb.finish()
     plot_loss(run.metrics, run.loss_plot, title=f"{run.name}: {ref.display_name}")
     losses = _eval_losses(run)
     return TrainResult(
@@ -588,11 +605,17 @@ def _train_and_keep_adapter(
         early_cb.stopper.best = min(_eval_losses(run), default=None)
     with _quiet_checkpointing_renames():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if has_heldout and trainer.state.global_step % config.eval_steps != 0:
-        trainer.evaluate()
+    if has_heldout and not _evaluated_at(run, trainer.state.global_step):
+        trainer.evaluate()  # the last step's held-out loss, unless the Trainer measured it already
     if not has_heldout or not run.is_trained():
         save_adapter(trainer.model, run, trainer.state.global_step)
     return output
+
+
+def _evaluated_at(run: RunDir, step: int) -> bool:
+    from .plot import read_metrics
+
+    return any(row.get("step") == step and "eval_loss" in row for row in read_metrics(run.metrics))
 
 
 def _eval_losses(run: RunDir) -> list[float]:
@@ -616,6 +639,7 @@ def load_trained(
         ).quantize_4bit
     use_4bit = quantize_4bit
     model, tokenizer = load_base(ref, quantize_4bit=use_4bit, device=device)
+    apply_chat_template(tokenizer, config.chat_template)
     with _quiet_checkpointing_renames():
         model = PeftModel.from_pretrained(model, str(run.adapter))
     model.eval()

@@ -19,7 +19,8 @@ Document text is data, not instructions: the sources travel in the user turn, ea
 turn only tells the model how to use them. A model that starts copying the fences back is cut there.
 
 The module is one flow over two shared types (``PreparedPrompt`` in, ``GroundedAnswer`` out), so
-it stays one file at a little over 500 lines; the sentence-level checking lives in ``citations``.
+it stays one file at about 650 lines (with the turns that frame a question: an adapter's prompt, a chat's
+history); the sentence-level checking lives in ``citations``.
 """
 
 from __future__ import annotations
@@ -215,19 +216,41 @@ def _to_source(number: int, hit: Any, tokens: int) -> Source:
     )
 
 
-def _grounded_messages(question: str, blocks: Sequence[str], system: str | None) -> list[ChatMessage]:
-    system_text = GROUNDED_SYSTEM if not system else f"{GROUNDED_SYSTEM}\n\n{system}"
+@dataclass
+class Turns:
+    """What frames the question besides the sources: ``persona`` opens the system turn (an adapter's
+    training system prompt, see ``adapter_turns``), ``system`` is extra instructions after the
+    retrieval ones, ``history`` the earlier turns of a chat."""
+
+    system: str | None = None
+    persona: str | None = None
+    history: Sequence[ChatMessage] = ()
+
+
+def _grounded_messages(question: str, blocks: Sequence[str], turns: Turns) -> list[ChatMessage]:
+    system_text = GROUNDED_SYSTEM if not turns.system else f"{GROUNDED_SYSTEM}\n\n{turns.system}"
+    if turns.persona:
+        system_text = f"{turns.persona}\n\n{system_text}"
     sources = "\n\n".join(blocks) if blocks else NO_SOURCES_NOTE
     user = f"Sources:\n\n{sources}\n\nQuestion: {question}"
-    return [ChatMessage("system", system_text), ChatMessage("user", user)]
+    return [ChatMessage("system", system_text), *turns.history, ChatMessage("user", user)]
 
 
-def _plain_messages(question: str, system: str | None) -> list[ChatMessage]:
+def _plain_messages(question: str, turns: Turns) -> list[ChatMessage]:
     # No system message of our own: the model's chat template supplies its default one, exactly as
     # when fine-tuning data without a system turn was formatted, so an adapter sees what it learnt on.
-    if system:
-        return [ChatMessage("system", system), ChatMessage("user", question)]
-    return [ChatMessage("user", question)]
+    system = turns.persona or turns.system
+    opening = [ChatMessage("system", system)] if system else []
+    return [*opening, *turns.history, ChatMessage("user", question)]
+
+
+def adapter_turns(record: Any, system: str | None, history: Sequence[ChatMessage] = ()) -> Turns:
+    """How an adapter is asked: its record's training system prompt opens the system turn, as in
+    training (with retrieval, the retrieval instructions follow it); ``system`` given by the user
+    replaces it (an empty one: no system turn). ``record`` None: the user's ``system`` as before."""
+    if record is None:
+        return Turns(system=system, history=history)
+    return Turns(persona=system if system is not None else record.system_prompt, history=history)
 
 
 def build_prompt(
@@ -238,19 +261,22 @@ def build_prompt(
     max_tokens: int,
     system: str | None = None,
     use_context: bool = True,
+    turns: Turns | None = None,
 ) -> PreparedPrompt:
     """Fit the question and as many hits (in rank order) as the context window allows.
 
     ``hits`` are search results (anything with ``path``, ``text``, ``score`` and optionally
-    ``rank``, ``start_line``, ``end_line``, ``page``, ``heading_path``), best first.
+    ``rank``, ``start_line``, ``end_line``, ``page``, ``heading_path``), best first. ``turns``
+    (persona, history) replaces ``system`` when given.
     """
+    turns = turns or Turns(system=system)
     question = question.strip()
     if not question:
         raise ValueError("the question is empty: ask something")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     window = generator.context_window
-    bare = _grounded_messages(question, [], system) if use_context else _plain_messages(question, system)
+    bare = _grounded_messages(question, [], turns) if use_context else _plain_messages(question, turns)
     bare_tokens = generator.count_message_tokens(bare)
     if bare_tokens + max_tokens > window:
         if bare_tokens >= window:
@@ -273,7 +299,7 @@ def build_prompt(
     prompt_tokens = bare_tokens
     for hit in hits:
         block = source_block(len(kept) + 1, hit)
-        tokens = generator.count_message_tokens(_grounded_messages(question, [*blocks, block], system))
+        tokens = generator.count_message_tokens(_grounded_messages(question, [*blocks, block], turns))
         if tokens <= budget:
             blocks.append(block)
             kept.append((hit, tokens - prompt_tokens))
@@ -291,7 +317,7 @@ def build_prompt(
                 page=getattr(hit, "page", None),
             )
         )
-    messages = _grounded_messages(question, blocks, system)
+    messages = _grounded_messages(question, blocks, turns)
     sources = [_to_source(i + 1, hit, tokens) for i, (hit, tokens) in enumerate(kept)]
     return PreparedPrompt(
         question, messages, sources, dropped, prompt_tokens, max_tokens, window, True, retrieved=len(hits)
@@ -359,6 +385,7 @@ def prepare(
     system: str | None = None,
     use_context: bool = True,
     settings: Settings | None = None,
+    turns: Turns | None = None,
     **filters: Any,
 ) -> PreparedPrompt:
     """Retrieve (when ``use_context``) and build the prompt; raises before any model time is spent."""
@@ -375,16 +402,34 @@ def prepare(
         if settings is not None and settings.context_sentences > 0 and hits:
             hits = focus_hits(question.strip(), hits, settings.context_sentences, embedder)
     return build_prompt(
-        question, hits, generator, max_tokens=max_tokens, system=system, use_context=use_context
+        question, hits, generator, max_tokens=max_tokens, system=system, use_context=use_context, turns=turns
     )
 
 
-def sampling_for(generator: Generator, settings: Settings, temperature: float | None) -> dict[str, Any]:
-    """The sampling arguments ``generator.stream`` takes: temperature plus the options it declares."""
-    options: dict[str, Any] = {"temperature": settings.temperature if temperature is None else temperature}
+def sampling_for(
+    generator: Generator,
+    settings: Settings,
+    temperature: float | None,
+    defaults: dict[str, float] | None = None,
+    adapter_scale: float | None = None,
+) -> dict[str, Any]:
+    """The sampling arguments ``generator.stream`` takes: temperature plus the options it declares.
+
+    Each value comes from, first to last: the request (``temperature``, a command-line flag), an
+    adapter's record (``defaults``), the settings (environment, config file, defaults)."""
+    defaults = defaults or {}
+
+    def pick(name: str) -> Any:
+        if settings.sources.get(name) == "flag" or name not in defaults:
+            return getattr(settings, name)
+        return defaults[name]
+
+    options: dict[str, Any] = {"temperature": pick("temperature") if temperature is None else temperature}
     for name in ("top_p", "min_p", "repeat_penalty"):
         if name in generator.sampling_options:
-            options[name] = getattr(settings, name)
+            options[name] = pick(name)
+    if adapter_scale is not None and "adapter_scale" in generator.sampling_options:
+        options["adapter_scale"] = float(adapter_scale)
     return options
 
 
@@ -435,11 +480,13 @@ def run(
     on_token: Callable[[str], None] | None = None,
     settings: Settings | None = None,
     embedder: Embedder | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> GroundedAnswer:
     """Let the model answer the prepared prompt, streaming pieces to ``on_token``, then check it
-    (``embedder``, the index's, lets the extractive fallback rank passages by meaning)."""
+    (``embedder``, the index's, lets the extractive fallback rank passages by meaning).
+    ``sampling``, when given, is what ``sampling_for`` chose (``temperature`` is then unused)."""
     settings = settings or Settings.load()
-    sampling = sampling_for(generator, settings, temperature)
+    sampling = sampling or sampling_for(generator, settings, temperature)
     raw, finish, seconds, first = _generate(prepared, generator, sampling, adapter, on_token)
     completion_tokens = generator.count_tokens(raw)
     if finish == "stop" and completion_tokens >= prepared.max_tokens:
@@ -475,7 +522,8 @@ def _check_grounding(
     """Check the answer's sentences against the sources; say so when nothing supports it.
 
     With the fallback on, a supported answer that addresses the question clearly less closely than
-    the best sentence of the sources (a small model copying a true but beside-the-point sentence)
+    the best sentence of the sources (a small model copying a true but beside-the-point sentence),
+    or that no sentence of that best sentence's source supports (a true line of a neighbouring page),
     is replaced by that sentence too."""
     texts = [s.text for s in prepared.sources]
     check = citations.check_answer(result.answer, texts)
@@ -493,6 +541,10 @@ def _check_grounding(
         if embedder is not None and best is not None and answered < best.score - OFF_QUESTION_MARGIN:
             _quote(result, best, "the model's answer, though its sources support it, addresses the question "
                    "less closely than this passage, so the passage is quoted instead (the model said: ")  # fmt: skip
+            return
+        if best is not None and best.source not in check.cited:
+            _quote(result, best, f"the model's answer does not draw on [{best.source}], the passage that best "
+                   "matches the question, so that passage is quoted instead (the model said: ")  # fmt: skip
             return
         unsupported = [s for s in check.claims if not s.supported]
         if unsupported:
@@ -575,10 +627,20 @@ def answer_question(
     on_token: Callable[[str], None] | None = None,
     settings: Settings | None = None,
     adapters: Any = None,
+    adapter_scale: float | None = None,
+    history: Sequence[ChatMessage] = (),
     **filters: Any,
 ) -> GroundedAnswer:
-    """Retrieve, fit, generate and check in one call; unset numbers come from ``settings``."""
+    """Retrieve, fit, generate and check in one call; unset numbers come from ``settings``.
+
+    With ``adapter`` and its registry ``adapters``, the adapter's record supplies the system prompt
+    (``adapter_turns``) and the sampling the request and flags leave unset (``sampling_for``).
+    ``history``: earlier turns of a chat, placed before the question."""
     settings = settings or Settings.load()
+    record = adapters.read(adapter) if adapter is not None and adapters is not None else None
+    turns = adapter_turns(record, system, history)
+    defaults = dict(record.sampling) if record is not None else None
+    sampling = sampling_for(generator, settings, temperature, defaults, adapter_scale)
     prepared = prepare(
         question,
         generator=generator,
@@ -589,8 +651,8 @@ def answer_question(
         system=system,
         use_context=use_context,
         settings=settings,
+        turns=turns,
         **filters,
     )
-    return run(
-        prepared, generator, temperature=temperature, adapter=adapter, on_token=on_token, settings=settings
-    )
+    return run(prepared, generator, adapter=adapter, on_token=on_token, settings=settings, embedder=embedder,
+               sampling=sampling)  # fmt: skip

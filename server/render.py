@@ -88,5 +88,6 @@ def status_text(result: Any) -> str:
     for a in result.adapters:
         note = ", not this server's model" if a.runs_on_server_model is False else ""
         base = f" (base {a.base_model}{note})" if a.base_model else ""
-        lines.append(f"adapter {a.name}{base}")
+        about = f": {a.description}" if getattr(a, "description", None) else ""
+        lines.append(f"adapter {a.name}{base}{about}")
     return "\n".join(lines)

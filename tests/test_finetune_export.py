@@ -444,3 +444,68 @@ def test_mcp_generate_answers_an_adapter_on_its_own_base_beside_the_servers_mode
         assert not any("trained on" in w for w in out["warnings"])
     assert loaded == [str(report.base_gguf.resolve())]  # loaded once, kept
     assert not plain.is_error and plain.structured_content["model"] == default_gguf_path().name
+
+
+def test_export_record_carries_the_training_prompt_template_sampling_and_description(tiny, tmp_path):
+    from lorekeeper.finetune.data import parse_record
+    from lorekeeper.finetune.prompt import write_training_prompt
+    from lorekeeper.server.adapters import AdapterRegistry
+    from lorekeeper.server.settings import Settings
+
+    persona = "You are Quill, the clerk of the Varnholt ferry office."
+    chats = [{"messages": [{"role": "system", "content": persona}, {"role": "user", "content": f"q{i}"},
+                           {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]  # fmt: skip
+    chats.append({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    records = [parse_record(chat, f"data.jsonl:{i + 1}") for i, chat in enumerate(chats)]
+    run = _copy_run(tiny, tmp_path)
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    write_training_prompt(run, records, template)
+    export_run(run, name="quill", description="Answers as the ferry clerk")
+    registry = AdapterRegistry(Settings.load().adapters_dir)
+    record = registry.read("quill")
+    assert record.system_prompt == persona
+    assert record.chat_template == template
+    assert record.description == "Answers as the ferry clerk"
+    defaults = Settings.load()
+    assert record.sampling == {
+        k: getattr(defaults, k) for k in ("temperature", "top_p", "min_p", "repeat_penalty")
+    }
+
+    # a run trained before prompt.json existed: the tokenizer's template, no system prompt, a description
+    (run / "prompt.json").unlink()
+    export_run(run, name="older")
+    older = registry.read("older")
+    saved = json.loads((run / "tokenizer" / "tokenizer_config.json").read_text()).get("chat_template")
+    if saved is None:
+        saved = (run / "tokenizer" / "chat_template.jinja").read_text()
+    assert older.system_prompt is None and older.chat_template == saved
+    assert run.name in older.description
+
+
+def test_quantize_only_export_keeps_a_merged_model_an_earlier_export_wrote(tiny, tmp_path, capfd):
+    run = _copy_run(tiny, tmp_path)
+    first = export_run(run, name="keep", adapter=False, merged=True, register=False)
+    before = first.merged_gguf.read_bytes()
+    capfd.readouterr()
+    second = export_run(run, name="keep", adapter=False, quantize="Q8_0", register=False)
+    assert second.merged_gguf is None and second.quantized_gguf.is_file()
+    assert first.merged_gguf.is_file() and first.merged_gguf.read_bytes() == before
+    assert not [p for p in first.merged_gguf.parent.iterdir() if p.name.startswith(".")]  # scratch removed
+    # llama.cpp's own log (hundreds of lines while quantizing) stays quiet without --verbose
+    assert len(capfd.readouterr().err.splitlines()) < 5
+
+
+def test_merged_model_of_a_gguf_base_carries_the_chat_template_the_run_trained_with(tiny, tmp_path):
+    from lorekeeper.finetune.prompt import CHATML
+
+    first = export_run(_copy_run(tiny, tmp_path, "hf-run"), name="tiny-base", register=False)
+    run = _copy_run(tiny, tmp_path, "gguf-run")
+    base = first.base_gguf
+    (run / "base.json").write_text(json.dumps({"kind": "gguf", "path": str(base.parent),
+                                               "gguf_file": base.name, "architecture": "llama"}))  # fmt: skip
+    (run / "prompt.json").write_text(json.dumps({"system_prompt": None, "chat_template": CHATML}))
+    plain = export_run(run, name="plain", adapter=False, merged=True, register=False)
+    assert _field(plain.merged_gguf, "tokenizer.chat_template") == _field(base, "tokenizer.chat_template")
+    (run / "config.json").write_text(json.dumps({"chat_template": "chatml"}))
+    chosen = export_run(run, name="chosen", adapter=False, merged=True, register=False)
+    assert _field(chosen.merged_gguf, "tokenizer.chat_template") == CHATML

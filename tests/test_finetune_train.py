@@ -240,3 +240,23 @@ def test_early_stopping_waits_for_patience_misses():
     assert stopper.best == 2.5
     never = EarlyStopper(patience=0)
     assert [never.update(x)[1] for x in (1.0, 2.0, 3.0, 4.0)] == [False] * 4
+
+
+def test_last_progress_line_shows_the_final_heldout_loss(tmp_path, use_shared_home):
+    """The held-out loss after the last step is measured after training ends (3 steps, evaluated
+    every 2): the bar's last line shows that one, not the one from step 2."""
+    import io
+
+    from rich.console import Console
+
+    from lorekeeper.finetune.train import train_run
+
+    data = write_notes(tmp_path / "notes")
+    out = io.StringIO()
+    run = RunDir(tmp_path / "run")
+    train_run(small_config(data, max_steps=3, eval_steps=2, save_steps=2), run,
+              console=Console(file=out, width=200, force_terminal=False))  # fmt: skip
+    evals = [(row["step"], row["eval_loss"]) for row in metrics(run) if "eval_loss" in row]
+    assert [step for step, _ in evals] == [0, 2, 3]  # the base, step 2, the last step (measured once)
+    bar = [line for line in out.getvalue().splitlines() if line.startswith("training")][-1]
+    assert f"held-out {evals[-1][1]:.4f}" in bar, bar

@@ -456,3 +456,61 @@ def test_a_true_answer_beside_the_question_gives_way_to_the_passage_that_answers
     else:
         assert result.fallback and "25 days of paid holiday" in result.answer and result.cited == [1]
         assert any("less closely" in w for w in result.warnings)
+
+
+def test_the_answer_path_ranks_the_fallback_by_meaning(store, embedder, tmp_path: Path) -> None:
+    """``answer_question`` (what ``ask`` and MCP ``generate`` call) hands the index's embedder to the
+    check, so a true but beside-the-point answer gives way to the passage that answers."""
+    from fakes import ScriptedGenerator
+
+    from lorekeeper.server.indexer import Indexer
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "handbook.md").write_text(FOCUS_DOCS[1], encoding="utf-8")
+    (folder / "laptops.md").write_text(FOCUS_DOCS[0], encoding="utf-8")
+    Indexer(store, embedder).add_root(folder)
+    result = generation.answer_question(
+        "How many days of paid holiday do new staff get?",
+        generator=ScriptedGenerator("The office opens at eight [1]."),
+        store=store,
+        embedder=embedder,
+        settings=Settings.load({"extractive_fallback": True}),
+    )
+    assert result.fallback and "25 days of paid holiday" in result.answer
+    assert [Path(s.path).name for s in result.cited_sources] == ["handbook.md"]
+    assert any("less closely" in w for w in result.warnings)
+
+
+HOLIDAY_PAGES = [
+    "New staff get 25 days of paid holiday a year, plus public holidays.",
+    "Part-time new staff get 15 days of paid holiday a year.",
+]
+
+
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [
+        # true, and about as close to the question as the best sentence, but another page's fact
+        ("Part-time new staff get 15 days of paid holiday a year [2].", False),
+        ("New staff get 25 days of paid holiday a year [1].", True),
+    ],
+)
+def test_an_answer_that_leaves_out_the_passage_that_answers_gives_way_to_it(
+    embedder, said: str, kept: bool
+) -> None:
+    from fakes import ScriptedGenerator
+
+    question = "How many days of paid holiday do new staff get?"
+    generator = ScriptedGenerator(said)
+    hits = [_text_hit(1, HOLIDAY_PAGES[0]), _text_hit(2, HOLIDAY_PAGES[1])]
+    prepared = generation.build_prompt(question, hits, generator, max_tokens=64)
+    result = generation.run(
+        prepared, generator, settings=Settings.load({"extractive_fallback": True}), embedder=embedder
+    )
+    assert result.supported
+    if kept:
+        assert not result.fallback and result.answer == said and result.cited == [1]
+    else:
+        assert result.fallback and "25 days" in result.answer and result.cited == [1]
+        assert any("does not draw on" in w for w in result.warnings)

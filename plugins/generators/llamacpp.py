@@ -106,6 +106,16 @@ def check_gguf(path: Path) -> Path:
     return path
 
 
+def _formatter(vocab: Any, template: str) -> Any:
+    """A llama-cpp-python chat formatter for Jinja ``template`` with the model's BOS/EOS tokens."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    eos_id, bos_id = vocab.token_eos(), vocab.token_bos()
+    eos = vocab.detokenize([eos_id], special=True).decode("utf-8", "replace") if eos_id != -1 else ""
+    bos = vocab.detokenize([bos_id], special=True).decode("utf-8", "replace") if bos_id != -1 else ""
+    return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
+
+
 class LlamaCppGenerator(Generator):
     name = "llamacpp"
     supports_adapters = True
@@ -142,6 +152,7 @@ class LlamaCppGenerator(Generator):
                           str(adapters.directory))  # fmt: skip
         self._vocab: Any = None
         self._formatter: Any = None
+        self._adapter_formatters: dict[str, Any] = {}  # chat template -> its formatter
         self._window: int | None = None
         self._load_lock = threading.Lock()
         self._process: ModelProcess | None = None
@@ -180,8 +191,6 @@ class LlamaCppGenerator(Generator):
         return dict(self.vocab.metadata)
 
     def _load_vocab(self) -> None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         from ..llama_open import open_llama
 
         path = check_gguf(self.model_path)
@@ -203,12 +212,7 @@ class LlamaCppGenerator(Generator):
         self._window = window
         template = vocab.metadata.get("tokenizer.chat_template")
         if template:
-            eos_id, bos_id = vocab.token_eos(), vocab.token_bos()
-            eos = vocab.detokenize([eos_id], special=True).decode("utf-8", "replace") if eos_id != -1 else ""
-            bos = vocab.detokenize([bos_id], special=True).decode("utf-8", "replace") if bos_id != -1 else ""
-            self._formatter = Jinja2ChatFormatter(
-                template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
-            )
+            self._formatter = _formatter(vocab, template)
         else:
             logger.info(
                 "%s has no chat template (a base model?): prompts are plain Question/Answer text", path.name
@@ -229,15 +233,26 @@ class LlamaCppGenerator(Generator):
     def count_message_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(self._render(messages).tokens)
 
-    def _render(self, messages: Sequence[ChatMessage]) -> _Prompt:
-        """Format ``messages`` with the model's own chat template and tokenize the result."""
+    def _formatter_for(self, adapter: str | None) -> Any:
+        """The model's chat formatter, or the template adapter ``adapter`` was trained with when its
+        record names another one (``finetune train --chat-template``)."""
+        template = self.adapters.read(adapter).chat_template if adapter is not None else None
+        if not template or template == self.vocab.metadata.get("tokenizer.chat_template"):
+            return self._formatter
+        if template not in self._adapter_formatters:
+            self._adapter_formatters[template] = _formatter(self.vocab, template)
+        return self._adapter_formatters[template]
+
+    def _render(self, messages: Sequence[ChatMessage], adapter: str | None = None) -> _Prompt:
+        """Format ``messages`` with the model's own chat template (or ``adapter``'s) and tokenize them."""
         vocab = self.vocab
-        if self._formatter is None:
+        formatter = self._formatter_for(adapter)
+        if formatter is None:
             text = plain_prompt(messages)
             return _Prompt(
                 vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False), list(PLAIN_STOPS)
             )
-        result = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+        result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
         tokens = vocab.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return _Prompt(tokens, [s for s in stop if s])
@@ -277,6 +292,7 @@ class LlamaCppGenerator(Generator):
                 self._vocab.close()
                 self._vocab = None
                 self._formatter = None
+                self._adapter_formatters.clear()
 
     # ------------------------------------------------------------------ adapters
 
@@ -338,7 +354,7 @@ class LlamaCppGenerator(Generator):
             "repeat_penalty": repeat_penalty,
         }
         window = self.context_window
-        prompt = self._render(messages)
+        prompt = self._render(messages, adapter)
         room = window - len(prompt.tokens)
         if room < 1:
             raise PromptTooLongError(

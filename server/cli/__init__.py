@@ -5,7 +5,7 @@ then ``config.toml``, then the defaults) and passes them down. Every command tak
 the ``db`` setting) to use a specific index file. Logs go to stderr.
 
 Commands live by subject: ``index.py`` (add, remove, watch, search, status, reindex, plugins),
-``answer.py`` (ask), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset) and
+``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset) and
 ``lorekeeper.finetune.cli`` (finetune ...).
 """
 
@@ -98,10 +98,12 @@ def _mount_subcommands() -> None:
     # inside its commands.
     from lorekeeper.finetune.cli import app as finetune_app
 
-    from . import answer, config, index, serve
+    from . import adapters, answer, chat, config, index, serve
 
     index.register(app)
     answer.register(app)
+    chat.register(app)
+    adapters.register(app)
     serve.register(app)
     config.register(app)
     app.add_typer(

@@ -82,8 +82,19 @@ def ask(
         False, "--no-context", help="Ask the model alone, without your documents."
     ),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer, in tokens (default 256)."),
-    temperature: float = typer.Option(None, "--temperature", help="0 = deterministic (default 0.2)."),
-    system: str = typer.Option(None, "--system", help="Extra instructions for the model."),
+    temperature: float = typer.Option(
+        None,
+        "--temperature",
+        help="0 = deterministic (default: the adapter's record, else the setting, 0.2).",
+    ),
+    system: str = typer.Option(
+        None,
+        "--system",
+        help="Extra instructions for the model (with --adapter: replaces its system prompt).",
+    ),
+    adapter_scale: float = typer.Option(
+        None, "--adapter-scale", help="How strongly the adapter applies (default 1.0; 0 = the base alone)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     db: Path = typer.Option(None, "--db", help="Index file (default: the one given to lorekeeper --db)."),
     model: str = typer.Option(None, "--model", help="GGUF model path (llamacpp) or model name (openai)."),
@@ -100,7 +111,8 @@ def ask(
         fail(f"-k {settings.k} is out of range: use 1 to {MAX_K}")
     if not 0.0 <= settings.temperature <= 2.0:
         fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
-    if _ask_server(settings, question, adapter, no_context, system, as_json):
+    check_adapter_scale(adapter, adapter_scale)
+    if _ask_server(settings, question, adapter, no_context, system, as_json, adapter_scale):
         return
     from .. import generation
     from ..mcp.schemas import generate_result
@@ -122,7 +134,7 @@ def ask(
         answer = generation.answer_question(
             question, generator=generator, store=store, embedder=embedder, adapter=adapter, system=system,
             use_context=not no_context, on_token=None if as_json else show, settings=settings,
-            adapters=AdapterRegistry(settings.adapters_dir) if adapter else None,
+            adapters=AdapterRegistry(settings.adapters_dir) if adapter else None, adapter_scale=adapter_scale,
         )  # fmt: skip
     except (ValueError, LookupError, RuntimeError, OSError) as exc:
         if streamed:
@@ -159,8 +171,18 @@ def _show(result, streamed: bool, as_json: bool) -> None:
 MODEL_KEYS = ("generator", "model", "openai_model", "n_ctx", "threads")
 
 
+def check_adapter_scale(adapter: str | None, scale: float | None) -> None:
+    """``--adapter-scale`` needs ``--adapter`` and a value from 0 to 4."""
+    if scale is None:
+        return
+    if adapter is None:
+        fail("--adapter-scale needs --adapter NAME: it scales that adapter")
+    if not 0.0 <= scale <= 4.0:
+        fail(f"--adapter-scale {scale}: use a value from 0 (the base model alone) to 4 (1 = as trained)")
+
+
 def _ask_server(settings: Settings, question: str, adapter: str | None, no_context: bool,
-                system: str | None, as_json: bool) -> bool:  # fmt: skip
+                system: str | None, as_json: bool, adapter_scale: float | None = None) -> bool:  # fmt: skip
     """Answer through a running ``serve --http`` (its model is loaded) unless a flag chose another
     model; True when it answered."""
     from . import remote
@@ -176,9 +198,12 @@ def _ask_server(settings: Settings, question: str, adapter: str | None, no_conte
         sys.stdout.flush()
 
     try:
+        # a temperature only when given here: otherwise the adapter's record (or the settings) decide
+        temperature = settings.temperature if settings.sources.get("temperature") == "flag" else None
         result = remote.ask(settings, None if as_json else show, question=question, adapter=adapter,
                             use_context=not no_context, system=system, k=settings.k,
-                            max_tokens=settings.max_tokens, temperature=settings.temperature)  # fmt: skip
+                            max_tokens=settings.max_tokens, temperature=temperature,
+                            adapter_scale=adapter_scale)  # fmt: skip
     except remote.RemoteError as exc:
         if streamed:
             sys.stdout.write("\n")

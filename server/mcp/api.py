@@ -117,6 +117,7 @@ def _ask_args(body: dict) -> dict:
         ("temperature", float),
         ("adapter", str),
         ("system", str),
+        ("adapter_scale", float),
     ):
         if body.get(key) is not None:
             out[key] = kind(body[key])

@@ -124,6 +124,7 @@ class AdapterOut(BaseModel):
     base_model: str | None = Field(default=None, description="the base model it was fine-tuned on")
     architecture: str | None = None
     created: str | None = None
+    description: str | None = Field(default=None, description="what the adapter was trained for")
     runs_on_server_model: bool | None = Field(
         default=None,
         description="whether this server's model is that base (null: the adapter does not say)",

@@ -49,6 +49,23 @@ READ_ONLY = ToolAnnotations(
 )
 
 
+# generate's adapter arguments (declared here to keep the tool's signature readable)
+AdapterName = Annotated[
+    str | None,
+    Field(max_length=64, description="name of a fine-tuned LoRA adapter to apply (see index_status / the adapters folder)"),
+]  # fmt: skip
+SystemText = Annotated[
+    str | None,
+    Field(max_length=8000, description="extra instructions for the local model (with an adapter: replaces "
+          "the system prompt it was trained with)"),
+]  # fmt: skip
+AdapterScale = Annotated[
+    float | None,
+    Field(ge=0.0, le=4.0, allow_inf_nan=False,
+          description="how strongly the adapter applies (default 1.0 = as trained; 0 = the base alone)"),
+]  # fmt: skip
+
+
 def tool_error(exc: BaseException) -> ToolError:
     return ToolError(str(exc) or exc.__class__.__name__)
 
@@ -163,16 +180,9 @@ def _register_generate(server: Any, settings: Settings) -> None:
                 ge=0.0, le=2.0, allow_inf_nan=False, description="0 = deterministic (default: the settings')"
             ),
         ] = None,
-        adapter: Annotated[
-            str | None,
-            Field(
-                max_length=64,
-                description="name of a fine-tuned LoRA adapter to apply (see index_status / the adapters folder)",
-            ),
-        ] = None,
-        system: Annotated[
-            str | None, Field(max_length=8000, description="extra instructions for the local model")
-        ] = None,
+        adapter: AdapterName = None,
+        system: SystemText = None,
+        adapter_scale: AdapterScale = None,
     ) -> Annotated[CallToolResult, GenerateResult]:
         """Answer with the user's local language model, grounded in their documents, with numbered citations.
 
@@ -180,6 +190,8 @@ def _register_generate(server: Any, settings: Settings) -> None:
         fine-tuned adapter). For your own reasoning over the documents, `retrieve` is faster and
         better. Tokens stream as progress notifications; the result lists the sources, which ones
         support the answer, citations that point to nothing, and passages dropped for lack of room.
+        An adapter answers with the system prompt and sampling its record carries unless `system` or
+        `temperature` is given.
         """
         state = app_state(ctx)
         generator = await _generator_for_request(state, adapter)
@@ -200,6 +212,7 @@ def _register_generate(server: Any, settings: Settings) -> None:
                 on_token=on_token,
                 settings=settings,
                 adapters=state.adapters if adapter else None,
+                adapter_scale=adapter_scale if adapter else None,
             ),  # fmt: skip
         )
         result = generate_result(answer)
@@ -387,6 +400,7 @@ def _adapters(state: AppState) -> list[AdapterOut]:
                 base_model=record.base_model,
                 architecture=record.architecture,
                 created=record.created,
+                description=record.description,
                 runs_on_server_model=matches,
             )
         )
