@@ -4,7 +4,8 @@ Learning facts and learning a style are different jobs. A style shows after a fe
 a small learning rate; a fact (a name, a number, a date) is recalled only once the model has seen it
 many times at a high learning rate, with every linear layer adapted, and the loss on the answers
 alone. 40 steps of the old defaults (1 epoch, lr 2e-4, r 8) recalled none of 40 invented facts.
-The ``facts`` values below come from ``scripts/bench_facts.py`` (README "Fine-tuning recipes").
+The ``facts`` values below come from ``scripts/bench_facts.py`` (README "Fine-tuning recipes": 100% of
+42 invented facts recalled on their training questions, 55% on paraphrases, base model 0%).
 
 * ``facts``: every record is a fact to keep, so none is held out (a held-out fact would never be
   taught) and nothing stops early on held-out loss (loss on *other* facts rises while these are
