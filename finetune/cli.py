@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .runs import RunDir
 
 app = typer.Typer(
-    help="Fine-tune the local model on your own data (QLoRA), evaluate it and export it as GGUF.",
+    help="Fine-tune the local model on your own data (LoRA, QLoRA for big bases), evaluate it and export it as GGUF.",
     no_args_is_help=True,
 )
 console = Console(stderr=True)
@@ -47,6 +47,7 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: list[Path] | None = typer.Option(None, "--data", "-d", help=field_help("data") + " Repeatable."),
     base: str | None = _opt("base", "--base"),
     from_index: bool = _opt("from_index", "--from-index"),
@@ -73,7 +74,11 @@ def train(
     target: list[str] | None = typer.Option(
         None, "--target", help=field_help("target_modules") + " Repeatable."
     ),
-    quantize_4bit: bool = _opt("quantize_4bit", "--4bit/--no-4bit"),
+    goal: str | None = _opt("goal", "--goal"),
+    base_precision: str = _opt("base_precision", "--base-precision"),
+    quantize_4bit: bool | None = typer.Option(
+        None, "--4bit/--no-4bit", help="Shorthand for --base-precision nf4 / --base-precision full."
+    ),
     epochs: float = _opt("epochs", "--epochs"),
     max_steps: int = _opt("max_steps", "--max-steps"),
     batch_size: int = _opt("batch_size", "--batch-size", "-b"),
@@ -91,14 +96,15 @@ def train(
     early_stopping_patience: int = _opt("early_stopping_patience", "--patience"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Train a LoRA adapter (QLoRA by default) and write a run directory."""
+    """Train a LoRA adapter (on the deployed weights, or QLoRA for big bases) and write a run directory."""
     options = dict(locals())  # the CLI options, taken before any other local exists
     _setup_logging(verbose)
     from .data import DataError
     from .runs import new_run_dir
 
     run = new_run_dir(name, output)
-    config = _resumed_config(run, max_steps) if resume else _new_run_config(run, options)
+    given = {option for option in options if _given(ctx, option)}
+    config = _resumed_config(run, max_steps) if resume else _new_run_config(run, options, given)
     from .base_model import BaseModelError
     from .train import TargetModuleError, train_run
 
@@ -127,7 +133,7 @@ def _discard_untrained(run: RunDir, fresh: bool) -> None:
 
 
 # `train` options that are not TrainConfig fields, and those named differently from their field.
-_TRAIN_OPTIONS_NOT_IN_CONFIG = ("name", "output", "resume", "verbose")
+_TRAIN_OPTIONS_NOT_IN_CONFIG = ("ctx", "name", "output", "resume", "verbose")
 _TRAIN_OPTION_FIELDS = {"path": "index_path_glob", "qa_pairs": "index_qa_pairs", "target": "target_modules"}
 
 
@@ -142,17 +148,40 @@ def _resumed_config(run: RunDir, max_steps: int) -> TrainConfig:
     return config
 
 
-def _new_run_config(run: RunDir, options: dict) -> TrainConfig:
-    """A TrainConfig from the `train` options; refuses a run directory that already holds a run."""
+def _given(ctx: typer.Context, option: str) -> bool:
+    """Whether the user typed `option` (a preset must not override it) rather than leaving its default."""
+    try:
+        source = ctx.get_parameter_source(option)
+    except (AttributeError, KeyError):
+        return False
+    # by name: typer may bring its own copy of click's ParameterSource enum
+    return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _new_run_config(run: RunDir, options: dict, given: set[str]) -> TrainConfig:
+    """A TrainConfig from the `train` options given (over --goal's preset, over the defaults);
+    refuses a run directory that already holds a run."""
+    from .recipes import config_for_goal
+
     fields = {
         _TRAIN_OPTION_FIELDS.get(option, option): value
         for option, value in options.items()
-        if option not in _TRAIN_OPTIONS_NOT_IN_CONFIG
+        if option in given and option not in _TRAIN_OPTIONS_NOT_IN_CONFIG
     }
-    fields["data"] = [str(p) for p in (fields["data"] or [])]
-    fields["target_modules"] = list(fields["target_modules"] or [])
+    fields["data"] = [str(p) for p in (options["data"] or [])]
+    if "target_modules" in fields:
+        fields["target_modules"] = list(fields["target_modules"] or [])
+    four_bit = fields.pop("quantize_4bit", None)
+    if four_bit is not None:
+        wanted = "nf4" if four_bit else "full"
+        if fields.get("base_precision", wanted) != wanted:
+            _fail(
+                f"--{'' if four_bit else 'no-'}4bit contradicts --base-precision {fields['base_precision']}"
+            )
+        fields["base_precision"] = wanted
+    goal = fields.pop("goal", None)
     try:
-        config = TrainConfig(**fields)
+        config = config_for_goal(goal, **fields)
     except ConfigError as exc:
         _fail(str(exc))
     if run.config.is_file() and run.latest_checkpoint() is not None:
@@ -162,7 +191,12 @@ def _new_run_config(run: RunDir, options: dict) -> TrainConfig:
 
 @app.command("data")
 def data_cmd(
+    ctx: typer.Context,
     files: list[Path] | None = typer.Argument(None, help="JSONL files, .txt/.md files or folders."),
+    goal: str | None = _opt("goal", "--goal"),
+    epochs: float = _opt("epochs", "--epochs"),
+    max_steps: int = _opt("max_steps", "--max-steps"),
+    batch_size: int = _opt("batch_size", "--batch-size", "-b"),
     base: str | None = _opt("base", "--base"),
     from_index: bool = _opt("from_index", "--from-index"),
     path: str | None = typer.Option(None, "--path", help=field_help("index_path_glob")),
@@ -176,30 +210,35 @@ def data_cmd(
     show: int = typer.Option(0, "--show", help="Print this many formatted training examples."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Check a dataset and count its tokens without training (errors name the file and line)."""
+    """Check a dataset, count its tokens and say how long training will take (errors name the file
+    and line). With --goal, the counts and the plan follow that preset, as `train --goal` would."""
+    options = dict(locals())
     _setup_logging(False)
     from .base_model import BaseModelError, load_tokenizer, resolve_base
     from .data import DataError, build_datasets, gather_records
     from .prompt import apply_chat_template
+    from .recipes import config_for_goal
 
+    names = ("epochs", "max_steps", "batch_size", "max_seq_len", "packing", "eval_fraction")
+    given = {name: options[name] for name in names if _given(ctx, name)}
     try:
-        config = TrainConfig(
+        config = config_for_goal(
+            goal,
             base=base,
             data=[str(p) for p in (files or [])],
             from_index=from_index,
             index_path_glob=path,
-            max_seq_len=max_seq_len,
-            packing=packing,
-            eval_fraction=eval_fraction,
             eval_data=[str(p) for p in (eval_data or [])],
             chat_template=chat_template,
+            **given,
         )
         gathered = gather_records(config)  # bad files fail here, before the tokenizer loads
-        tokenizer = apply_chat_template(load_tokenizer(resolve_base(config.base)), config.chat_template)
+        ref = resolve_base(config.base)
+        tokenizer = apply_chat_template(load_tokenizer(ref), config.chat_template)
         built = build_datasets(config, tokenizer, gathered=gathered)
     except (ConfigError, DataError, BaseModelError) as exc:
         _fail(str(exc))
-    summary = built.summary.to_json()
+    summary = {**built.summary.to_json(), **_training_plan(config, ref, built)}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -212,6 +251,25 @@ def data_cmd(
     for example in built.train_examples[:show]:
         typer.echo("-" * 40)
         typer.echo(tokenizer.decode(example.input_ids))
+
+
+def _training_plan(config: TrainConfig, ref, built) -> dict:
+    """Epochs, steps and a rough CPU time the run would take (`finetune data`'s last rows)."""
+    from .precision import base_parameter_count
+    from .recipes import estimated_seconds, planned_steps
+
+    epochs, steps = planned_steps(config, len(built.train_rows))
+    seconds = estimated_seconds(round(built.summary.train_tokens * epochs), base_parameter_count(ref))
+    plan = {
+        "goal": config.goal or "none (general defaults)",
+        "epochs": round(epochs, 2),
+        "optimizer_steps": steps,
+        "learning_rate": config.learning_rate,
+        "lora_rank_alpha": f"{config.lora_r}/{config.lora_alpha}",
+    }
+    if seconds is not None:
+        plan["estimated_cpu_minutes"] = f"~{seconds / 60:.1f} (estimate from a rate measured on 2 cores)"
+    return plan
 
 
 @app.command("eval")

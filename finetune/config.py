@@ -16,6 +16,8 @@ OVERLONG_CHOICES = ("truncate", "error")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZER_CHOICES = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
+BASE_PRECISION_CHOICES = ("auto", "full", "nf4")
+GOAL_CHOICES = ("facts", "style", "domain")
 
 
 class ConfigError(ValueError):
@@ -67,7 +69,23 @@ class TrainConfig:
     target_modules: list[str] = _f(
         [], "Module names to adapt (e.g. q_proj v_proj); empty = every attention and MLP projection."
     )
-    quantize_4bit: bool = _f(True, "QLoRA: load the base as 4-bit NF4 with double quantization.")
+    base_precision: str = _f(
+        "auto",
+        "How the base is held in training: 'full' = the dequantized GGUF weights as they are (fp32 on "
+        "the CPU), exactly what llama.cpp runs; 'nf4' = QLoRA, re-quantized to 4-bit NF4 (less memory, "
+        "but a different model from the one deployed); 'auto' = full up to "
+        "finetune.precision.FULL_PRECISION_MAX_PARAMS parameters, nf4 above.",
+    )
+    quantize_4bit: bool | None = _f(
+        None,
+        "Whether the base was trained as NF4: written by training (base_precision resolved), read by "
+        "eval and resume. Set by hand it is the old --4bit/--no-4bit switch.",
+    )
+    goal: str | None = _f(
+        None,
+        "A preset for what the adapter must learn (facts, style, domain): sets epochs, learning rate, "
+        "rank/alpha, targets, loss and held-out behaviour; options given explicitly win.",
+    )
     # --- optimisation -----------------------------------------------------------------------
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Stop after this many optimiser steps (-1: run the epochs).")
@@ -121,6 +139,10 @@ class TrainConfig:
             raise bad("lr_scheduler", f"choose one of {', '.join(SCHEDULER_CHOICES)}")
         if self.optimizer not in OPTIMIZER_CHOICES:
             raise bad("optimizer", f"choose one of {', '.join(OPTIMIZER_CHOICES)}")
+        if self.base_precision not in BASE_PRECISION_CHOICES:
+            raise bad("base_precision", f"choose one of {', '.join(BASE_PRECISION_CHOICES)}")
+        if self.goal is not None and self.goal not in GOAL_CHOICES:
+            raise bad("goal", f"choose one of {', '.join(GOAL_CHOICES)}")
         if self.precision not in PRECISION_CHOICES:
             raise bad("precision", f"choose one of {', '.join(PRECISION_CHOICES)}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
@@ -156,6 +178,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        """A saved config; one written before base_precision existed trained as its quantize_4bit said."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

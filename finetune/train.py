@@ -27,6 +27,7 @@ from .base_model import BaseRef, default_device, load_base, resolve_base
 from .config import ConfigError, TrainConfig
 from .data import BuiltData, PackedCollator, build_datasets, gather_records, read_records, write_records
 from .plot import plot_loss
+from .precision import PrecisionChoice, base_parameter_count, choose_base_precision
 from .prompt import apply_chat_template, write_training_prompt
 from .runs import RunDir
 from .target_check import check_targets_before_loading
@@ -108,7 +109,8 @@ def resolve_precision(config: TrainConfig, device: str) -> str:
 
 def resolve_optimizer(config: TrainConfig, device: str) -> str:
     if config.optimizer == "auto":
-        return "paged_adamw_8bit" if device.startswith("cuda") and config.quantize_4bit else "adamw_torch"
+        four_bit = config.quantize_4bit or config.base_precision == "nf4"
+        return "paged_adamw_8bit" if device.startswith("cuda") and four_bit else "adamw_torch"
     if config.optimizer.startswith("paged_") and not device.startswith("cuda"):
         raise ConfigError(f"optimizer={config.optimizer!r} is CUDA-only; use adamw_torch on the CPU")
     return config.optimizer
@@ -438,13 +440,15 @@ def train_run(
     started = time.perf_counter()
     device = device or default_device()
     precision = resolve_precision(config, device)
+    checkpoint, ref, choice = _prepare_run_dir(config, run, resume)
     optimizer = resolve_optimizer(config, device)
-    checkpoint, ref = _prepare_run_dir(config, run, resume)
     check_targets_before_loading(ref, config.target_modules)  # a typo fails before the model loads
+    log.info("base held in %s: %s", choice.label, choice.reason)
+    console.print(f"base: {choice.label}; {choice.reason}")
 
     set_seed(config.seed)
     model, tokenizer = load_base(
-        ref, quantize_4bit=config.quantize_4bit, dtype=_dtype(precision), device=device
+        ref, quantize_4bit=choice.quantize_4bit, dtype=_dtype(precision), device=device
     )
     apply_chat_template(tokenizer, config.chat_template)
     data = build_datasets(config, tokenizer, generator=generator, gathered=gathered, heldout=heldout)
@@ -458,7 +462,7 @@ def train_run(
     trainable, total = model.get_nb_trainable_parameters()
     console.print(
         f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {', '.join(targets)}: "
-        f"{trainable:,} trainable of {total:,} parameters; {'4-bit NF4' if config.quantize_4bit else 'full-precision'} base, "
+        f"{trainable:,} trainable of {total:,} parameters; {choice.label} base, "
         f"{precision}, {optimizer}, device {device}"
     )
 
@@ -495,8 +499,11 @@ def train_run(
     )
 
 
-def _prepare_run_dir(config: TrainConfig, run: RunDir, resume: bool) -> tuple[Path | None, BaseRef]:
-    """(checkpoint to resume from or None, base model), with config.json and base.json written."""
+def _prepare_run_dir(
+    config: TrainConfig, run: RunDir, resume: bool
+) -> tuple[Path | None, BaseRef, PrecisionChoice]:
+    """(checkpoint to resume from or None, base model, how the base is held), with config.json
+    (its quantize_4bit set to the choice, for eval and resume) and base.json written."""
     run.root.mkdir(parents=True, exist_ok=True)
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
@@ -506,6 +513,10 @@ def _prepare_run_dir(config: TrainConfig, run: RunDir, resume: bool) -> tuple[Pa
         ref = BaseRef.load(run.base)
     else:
         ref = resolve_base(config.base)
+    choice = choose_base_precision(
+        config.base_precision, base_parameter_count(ref), quantize_4bit=config.quantize_4bit
+    )
+    config.quantize_4bit = choice.quantize_4bit
     config.save(run.config)
     ref.save(run.base)
     if checkpoint is None and run.adapter.exists():
@@ -514,7 +525,7 @@ def _prepare_run_dir(config: TrainConfig, run: RunDir, resume: bool) -> tuple[Pa
         shutil.rmtree(
             run.adapter
         )  # a fresh start: an adapter left from an earlier attempt must not pass as this one
-    return checkpoint, ref
+    return checkpoint, ref, choice
 
 
 def _training_arguments(
@@ -621,7 +632,12 @@ def load_trained(
 
     config = TrainConfig.load(run.config)
     ref = BaseRef.load(run.base)
-    use_4bit = config.quantize_4bit if quantize_4bit is None else quantize_4bit
+    if quantize_4bit is None:
+        # as trained: the saved choice, or (a config that never trained) the same decision again
+        quantize_4bit = choose_base_precision(
+            config.base_precision, base_parameter_count(ref), quantize_4bit=config.quantize_4bit
+        ).quantize_4bit
+    use_4bit = quantize_4bit
     model, tokenizer = load_base(ref, quantize_4bit=use_4bit, device=device)
     apply_chat_template(tokenizer, config.chat_template)
     with _quiet_checkpointing_renames():

@@ -1,4 +1,5 @@
-"""A real QLoRA run on the CPU: SmolLM2, 4-bit NF4, a dataset written from text files here.
+"""A real QLoRA run on the CPU: SmolLM2, 4-bit NF4 (asked for: the default for a base this small is
+full precision, tested in test_finetune_deployed.py), a dataset written from text files here.
 
 One run is shared by the module (a few seconds a step on two busy cores): it trains, then resumes
 from its checkpoint for more steps, then is evaluated.
@@ -63,6 +64,7 @@ def small_config(data: Path, **overrides) -> TrainConfig:
         warmup_ratio=0.0,
         early_stopping_patience=0,
         seed=1,
+        base_precision="nf4",
     )
     settings.update(overrides)
     return TrainConfig(**settings)
