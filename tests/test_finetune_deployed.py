@@ -37,7 +37,17 @@ def write_chats(path, repeats: int = 4):
     return path
 
 
-def test_default_run_on_the_shipped_gguf_agrees_with_the_deployed_adapter(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread while this test trains (two cores shared with other work make a second
+    thread spin at barriers), and the count restored after it, so later tests are not slowed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_default_run_on_the_shipped_gguf_agrees_with_the_deployed_adapter(tmp_path, one_thread):
     """The default (auto) mode trains the embedded base in full precision on its dequantized weights.
 
     Written as F16 those weights plus the exported adapter give the trained model's next token at
@@ -55,7 +65,6 @@ def test_default_run_on_the_shipped_gguf_agrees_with_the_deployed_adapter(tmp_pa
     from lorekeeper.finetune.parity import compare_logits, llama_cpp_logits, transformers_logits
     from lorekeeper.finetune.train import load_trained, train_run
 
-    torch.set_num_threads(1)
     data = write_chats(tmp_path / "chats.jsonl")
     config = TrainConfig(
         data=[str(data)],
