@@ -109,8 +109,7 @@ def ask(
                               max_tokens=max_tokens, temperature=temperature)  # fmt: skip
     if not 1 <= settings.k <= MAX_K:
         fail(f"-k {settings.k} is out of range: use 1 to {MAX_K}")
-    if not 0.0 <= settings.temperature <= 2.0:
-        fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
+    check_temperature(settings)
     check_adapter_scale(adapter, adapter_scale)
     if _ask_server(settings, question, adapter, no_context, system, as_json, adapter_scale):
         return
@@ -122,29 +121,43 @@ def ask(
     generator = _generator(settings, adapter)
     store, embedder = _index(settings) if not no_context else (None, None)
 
-    streamed = False
-
-    def show(piece: str) -> None:
-        nonlocal streamed
-        streamed = True
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
+    printer = StreamPrinter()
     try:
         answer = generation.answer_question(
             question, generator=generator, store=store, embedder=embedder, adapter=adapter, system=system,
-            use_context=not no_context, on_token=None if as_json else show, settings=settings,
+            use_context=not no_context, on_token=None if as_json else printer, settings=settings,
             adapters=AdapterRegistry(settings.adapters_dir) if adapter else None, adapter_scale=adapter_scale,
         )  # fmt: skip
     except (ValueError, LookupError, RuntimeError, OSError) as exc:
-        if streamed:
-            sys.stdout.write("\n")
+        printer.end_line()
         fail(str(exc))
     finally:
         if store is not None:
             store.close()
 
-    _show(generate_result(answer), streamed, as_json)
+    _show(generate_result(answer), printer.streamed, as_json)
+
+
+class StreamPrinter:
+    """Writes an answer's pieces to stdout as they come (an ``on_token`` callback) and remembers
+    whether any came, so an error after some text starts on a line of its own."""
+
+    def __init__(self) -> None:
+        self.streamed = False
+
+    def __call__(self, piece: str) -> None:
+        self.streamed = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def end_line(self) -> None:
+        if self.streamed:
+            sys.stdout.write("\n")
+
+
+def check_temperature(settings: Settings) -> None:
+    if not 0.0 <= settings.temperature <= 2.0:
+        fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
 
 
 def _show(result, streamed: bool, as_json: bool) -> None:

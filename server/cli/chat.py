@@ -19,8 +19,16 @@ import typer
 from rich.markup import escape
 
 from ..adapters import AdapterRegistry
-from . import err, fail
-from .answer import _generator, _index, _show, adapter_base_settings, check_adapter_scale
+from . import err
+from .answer import (
+    StreamPrinter,
+    _generator,
+    _index,
+    _show,
+    adapter_base_settings,
+    check_adapter_scale,
+    check_temperature,
+)
 from .serve import model_settings
 
 SOURCE_ROOM = 0.5  # with --rag, the share of the window the conversation leaves for retrieved passages
@@ -67,8 +75,7 @@ def chat(
     """Chat with the local model in the terminal (one line a turn; /reset, /exit or end of input)."""
     settings = model_settings(ctx, generator_name, model, n_ctx, threads, db=db, k=k,
                               max_tokens=max_tokens, temperature=temperature)  # fmt: skip
-    if not 0.0 <= settings.temperature <= 2.0:
-        fail(f"--temperature {settings.temperature}: use a value from 0 to 2")
+    check_temperature(settings)
     check_adapter_scale(adapter, adapter_scale)
     if adapter is not None:
         settings = adapter_base_settings(settings, adapter)
@@ -130,22 +137,14 @@ def _turn(text: str, history: list, options: dict) -> str | None:
     from .. import generation
     from ..mcp.schemas import generate_result
 
-    streamed = False
-
-    def show(piece: str) -> None:
-        nonlocal streamed
-        streamed = True
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
+    printer = StreamPrinter()
     try:
-        answer = generation.answer_question(text, history=history, on_token=show, **options)
+        answer = generation.answer_question(text, history=history, on_token=printer, **options)
     except (ValueError, LookupError, RuntimeError, OSError) as exc:
-        if streamed:
-            sys.stdout.write("\n")
+        printer.end_line()
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         return None
-    _show(generate_result(answer), streamed, False)
+    _show(generate_result(answer), printer.streamed, False)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return answer.answer
