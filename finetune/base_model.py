@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ def gguf_architecture(path: Path) -> str | None:
     except Exception as exc:  # an unreadable header is reported when the model itself is loaded
         log.debug("could not read the architecture of %s: %s", path, exc)
         return None
+
+
+def safetensors_headers(folder: Path) -> list[dict[str, Any]]:
+    """The JSON header of each ``*.safetensors`` file in ``folder`` (tensor name -> dtype, shape,
+    offsets; ``__metadata__`` left out), read without the weights; [] when there is none. Raises
+    ``OSError``, ``ValueError`` or ``struct.error`` on a file that is not safetensors."""
+    headers = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        header.pop("__metadata__", None)
+        headers.append(header)
+    return headers
 
 
 GGUF_VERSIONS = (2, 3)  # the GGUF format versions transformers and llama.cpp read

@@ -26,12 +26,11 @@ still hold activations, optimizer state and the OS; above it QLoRA stays the def
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base_model import GGUF, BaseRef
+from .base_model import GGUF, BaseRef, safetensors_headers
 
 FULL_PRECISION_MAX_PARAMS = 2_000_000_000
 
@@ -94,18 +93,14 @@ def _gguf_parameter_count(path: Path) -> int:
 
 
 def _safetensors_parameter_count(folder: Path) -> int | None:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    headers = safetensors_headers(folder)
+    if not headers:
         return None
     total = 0
-    for file in files:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= int(dim)
-                total += count
+    for header in headers:
+        for info in header.values():
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            total += count
     return total

@@ -9,7 +9,6 @@ Face folder's safetensors headers. When neither can be read the check is left to
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from pathlib import Path
@@ -48,14 +47,14 @@ def _gguf_linear_names(path: Path, architecture: str | None) -> list[str] | None
 
 
 def _safetensors_linear_names(folder: Path) -> list[str] | None:
+    from .base_model import safetensors_headers
+
+    try:
+        headers = safetensors_headers(folder)
+    except (OSError, ValueError, struct.error):
+        return None
     found = set()
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with open(path, "rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError, struct.error):
-            return None
+    for header in headers:
         for name, info in header.items():
             if not name.endswith(".weight") or not isinstance(info, dict) or len(info.get("shape", ())) != 2:
                 continue
