@@ -98,19 +98,32 @@ class _Scan:
 
 class _Pace:
     """Sizes calls to the embedder so that each takes about ``BATCH_SECONDS`` at the pace measured
-    so far (on a busy two-core machine one text can take half a second; on a GPU a thousandth)."""
+    so far (on a busy two-core machine one long chunk can take a quarter of a second; on a GPU a
+    thousandth). A call's cost grows with its number of texts times its longest text (the batch is
+    padded to it), so the pace is kept per character of that product: a pace learned on short notes
+    still gives short calls for the long chunks of a large file."""
+
+    FIRST_CALL = 4  # texts in a call before any pace is known
 
     def __init__(self) -> None:
-        self.per_text: float | None = None
+        self.per_char: float | None = None
 
-    def batch(self) -> int:
-        if self.per_text is None:
-            return 8
-        return max(1, min(EMBED_BATCH_CHUNKS, int(BATCH_SECONDS / max(self.per_text, 1e-6))))
+    def take(self, texts: list[str], start: int) -> int:
+        """How many of ``texts`` from ``start`` the next call embeds (at least one)."""
+        limit = min(len(texts) - start, EMBED_BATCH_CHUNKS)
+        if self.per_char is None:
+            return max(1, min(limit, self.FIRST_CALL))
+        count, longest = 1, max(1, len(texts[start]))
+        while count < limit:
+            longer = max(longest, len(texts[start + count]))
+            if (count + 1) * longer * self.per_char > BATCH_SECONDS:
+                break
+            count, longest = count + 1, longer
+        return count
 
-    def record(self, texts: int, seconds: float) -> None:
-        pace = seconds / max(1, texts)
-        self.per_text = pace if self.per_text is None else 0.7 * self.per_text + 0.3 * pace
+    def record(self, batch: list[str], seconds: float) -> None:
+        pace = seconds / max(1, len(batch) * max(map(len, batch), default=1))
+        self.per_char = pace if self.per_char is None else 0.7 * self.per_char + 0.3 * pace
 
 
 class BackgroundStopped(Exception):
@@ -520,11 +533,11 @@ class Indexer:
         while start < len(texts):
             if background:
                 self._gate.wait_turn()
-            batch = texts[start : start + self._pace.batch()]
+            batch = texts[start : start + self._pace.take(texts, start)]
             start += len(batch)
             began = time.monotonic()
             vectors = self.embedder.embed(batch)
-            self._pace.record(len(batch), time.monotonic() - began)
+            self._pace.record(batch, time.monotonic() - began)
             if vectors.shape != (len(batch), self.embedder.dimension):
                 raise RuntimeError(
                     f"embedder {self.embedder.model_id} returned shape {vectors.shape} for {len(batch)} texts; "

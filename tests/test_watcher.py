@@ -11,7 +11,7 @@ import pytest
 from conftest import wait_for
 from fakes import HashEmbedder
 
-from lorekeeper.server.indexer import Indexer
+from lorekeeper.server.indexer import BATCH_SECONDS, Indexer
 from lorekeeper.server.search import search
 from lorekeeper.server.store import Store
 from lorekeeper.server.watcher import Watcher
@@ -163,10 +163,19 @@ def test_polling_fallback(indexer: Indexer, store: Store, docs: Path) -> None:
 
 
 class SlowHashEmbedder(HashEmbedder):
-    """The hashing fake at the pace of a real model on a busy machine: time per text embedded."""
+    """The hashing fake at the pace of a real model on a busy machine: a call costs its number of
+    texts times its longest text (a real batch is padded to it), 60 us per character. Each
+    call's modelled cost is kept with the thread that made it."""
+
+    SECONDS_PER_CHAR = 6e-5
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float]] = []
 
     def embed(self, texts):
-        time.sleep(0.02 * len(texts))
+        cost = self.SECONDS_PER_CHAR * len(texts) * max(map(len, texts), default=0)
+        self.calls.append((threading.current_thread().name, cost))
+        time.sleep(cost)
         return super().embed(texts)
 
 
@@ -174,13 +183,18 @@ class SlowHashEmbedder(HashEmbedder):
 def test_a_small_file_saved_while_a_large_one_is_embedded_does_not_wait_for_it(
     store: Store, docs: Path
 ) -> None:
-    indexer = Indexer(store, SlowHashEmbedder())
+    embedder = SlowHashEmbedder()
+    indexer = Indexer(store, embedder)
     indexer.add_root(docs)
     events = Events(store)
     with Watcher(indexer, debounce=0.05, reconcile_interval=3600) as watcher:
         assert watcher.wait_idle(30)
+        for i in range(3):  # short notes first: the embedder's pace is learned on short texts
+            note = docs.resolve() / f"note-{i}.md"
+            note.write_text(f"# Note {i}\nA short note.\n")
+            events.wait("indexed", note)
         big = docs.resolve() / "changelog"
-        big.write_text("\n\n".join(f"Release {i}: " + "fixed the ferry timetable " * 20 for i in range(600)))
+        big.write_text("\n\n".join(f"Release {i}: " + "fixed the ferry timetable " * 30 for i in range(150)))
         wait_for(lambda: indexer.activity.get(str(big), (0, 0))[0] > 0)  # the large file is being embedded
         small = docs.resolve() / "small.md"
         small.write_text("# Small\nA note saved while the changelog is embedded.\n")
@@ -191,6 +205,10 @@ def test_a_small_file_saved_while_a_large_one_is_embedded_does_not_wait_for_it(
         events.wait("indexed", big, timeout=120)
         assert watcher.wait_idle(30)
     assert store.check_integrity() == []
+    # a file saved waits at most for the embedder call in flight: the large file's calls stay short
+    # even though the pace was learned on short notes (its first call is sized before any pace of its own)
+    background = [cost for thread, cost in embedder.calls if thread.endswith("background")]
+    assert len(background) > 10 and max(background[1:]) <= 2 * BATCH_SECONDS, background
 
 
 @pytest.mark.parametrize("pause", [0.0, 0.4])
