@@ -339,6 +339,16 @@ def strip_source_list(text: str) -> tuple[str, bool]:
     return "\n".join(lines[:cut]).rstrip(), True
 
 
+def _is_claim(sentence: str) -> bool:
+    """Whether ``sentence`` states something checkable: enough content words, or a figure in words
+    ("The answer is: 6", "It takes 3 days") - a changed or invented number is the commonest error of
+    a small model, and such sentences are short. A list number on its own ("2.") states nothing."""
+    if len(content_words(sentence)) >= MIN_CONTENT_WORDS:
+        return True
+    tokens = _tokens(sentence)
+    return len(tokens) >= 2 and any(_NUMBER.match(t) for t in tokens)
+
+
 def check_answer(answer: str, sources: Sequence[str], threshold: float = SUPPORT_THRESHOLD) -> CheckedAnswer:
     """Check every sentence of ``answer`` against ``sources`` (source ``n`` is ``sources[n-1]``)."""
     text, stripped = strip_source_list(answer)
@@ -347,7 +357,7 @@ def check_answer(answer: str, sources: Sequence[str], threshold: float = SUPPORT
     for sentence in split_sentences(text):
         markers = parse_markers(sentence)
         invalid += [n for n in markers if not 1 <= n <= len(sources) and n not in invalid]
-        claim = len(content_words(sentence)) >= MIN_CONTENT_WORDS
+        claim = _is_claim(sentence)
         check = SentenceCheck(text=sentence, claim=claim, markers=markers)
         if claim:
             scored = sorted(

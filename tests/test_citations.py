@@ -185,3 +185,18 @@ def test_the_extractive_fallback_picks_the_sentence_that_answers() -> None:
     )
     assert best is not None and best.source == 2
     assert best.text == "New staff get 25 days of paid holiday a year, plus public holidays."
+
+
+def test_a_short_sentence_stating_a_number_is_checked_like_any_claim() -> None:
+    """A figure tacked on after a true sentence ("The answer is: 6") is a claim, and unsupported
+    here, so the answer path warns about it; a bare list number is not a claim."""
+    source = "Staff must report a lost or stolen laptop to IT within 24 hours."
+    checked = check_answer("Report a lost laptop within 24 hours [1]. The answer is: 6", [source])
+    first, second = checked.sentences
+    assert first.claim and first.supported
+    assert second.claim and not second.supported
+    assert [c.supported for c in checked.claims] == [True, False]
+    true_figure = check_answer("It is 24.", [source]).sentences[0]
+    assert true_figure.claim and true_figure.supported_by == [1]
+    listed = check_answer("1. Report a lost laptop within 24 hours.", [source])
+    assert [s.claim for s in listed.sentences] == [False, True]
