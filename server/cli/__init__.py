@@ -5,7 +5,7 @@ then ``config.toml``, then the defaults) and passes them down. Every command tak
 the ``db`` setting) to use a specific index file. Logs go to stderr.
 
 Commands live by subject: ``index.py`` (add, remove, watch, search, status, reindex, plugins),
-``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset) and
+``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset), ``eval.py`` (eval retrieval) and
 ``lorekeeper.finetune.cli`` (finetune ...).
 """
 
@@ -98,7 +98,7 @@ def _mount_subcommands() -> None:
     # inside its commands.
     from lorekeeper.finetune.cli import app as finetune_app
 
-    from . import adapters, answer, chat, config, index, serve
+    from . import adapters, answer, chat, config, eval, index, serve
 
     index.register(app)
     answer.register(app)
@@ -106,6 +106,7 @@ def _mount_subcommands() -> None:
     adapters.register(app)
     serve.register(app)
     config.register(app)
+    eval.register(app)
     app.add_typer(
         finetune_app, name="finetune", help="Train LoRA adapters on your data and export them as GGUF."
     )

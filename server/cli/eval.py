@@ -1,0 +1,293 @@
+"""``eval retrieval``: how well search finds the files that answer judged queries, per search mode,
+and which fusion settings find them best. A thin face over ``server.evaluation`` (metrics, runs,
+sweep), ``server.eval_files`` (JSONL and TREC files) and ``server.eval_queries`` (drafted queries).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ..settings import Settings, SettingsError, write_config_value
+from . import console, err, fail, open_store, settings_of
+from .index import _progress
+
+eval_app = typer.Typer(help="Measure retrieval on your own documents.", no_args_is_help=True)
+
+
+def _floats(text: str | None, name: str, default: tuple) -> tuple:
+    if not text:
+        return default
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{name} {text!r}: give comma-separated numbers, e.g. 0.5,1,2")
+    if not values or any(v < 0 for v in values):
+        fail(f"{name} {text!r}: give comma-separated numbers of 0 or more")
+    return values
+
+
+@eval_app.command("retrieval")
+def retrieval(
+    ctx: typer.Context,
+    queries: Path = typer.Option(None, "--queries", help="JSONL of judged queries: each line a query and the files that answer it (see the README)."),
+    qrels: Path = typer.Option(None, "--qrels", help="TREC qrels file (qid 0 docid grade); needs --topics."),
+    topics: Path = typer.Option(None, "--topics", help="TREC topics: 'qid<TAB>text' lines or <top> blocks."),
+    generate: int = typer.Option(20, "--generate", help="Without judged queries: chunks to draft queries from."),
+    no_questions: bool = typer.Option(False, "--no-questions", help="Draft no questions with the model (headings and key words only)."),
+    save_queries: Path = typer.Option(None, "--save-queries", help="Where drafted queries go (default: eval/ in the data directory)."),
+    modes: list[str] = typer.Option(None, "--mode", help="Search modes to measure (default: keyword, vector, hybrid)."),
+    do_sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Try fusion settings for hybrid search."),
+    weights: str = typer.Option(None, "--vector-weights", help="Vector weights to try, e.g. 0.5,1,2 (default 0.25,0.5,1,2,4)."),
+    keyword_weights: str = typer.Option(None, "--keyword-weights", help="Keyword weights to try (default 1)."),
+    rrf_ks: str = typer.Option(None, "--rrf-ks", help="RRF constants to try (default 10,30,60,100)."),
+    apply: bool = typer.Option(False, "--apply", help="Write the best fusion settings to config.toml."),
+    run_in: list[Path] = typer.Option(None, "--run", help="A TREC run file (another tool's) to score too."),
+    run_out: Path = typer.Option(None, "--run-out", help="Write each mode's run in trec_eval format (FILE, or FILE.MODE for several)."),
+    json_out: Path = typer.Option(None, "--json", help="Write every figure (and per-query scores) to this JSON file."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the chunk sample for drafted queries."),
+) -> None:  # fmt: skip
+    """Recall@1/5/10, MRR@10 and nDCG@10 of keyword, vector and hybrid search on judged queries,
+    and a sweep of the fusion settings."""
+    from .. import evaluation as ev
+
+    settings = settings_of(ctx)
+    modes = list(modes or ("keyword", "vector", "hybrid"))
+    for mode in modes:
+        if mode not in ("keyword", "vector", "hybrid"):
+            fail(f"--mode {mode!r}: use keyword, vector or hybrid")
+    vector_weights = _floats(weights, "--vector-weights", ev.DEFAULT_VECTOR_WEIGHTS)
+    kw_weights = _floats(keyword_weights, "--keyword-weights", (1.0,))
+    rrf_values = tuple(int(v) for v in _floats(rrf_ks, "--rrf-ks", ev.DEFAULT_RRF_KS))
+    if any(v < 1 for v in rrf_values):
+        fail("--rrf-ks: each RRF constant must be at least 1")
+    if (qrels is None) != (topics is None):
+        fail("--qrels and --topics go together: give both")
+    if apply and not (do_sweep and "hybrid" in modes):
+        fail("--apply writes the best fusion settings of the sweep: measure hybrid search without --no-sweep")
+    store, embedder = _index(settings)
+    with store:
+        roots = [r.path for r in store.roots()]
+        judged = _judged_queries(settings, store, roots, queries, qrels, topics, generate, no_questions,
+                                 save_queries, seed)  # fmt: skip
+        _warn_missing(store, roots, judged)
+        search = functools.partial(_search, store, ev.QueryCache(embedder))
+        current = ev.Fusion(settings.vector_weight, settings.keyword_weight, settings.rrf_k)
+        report = _measure(search, judged, roots, modes, current, run_in)
+        _print_scores(report["scores"], judged)
+        sweep_rows = []
+        if do_sweep and "hybrid" in modes:
+            sweep_rows = ev.sweep(
+                search, judged, roots, vector_weights, rrf_values, kw_weights, current=current
+            )
+            _print_sweep(sweep_rows, current)
+    if run_out is not None:
+        _write_runs(run_out, report["runs"])
+    best = sweep_rows[0].fusion if sweep_rows else None
+    if apply and best is not None:
+        _apply(settings, best)
+    if json_out is not None:
+        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, apply)
+
+
+def _search(store: Any, embedder: Any, **args: Any) -> list:
+    from ..search import search
+
+    return search(store, embedder, **args)
+
+
+def _index(settings: Settings):
+    from ..indexer import check_search_embedder, embedder_for
+
+    store = open_store(settings, create=False)
+    try:
+        embedder = embedder_for(store, settings)
+        check_search_embedder(store, embedder)
+    except (LookupError, ValueError) as exc:
+        store.close()
+        fail(str(exc))
+    if not store.chunk_count():
+        store.close()
+        fail(f"the index {settings.db_path} has no chunks: run `lorekeeper add FOLDER` first")
+    return store, embedder
+
+
+def _judged_queries(
+    settings, store, roots, queries, qrels, topics, generate, no_questions, save, seed
+) -> list:
+    from ..eval_files import EvalFileError, queries_from_trec, read_queries_jsonl, write_queries_jsonl
+
+    try:
+        if queries is not None:
+            judged = read_queries_jsonl(queries, roots)
+        elif qrels is not None:
+            judged = queries_from_trec(qrels, topics, roots)
+        else:
+            judged = _draft(settings, store, roots, generate, no_questions, seed)
+            path = save or settings.data_dir / "eval" / f"queries-{settings.db_path.stem}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_queries_jsonl(path, judged)
+            kinds = Counter(q.extra.get("kind") for q in judged)
+            err.print(f"{len(judged)} drafted queries ({', '.join(f'{n} {k}' for k, n in kinds.items())}) saved "
+                      f"to {path}: edit them and pass --queries {path}")  # fmt: skip
+    except EvalFileError as exc:
+        fail(str(exc))
+    if not judged:
+        fail("no queries to evaluate: the index has too few passages of 40 words or more to draft from")
+    return judged
+
+
+def _draft(settings: Settings, store: Any, roots: list[str], n: int, no_questions: bool, seed: int) -> list:
+    from ..eval_queries import draft_with, generate_queries
+
+    if n < 1:
+        fail("--generate must be at least 1")
+    generator = None
+    if not no_questions:
+        from lorekeeper import plugins
+
+        try:
+            generator = plugins.get_generator(None, settings)
+        except (LookupError, ValueError) as exc:
+            fail(f"{exc} (or pass --no-questions to draft only headings and key words)")
+    chunks = list(store.iter_chunks())
+    try:
+        with _progress() as progress:
+            task = progress.add_task("drafting queries", total=n, path="")
+            tick = lambda done, total: progress.update(task, completed=done, total=total)  # noqa: E731
+            draft = draft_with(generator) if generator is not None else None
+            judged, dropped = generate_queries(chunks, n, roots, draft, seed=seed, progress=tick)
+    finally:
+        if generator is not None:
+            generator.close()
+    if dropped:
+        err.print("dropped for copying 6 words of their passage: "
+                  + ", ".join(f"{n} {kind}" for kind, n in dropped.items()))  # fmt: skip
+    return judged
+
+
+def _warn_missing(store: Any, roots: list[str], judged: list) -> None:
+    from ..evaluation import relative_path
+
+    indexed = {relative_path(d.path, roots) for d in store.documents()}
+    missing = sorted({j.path for q in judged for j in q.judgements if j.path not in indexed})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        err.print(f"[yellow]warning:[/yellow] {len(missing)} judged files are not in the index: {shown} "
+                  "(paths are relative to the registered folder)")  # fmt: skip
+
+
+def _measure(search, judged, roots, modes, current, run_files) -> dict:
+    from .. import evaluation as ev
+    from ..eval_files import EvalFileError, read_run
+
+    scores: dict[str, ev.Scores] = {}
+    runs: dict[str, dict] = {}
+    for mode in modes:
+        try:
+            runs[mode] = ev.run_queries(search, judged, mode, current, roots)
+        except ValueError as exc:
+            fail(str(exc))
+        scores[mode] = ev.score_runs(runs[mode], judged)
+    for path in run_files or []:
+        try:
+            external = read_run(path)
+        except EvalFileError as exc:
+            fail(str(exc))
+        rankings = {qid: ev.ranking_from_scores(docs) for qid, docs in external.items()}
+        scores[f"run {path.name}"] = ev.evaluate(rankings, ev.qrels_of(judged))
+    return {"scores": scores, "runs": runs}
+
+
+LABELS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "mrr@10": "MRR@10", "ndcg@10": "nDCG@10"}
+
+
+def _print_scores(scores: dict, judged: list) -> None:
+    from ..evaluation import METRICS
+
+    first = next(iter(scores.values()))
+    title = f"retrieval on {first.judged} judged queries"
+    if first.unjudged:
+        title += f" ({len(first.unjudged)} without a relevant file left out)"
+    table = Table("mode", *(LABELS[m] for m in METRICS), title=title)
+    for name, s in scores.items():
+        table.add_row(name, *(f"{s.means[m]:.3f}" for m in METRICS))
+    console.print(table)
+
+
+def _print_sweep(rows: list, current) -> None:
+    from ..evaluation import METRICS
+
+    table = Table("", "vector_weight", "keyword_weight", "rrf_k", *(LABELS[m] for m in METRICS),
+                  title="hybrid fusion sweep (best first; * = current settings)")  # fmt: skip
+    for row in rows:
+        f = row.fusion
+        table.add_row("*" if f == current else "", f"{f.vector_weight:g}", f"{f.keyword_weight:g}", str(f.rrf_k),
+                      *(f"{row.scores.means[m]:.3f}" for m in METRICS))  # fmt: skip
+    console.print(table)
+    best = rows[0]
+    now = next(r for r in rows if r.fusion == current)
+    if best.fusion == current:
+        console.print("best: the current settings (no other setting scores higher)")
+        return
+    gain = best.scores.means["ndcg@10"] - now.scores.means["ndcg@10"]
+    settings_text = " ".join(f"{k}={v:g}" for k, v in best.fusion.as_dict().items())
+    console.print(f"best: {settings_text} (nDCG@10 {best.scores.means['ndcg@10']:.3f}, {gain:+.3f} over the "
+                  "current settings); --apply writes them to config.toml", highlight=False)  # fmt: skip
+
+
+def _apply(settings: Settings, best) -> None:
+    try:
+        for key, value in best.as_dict().items():
+            path = write_config_value(settings.home, key, value)
+        updated = Settings.load()
+    except (SettingsError, OSError) as exc:
+        fail(f"could not write the settings: {exc}")
+    console.print(
+        f"applied {' '.join(f'{k}={v:g}' for k, v in best.as_dict().items())} to {path}", highlight=False
+    )
+    overridden = [
+        f"{k} ({updated.sources[k]})" for k in best.as_dict() if updated.sources.get(k) != "config.toml"
+    ]
+    if overridden:
+        err.print(f"[yellow]note:[/yellow] overridden where search runs: {', '.join(overridden)}")
+
+
+def _write_runs(path: Path, runs: dict) -> None:
+    from ..eval_files import write_run
+
+    for mode, run in runs.items():
+        target = path if len(runs) == 1 else path.with_name(f"{path.name}.{mode}")
+        try:
+            write_run(target, run, f"lorekeeper-{mode}")
+        except OSError as exc:
+            fail(f"--run-out {target}: {exc}")
+        err.print(f"{mode} run written to {target}")
+
+
+def _write_json(path: Path, judged: list, scores: dict, rows: list, current, best, applied: bool) -> None:
+    payload = {
+        "queries": len(judged),
+        "modes": {
+            name: {"means": s.means, "judged": s.judged, "unjudged": s.unjudged, "per_query": s.per_query}
+            for name, s in scores.items()
+        },  # fmt: skip
+        "sweep": [{**r.fusion.as_dict(), **r.scores.means} for r in rows],
+        "current": current.as_dict(),
+        "best": best.as_dict() if best is not None else None,
+        "applied": applied,
+    }
+    try:
+        path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        fail(f"--json {path}: {exc}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")
