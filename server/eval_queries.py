@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 COPY_RUN = 6  # a generated query sharing this many consecutive words with its chunk is dropped
 MIN_CHUNK_WORDS = 40  # shorter chunks (a title, a table row) make poor questions
 KEY_WORDS = 5  # words kept from a key sentence
-QUESTION_PROMPT = (
-    "Read the passage, then write one short question that the passage answers. Use your own words, "
-    "do not copy phrases from the passage, and reply with the question only.\n\nPassage:\n"
+QUESTION_PROMPT = (  # of the phrasings tried, the one SmolLM2-135M most often answers with a question
+    "Write a question that is answered by the following text. Reply with only the question, ending with a "
+    "question mark.\n\nText:\n"
 )
 STOPWORDS = frozenset(
     "a an and are as at be been but by can do does for from had has have he her his how i if in into is it "
@@ -74,16 +74,15 @@ def sample_chunks(chunks: Iterable[Any], n: int, seed: int = 0) -> list[Any]:
 
 
 def clean_question(reply: str) -> str | None:
-    """The question in a generator's reply (its first line, labels and quotes removed, up to the
-    question mark), or None when that line asks nothing."""
-    for line in reply.strip().splitlines():
+    """The first question in a generator's reply (labels and quotes removed, up to its question mark),
+    looking at the first few lines; None when they ask nothing (a small model sometimes describes the
+    passage instead) or the question is too short or too long."""
+    for line in [line for line in reply.strip().splitlines() if line.strip()][:4]:
         line = re.sub(r"^\s*(?:\**\s*)?(?:question|q)\s*[:.)-]\s*", "", line.strip(), flags=re.I)
         line = line.strip().strip("\"'*` ")
-        if not line:
-            continue
         if "?" not in line:
-            return None  # a small model sometimes describes the passage instead of asking
-        line = line[: line.index("?") + 1]
+            continue
+        line = line[: line.index("?") + 1].strip("\"'*` ")
         n = len(words(line))
         return line if 3 <= n <= 30 else None
     return None

@@ -173,6 +173,16 @@ def evaluate(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[
     return Scores(means, per_query, len(per_query), unjudged)
 
 
+def means_by_group(
+    scores: Scores, groups: Mapping[str, str], metric: str = "ndcg@10"
+) -> dict[str, tuple[int, float]]:
+    """Group -> (judged queries, mean ``metric``), e.g. by the kind of a drafted query."""
+    values: dict[str, list[float]] = {}
+    for qid, per in scores.per_query.items():
+        values.setdefault(groups.get(qid, "other"), []).append(per[metric])
+    return {g: (len(v), sum(v) / len(v)) for g, v in sorted(values.items())}
+
+
 # ------------------------------------------------------------------------------------------------
 # Running the real search
 

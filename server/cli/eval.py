@@ -209,7 +209,7 @@ LABELS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "mrr@10": "
 
 
 def _print_scores(scores: dict, judged: list) -> None:
-    from ..evaluation import METRICS
+    from ..evaluation import METRICS, means_by_group
 
     first = next(iter(scores.values()))
     title = f"retrieval on {first.judged} judged queries"
@@ -219,6 +219,18 @@ def _print_scores(scores: dict, judged: list) -> None:
     for name, s in scores.items():
         table.add_row(name, *(f"{s.means[m]:.3f}" for m in METRICS))
     console.print(table)
+    kinds = _kinds(judged)
+    if kinds:
+        by_mode = {name: means_by_group(s, kinds) for name, s in scores.items()}
+        table = Table("kind of drafted query", *scores, title="nDCG@10 by kind of drafted query")
+        for kind, (n, _) in next(iter(by_mode.values())).items():
+            table.add_row(f"{kind} ({n})", *(f"{by_mode[name][kind][1]:.3f}" for name in scores))
+        console.print(table)
+
+
+def _kinds(judged: list) -> dict[str, str]:
+    """Query id -> kind (question, heading, keywords) of drafted queries; {} for a user's own set."""
+    return {q.qid: q.extra["kind"] for q in judged if isinstance(q.extra.get("kind"), str)}
 
 
 def _print_sweep(rows: list, current) -> None:
@@ -272,12 +284,21 @@ def _write_runs(path: Path, runs: dict) -> None:
 
 
 def _write_json(path: Path, judged: list, scores: dict, rows: list, current, best, applied: bool) -> None:
+    from ..evaluation import means_by_group
+
+    kinds = _kinds(judged)
     payload = {
         "queries": len(judged),
         "modes": {
             name: {"means": s.means, "judged": s.judged, "unjudged": s.unjudged, "per_query": s.per_query}
             for name, s in scores.items()
         },  # fmt: skip
+        "ndcg_by_kind": {
+            name: {k: {"queries": n, "ndcg@10": v} for k, (n, v) in means_by_group(s, kinds).items()}
+            for name, s in scores.items()
+        }
+        if kinds
+        else {},  # fmt: skip
         "sweep": [{**r.fusion.as_dict(), **r.scores.means} for r in rows],
         "current": current.as_dict(),
         "best": best.as_dict() if best is not None else None,
