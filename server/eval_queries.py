@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 COPY_RUN = 6  # a generated query sharing this many consecutive words with its chunk is dropped
 MIN_CHUNK_WORDS = 40  # shorter chunks (a title, a table row) make poor questions
 KEY_WORDS = 5  # words kept from a key sentence
+KINDS = ("question", "heading", "keywords")
 QUESTION_PROMPT = (  # of the phrasings tried, the one SmolLM2-135M most often answers with a question
     "Write a question that is answered by the following text. Reply with only the question, ending with a "
     "question mark.\n\nText:\n"
@@ -117,18 +118,32 @@ def generic_headings(chunks: Iterable[Any]) -> set[str]:
     return {h for h, paths in files.items() if len(paths) > 1}
 
 
-Draft = Callable[[str], str]
+Draft = Callable[[str, float], str]
+TEMPERATURES = (0.0, 0.7)  # a reply that asks nothing usable is drafted once more, sampled
 
 
 def draft_with(generator: Any, max_tokens: int = 48) -> Draft:
-    """A drafting function over a ``Generator`` plugin: passage in, the model's reply out."""
+    """A drafting function over a ``Generator`` plugin: (passage, temperature) in, the model's reply out."""
     from lorekeeper.plugins.base import ChatMessage
 
-    def draft(passage: str) -> str:
+    def draft(passage: str, temperature: float) -> str:
         messages = [ChatMessage("user", QUESTION_PROMPT + passage[:1500])]
-        return generator.generate(messages, max_tokens=max_tokens, temperature=0.0).text
+        return generator.generate(messages, max_tokens=max_tokens, temperature=temperature).text
 
     return draft
+
+
+def draft_question(draft: Draft, chunk_text: str) -> tuple[str | None, bool]:
+    """A drafted question that copies no run of its chunk, trying each of ``TEMPERATURES``; and
+    whether a question was dropped for copying."""
+    copied = False
+    for temperature in TEMPERATURES:
+        question = clean_question(draft(chunk_text, temperature))
+        if question and copies_run(question, chunk_text):
+            copied, question = True, None
+        if question:
+            return question, copied
+    return None, copied
 
 
 def generate_queries(
@@ -138,9 +153,10 @@ def generate_queries(
     draft: Draft | None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    kinds: Sequence[str] = KINDS,
 ) -> tuple[list[JudgedQuery], dict[str, int]]:
-    """Queries drafted from ``n`` sampled chunks of ``chunks`` (``Store.iter_chunks`` rows); ``draft``
-    None makes no questions (headings and key words only). Returns the queries and how many of each
+    """Queries of ``kinds`` drafted from ``n`` sampled chunks of ``chunks`` (``Store.iter_chunks``
+    rows); ``draft`` None makes no questions. Returns the queries and how many of each
     kind were dropped for copying their chunk."""
     picked = sample_chunks(chunks, n, seed)
     doc_freq: Counter = Counter()
@@ -153,12 +169,15 @@ def generate_queries(
     for done, chunk in enumerate(picked, 1):
         path = relative_path(chunk.path, roots)
         candidates = []
-        if draft is not None:
-            candidates.append(("question", clean_question(draft(chunk.text))))
+        if draft is not None and "question" in kinds:
+            question, copied = draft_question(draft, chunk.text)
+            dropped["question"] += copied
+            candidates.append(("question", question))
         heading = chunk.heading_path[-1].strip() if chunk.heading_path else ""
-        if heading.lower() not in ambiguous and 2 <= len(words(heading)) <= 12:
+        if "heading" in kinds and heading.lower() not in ambiguous and 2 <= len(words(heading)) <= 12:
             candidates.append(("heading", heading))
-        candidates.append(("keywords", key_words(chunk.text, doc_freq, len(chunks))))
+        if "keywords" in kinds:
+            candidates.append(("keywords", key_words(chunk.text, doc_freq, len(chunks))))
         for kind, text in candidates:
             if not text or text.lower() in seen:
                 continue

@@ -165,18 +165,22 @@ def test_drafted_queries_that_copy_six_words_of_their_chunk_are_dropped() -> Non
     assert not copies_run("Why throw away part of the culture before feeding it?", text)
 
     copying = generate_queries(
-        [chunk], 1, ["/d"], lambda passage: "Question: Why discard half before each feeding so?"
+        [chunk], 1, ["/d"], lambda passage, temperature: "Question: Why discard half before each feeding so?"
     )
     kinds = {q.extra["kind"] for q in copying[0]}
     assert "question" not in kinds and copying[1] == {"question": 1}
     own_words = generate_queries(
-        [chunk], 1, ["/d"], lambda passage: "Why throw away part of the culture?\nmore"
+        [chunk], 1, ["/d"], lambda passage, temperature: "Why throw away part of the culture?\nmore"
     )
     texts = {q.extra["kind"]: q.text for q in own_words[0]}
     assert texts["question"] == "Why throw away part of the culture?"
     assert texts["heading"] == "Sourdough starter care"
     assert all(q.judgements == [Judgement("bread.md")] for q in own_words[0])
     assert not any(copies_run(q.text, text) for q in own_words[0])
+    # a reply that asks nothing is drafted once more, sampled
+    replies = {0.0: "The passage describes a starter.", 0.7: "Q: What keeps a starter lively?"}
+    second = generate_queries([chunk], 1, ["/d"], lambda passage, temperature: replies[temperature])
+    assert [q.text for q in second[0] if q.extra["kind"] == "question"] == ["What keeps a starter lively?"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def retrieval(
     qrels: Path = typer.Option(None, "--qrels", help="TREC qrels file (qid 0 docid grade); needs --topics."),
     topics: Path = typer.Option(None, "--topics", help="TREC topics: 'qid<TAB>text' lines or <top> blocks."),
     generate: int = typer.Option(20, "--generate", help="Without judged queries: chunks to draft queries from."),
-    no_questions: bool = typer.Option(False, "--no-questions", help="Draft no questions with the model (headings and key words only)."),
+    kinds: str = typer.Option("question,heading,keywords", "--kinds", help="Kinds of query to draft: question (by the model), heading, keywords."),
     save_queries: Path = typer.Option(None, "--save-queries", help="Where drafted queries go (default: eval/ in the data directory)."),
     modes: list[str] = typer.Option(None, "--mode", help="Search modes to measure (default: keyword, vector, hybrid)."),
     do_sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Try fusion settings for hybrid search."),
@@ -74,7 +74,7 @@ def retrieval(
     store, embedder = _index(settings)
     with store:
         roots = [r.path for r in store.roots()]
-        judged = _judged_queries(settings, store, roots, queries, qrels, topics, generate, no_questions,
+        judged = _judged_queries(settings, store, roots, queries, qrels, topics, generate, kinds,
                                  save_queries, seed)  # fmt: skip
         _warn_missing(store, roots, judged)
         search = functools.partial(_search, store, ev.QueryCache(embedder))
@@ -119,7 +119,7 @@ def _index(settings: Settings):
 
 
 def _judged_queries(
-    settings, store, roots, queries, qrels, topics, generate, no_questions, save, seed
+    settings, store, roots, queries, qrels, topics, generate, kinds, save, seed
 ) -> list:
     from ..eval_files import EvalFileError, queries_from_trec, read_queries_jsonl, write_queries_jsonl
 
@@ -129,7 +129,7 @@ def _judged_queries(
         elif qrels is not None:
             judged = queries_from_trec(qrels, topics, roots)
         else:
-            judged = _draft(settings, store, roots, generate, no_questions, seed)
+            judged = _draft(settings, store, roots, generate, kinds, seed)
             path = save or settings.data_dir / "eval" / f"queries-{settings.db_path.stem}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_queries_jsonl(path, judged)
@@ -143,26 +143,29 @@ def _judged_queries(
     return judged
 
 
-def _draft(settings: Settings, store: Any, roots: list[str], n: int, no_questions: bool, seed: int) -> list:
-    from ..eval_queries import draft_with, generate_queries
+def _draft(settings: Settings, store: Any, roots: list[str], n: int, kinds_text: str, seed: int) -> list:
+    from ..eval_queries import KINDS, draft_with, generate_queries
 
     if n < 1:
         fail("--generate must be at least 1")
+    kinds = [k.strip() for k in kinds_text.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        fail(f"--kinds {kinds_text!r}: use one or more of {','.join(KINDS)}")
     generator = None
-    if not no_questions:
+    if "question" in kinds:
         from lorekeeper import plugins
 
         try:
             generator = plugins.get_generator(None, settings)
         except (LookupError, ValueError) as exc:
-            fail(f"{exc} (or pass --no-questions to draft only headings and key words)")
+            fail(f"{exc} (or pass --kinds heading,keywords to draft without the model)")
     chunks = list(store.iter_chunks())
     try:
         with _progress() as progress:
             task = progress.add_task("drafting queries", total=n, path="")
             tick = lambda done, total: progress.update(task, completed=done, total=total)  # noqa: E731
             draft = draft_with(generator) if generator is not None else None
-            judged, dropped = generate_queries(chunks, n, roots, draft, seed=seed, progress=tick)
+            judged, dropped = generate_queries(chunks, n, roots, draft, seed=seed, progress=tick, kinds=kinds)
     finally:
         if generator is not None:
             generator.close()
@@ -236,8 +239,8 @@ def _kinds(judged: list) -> dict[str, str]:
 def _print_sweep(rows: list, current) -> None:
     from ..evaluation import METRICS
 
-    table = Table("", "vector_weight", "keyword_weight", "rrf_k", *(LABELS[m] for m in METRICS),
-                  title="hybrid fusion sweep (best first; * = current settings)")  # fmt: skip
+    table = Table("", "vector", "keyword", "rrf_k", *(LABELS[m] for m in METRICS),
+                  title="hybrid fusion sweep: weights and RRF constant (best first; * = current)")  # fmt: skip
     for row in rows:
         f = row.fusion
         table.add_row("*" if f == current else "", f"{f.vector_weight:g}", f"{f.keyword_weight:g}", str(f.rrf_k),
