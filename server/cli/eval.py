@@ -118,9 +118,7 @@ def _index(settings: Settings):
     return store, embedder
 
 
-def _judged_queries(
-    settings, store, roots, queries, qrels, topics, generate, kinds, save, seed
-) -> list:
+def _judged_queries(settings, store, roots, queries, qrels, topics, generate, kinds, save, seed) -> list:
     from ..eval_files import EvalFileError, queries_from_trec, read_queries_jsonl, write_queries_jsonl
 
     try:
