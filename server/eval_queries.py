@@ -79,7 +79,9 @@ def clean_question(reply: str) -> str | None:
     looking at the first few lines; None when they ask nothing (a small model sometimes describes the
     passage instead) or the question is too short or too long."""
     for line in [line for line in reply.strip().splitlines() if line.strip()][:4]:
-        line = re.sub(r"^\s*(?:\**\s*)?(?:question|q)\s*[:.)-]\s*", "", line.strip(), flags=re.I)
+        line = re.sub(
+            r"^\s*(?:\**\s*)?(?:the question is|question|q)\s*[:.)-]\s*", "", line.strip(), flags=re.I
+        )
         line = line.strip().strip("\"'*` ")
         if "?" not in line:
             continue
@@ -133,15 +135,31 @@ def draft_with(generator: Any, max_tokens: int = 48) -> Draft:
     return draft
 
 
+# a question about "the passage" or "the code above", or chatter, means nothing to search with
+VAGUE = re.compile(
+    r"\b(?:the|this|that|above|following|your|my)\s+(?:passage|text|question|code|article|document|snippet)\b"
+    r"|\bready to help\b|\babove\b",
+    re.I,
+)
+
+
+def about_chunk(question: str, chunk_text: str) -> bool:
+    """Whether ``question`` stands on its own and names something its chunk is about (a content word)."""
+    if VAGUE.search(question):
+        return False
+    own = {w for w in words(question) if w not in STOPWORDS and len(w) > 2}
+    return bool(own & set(words(chunk_text)))
+
+
 def draft_question(draft: Draft, chunk_text: str) -> tuple[str | None, bool]:
-    """A drafted question that copies no run of its chunk, trying each of ``TEMPERATURES``; and
-    whether a question was dropped for copying."""
+    """A drafted question about its chunk that copies no run of it, trying each of ``TEMPERATURES``;
+    and whether a question was dropped for copying."""
     copied = False
     for temperature in TEMPERATURES:
         question = clean_question(draft(chunk_text, temperature))
         if question and copies_run(question, chunk_text):
             copied, question = True, None
-        if question:
+        if question and about_chunk(question, chunk_text):
             return question, copied
     return None, copied
 
@@ -194,4 +212,4 @@ def generate_queries(
     log.info(
         "drafted %d queries from %d chunks; dropped for copying: %s", len(queries), len(picked), dict(dropped)
     )
-    return queries, dict(dropped)
+    return queries, {kind: n for kind, n in dropped.items() if n}

@@ -177,10 +177,21 @@ def test_drafted_queries_that_copy_six_words_of_their_chunk_are_dropped() -> Non
     assert texts["heading"] == "Sourdough starter care"
     assert all(q.judgements == [Judgement("bread.md")] for q in own_words[0])
     assert not any(copies_run(q.text, text) for q in own_words[0])
-    # a reply that asks nothing is drafted once more, sampled
-    replies = {0.0: "The passage describes a starter.", 0.7: "Q: What keeps a starter lively?"}
-    second = generate_queries([chunk], 1, ["/d"], lambda passage, temperature: replies[temperature])
-    assert [q.text for q in second[0] if q.extra["kind"] == "question"] == ["What keeps a starter lively?"]
+    # a reply that asks nothing, or asks about "the passage", is drafted once more, sampled
+    for first in (
+        "The passage describes a starter.",
+        "What does the passage say?",
+        "I'm ready to help. What's that?",
+    ):
+        replies = {0.0: first, 0.7: 'The question is: "What keeps a starter lively?"'}
+        second = generate_queries(
+            [chunk], 1, ["/d"], lambda passage, temperature, replies=replies: replies[temperature]
+        )
+        assert [q.text for q in second[0] if q.extra["kind"] == "question"] == [
+            "What keeps a starter lively?"
+        ]
+    unrelated = generate_queries([chunk], 1, ["/d"], lambda passage, temperature: "Who won the cup final?")
+    assert "question" not in {q.extra["kind"] for q in unrelated[0]}
 
 
 # ------------------------------------------------------------------------------------------------
