@@ -351,3 +351,22 @@ def test_drafted_queries_are_answerable_from_their_source_and_copy_no_six_words(
             hits = search(store, embedder, q.text, k=10, mode="hybrid")
             found += source in {h.path for h in hits}
     assert found >= 0.7 * len(queries), f"{found} of {len(queries)} found their source in the top 10"
+
+
+@pytest.mark.slow
+def test_bad_arguments_are_clear_errors_not_tracebacks(real_index, tmp_path: Path) -> None:
+    _, db = real_index
+    (tmp_path / "bad.jsonl").write_text('{"query": "bees", "relevant": 3}\n')
+    cases = [
+        (["--queries", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--queries", str(tmp_path / "bad.jsonl")], 'bad.jsonl line 1: "relevant" must list'),
+        (["--qrels", str(tmp_path / "qrels")], "--qrels and --topics go together"),
+        (["--rrf-ks", "ten"], "--rrf-ks 'ten'"),
+        (["--no-sweep", "--apply"], "--apply writes the best fusion settings of the sweep"),
+    ]
+    for args, needle in cases:
+        proc = lk("eval", "retrieval", *args, db=db)
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (
+            args,
+            proc.stderr,
+        )
