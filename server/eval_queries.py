@@ -91,9 +91,12 @@ def clean_question(reply: str) -> str | None:
     return None
 
 
-def key_words(chunk_text: str, doc_freq: Counter, n_docs: int) -> str | None:
-    """The rarest ``KEY_WORDS`` words of the chunk's key sentence, in their order, or None."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", chunk_text) if len(words(s)) >= 6]
+def key_words(chunk_text: str, doc_freq: Counter, n_docs: int, skip: Iterable[str] = ()) -> str | None:
+    """The rarest ``KEY_WORDS`` words of the chunk's key sentence, in their order, leaving out the
+    words of ``skip`` (its heading, a query of its own) and Markdown heading lines; or None."""
+    body = re.sub(r"(?m)^\s*#+\s.*$", "", chunk_text)
+    skipped = set(skip)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", body) if len(words(s)) >= 6]
     if not sentences:
         return None
 
@@ -102,7 +105,9 @@ def key_words(chunk_text: str, doc_freq: Counter, n_docs: int) -> str | None:
 
     def content(sentence: str) -> list[str]:
         return [
-            w for w in dict.fromkeys(words(sentence)) if w not in STOPWORDS and len(w) > 2 and not w.isdigit()
+            w
+            for w in dict.fromkeys(words(sentence))
+            if w not in STOPWORDS and w not in skipped and len(w) > 2 and not w.isdigit()
         ]
 
     best = max(sentences, key=lambda s: sum(rarity(w) for w in content(s)))
@@ -195,7 +200,7 @@ def generate_queries(
         if "heading" in kinds and heading.lower() not in ambiguous and 2 <= len(words(heading)) <= 12:
             candidates.append(("heading", heading))
         if "keywords" in kinds:
-            candidates.append(("keywords", key_words(chunk.text, doc_freq, len(chunks))))
+            candidates.append(("keywords", key_words(chunk.text, doc_freq, len(chunks), words(heading))))
         for kind, text in candidates:
             if not text or text.lower() in seen:
                 continue

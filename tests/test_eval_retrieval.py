@@ -175,6 +175,8 @@ def test_drafted_queries_that_copy_six_words_of_their_chunk_are_dropped() -> Non
     texts = {q.extra["kind"]: q.text for q in own_words[0]}
     assert texts["question"] == "Why throw away part of the culture?"
     assert texts["heading"] == "Sourdough starter care"
+    assert len(texts["keywords"].split()) >= 3  # the key sentence's rarest words, without the heading's
+    assert not set(texts["keywords"].split()) & {"sourdough", "starter", "care"}
     assert all(q.judgements == [Judgement("bread.md")] for q in own_words[0])
     assert not any(copies_run(q.text, text) for q in own_words[0])
     # a reply that asks nothing, or asks about "the passage", is drafted once more, sampled
