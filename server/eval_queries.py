@@ -82,7 +82,7 @@ def clean_question(reply: str) -> str | None:
         line = re.sub(
             r"^\s*(?:\**\s*)?(?:the question is|question|q)\s*[:.)-]\s*", "", line.strip(), flags=re.I
         )
-        line = line.strip().strip("\"'*` ")
+        line = re.sub(r"<[^>]*>", "", line).strip().strip("\"'*` ")  # an HTML tag copied from the page
         if "?" not in line:
             continue
         line = line[: line.index("?") + 1].strip("\"'*` ")

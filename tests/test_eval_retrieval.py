@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from lorekeeper.server import eval_files, evaluation
-from lorekeeper.server.eval_queries import copies_run, generate_queries
+from lorekeeper.server.eval_queries import clean_question, copies_run, generate_queries
 from lorekeeper.server.evaluation import JudgedQuery, Judgement
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +161,7 @@ def test_drafted_queries_that_copy_six_words_of_their_chunk_are_dropped() -> Non
             "A starter left in the fridge for weeks recovers after two or three warm feedings.")  # fmt: skip
     chunk = SimpleNamespace(path="/d/bread.md", text=text, chunk_hash="h1", heading_path=["Sourdough starter care"],
                             start_line=1, end_line=4, seq=0)  # fmt: skip
+    assert clean_question("<p>How does a starter recover?</p> It warms up.") == "How does a starter recover?"
     assert copies_run("Why discard half before each feeding so?", text)
     assert not copies_run("Why throw away part of the culture before feeding it?", text)
 
@@ -322,6 +323,10 @@ def test_eval_on_a_real_index_and_apply_changes_what_search_returns(
     settings = Settings.load()
     assert settings.keyword_weight == 0.0 and settings.sources["keyword_weight"] == "config.toml"
     assert _top_file(db, embedder, CAR_QUERY) == "cars.md"  # search now ranks by meaning alone
+    again = lk("eval", "retrieval", "--queries", str(queries), "--mode", "hybrid", "--vector-weights", "1",
+               "--apply", db=db)  # fmt: skip
+    assert again.returncode == 0 and "config.toml is left as it is" in again.stdout, again.stderr
+    assert Settings.load().keyword_weight == 0.0
 
     # the hybrid run file, scored again from disk, gives the numbers the command printed
     run = eval_files.read_run(tmp_path / "run.txt.hybrid")

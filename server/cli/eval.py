@@ -90,10 +90,13 @@ def retrieval(
     if run_out is not None:
         _write_runs(run_out, report["runs"])
     best = sweep_rows[0].fusion if sweep_rows else None
-    if apply and best is not None:
+    applied = apply and best is not None and best != current
+    if applied:
         _apply(settings, best)
+    elif apply:
+        console.print("--apply: the current settings score best; config.toml is left as it is")
     if json_out is not None:
-        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, apply)
+        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, applied)
 
 
 def _search(store: Any, embedder: Any, **args: Any) -> list:
