@@ -266,7 +266,9 @@ def _apply(settings: Settings, best) -> None:
     except (SettingsError, OSError) as exc:
         fail(f"could not write the settings: {exc}")
     console.print(
-        f"applied {' '.join(f'{k}={v:g}' for k, v in best.as_dict().items())} to {path}", highlight=False
+        f"applied {' '.join(f'{k}={v:g}' for k, v in best.as_dict().items())} to {path} (a running "
+        "`lorekeeper serve` uses them once restarted)",
+        highlight=False,
     )
     overridden = [
         f"{k} ({updated.sources[k]})" for k in best.as_dict() if updated.sources.get(k) != "config.toml"
