@@ -279,7 +279,10 @@ def run_queries(
     """Each query's ranking from ``search`` (``server.search.search`` bound to a store and embedder)."""
     out = {}
     for q in queries:
-        hits = search(query=q.text, k=depth, mode=mode, **fusion.as_dict())
+        try:
+            hits = search(query=q.text, k=depth, mode=mode, **fusion.as_dict())
+        except ValueError as exc:
+            raise ValueError(f"query {q.qid} ({q.text[:60]!r}): {exc}") from None
         out[q.qid] = rank_hits(hits, q, roots)
     return out
 

@@ -364,12 +364,17 @@ def test_drafted_queries_are_answerable_from_their_source_and_copy_no_six_words(
 def test_bad_arguments_are_clear_errors_not_tracebacks(real_index, tmp_path: Path) -> None:
     _, db = real_index
     (tmp_path / "bad.jsonl").write_text('{"query": "bees", "relevant": 3}\n')
+    (tmp_path / "marks.jsonl").write_text('{"query": "?!", "relevant": ["bees.md"]}\n')
     cases = [
         (["--queries", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
         (["--queries", str(tmp_path / "bad.jsonl")], 'bad.jsonl line 1: "relevant" must list'),
         (["--qrels", str(tmp_path / "qrels")], "--qrels and --topics go together"),
         (["--rrf-ks", "ten"], "--rrf-ks 'ten'"),
         (["--no-sweep", "--apply"], "--apply writes the best fusion settings of the sweep"),
+        (
+            ["--queries", str(tmp_path / "marks.jsonl")],
+            "query q1 ('?!'): query '?!' has no words to search for",
+        ),
     ]
     for args, needle in cases:
         proc = lk("eval", "retrieval", *args, db=db)
