@@ -74,6 +74,9 @@ def train(
     target: list[str] | None = typer.Option(
         None, "--target", help=field_help("target_modules") + " Repeatable."
     ),
+    use_rslora: bool = _opt("use_rslora", "--rslora/--no-rslora"),
+    use_dora: bool = _opt("use_dora", "--dora/--no-dora"),
+    neftune_alpha: float = _opt("neftune_alpha", "--neftune-alpha"),
     goal: str | None = _opt("goal", "--goal"),
     base_precision: str = _opt("base_precision", "--base-precision"),
     quantize_4bit: bool | None = typer.Option(
@@ -105,6 +108,12 @@ def train(
     run = new_run_dir(name, output)
     given = {option for option in options if _given(ctx, option)}
     config = _resumed_config(run, max_steps) if resume else _new_run_config(run, options, given)
+    if config.use_dora:
+        console.print(
+            "note: a DoRA adapter cannot be exported to GGUF (llama.cpp cannot apply it); "
+            "`finetune eval` measures it in transformers",
+            markup=False,
+        )
     from .base_model import BaseModelError
     from .train import TargetModuleError, train_run
 
@@ -251,6 +260,12 @@ def data_cmd(
     for example in built.train_examples[:show]:
         typer.echo("-" * 40)
         typer.echo(tokenizer.decode(example.input_ids))
+    if config.goal == "facts":  # on stderr, so --json output stays parseable
+        console.print(
+            "tip: facts are recalled for more wordings when each question is trained in several; "
+            "`lorekeeper finetune augment FILE.jsonl --out AUG.jsonl --paraphrases 3` drafts paraphrased "
+            "questions with the local model (answers unchanged); then train on AUG.jsonl"
+        )
 
 
 def _training_plan(config: TrainConfig, ref, built) -> dict:
@@ -270,6 +285,106 @@ def _training_plan(config: TrainConfig, ref, built) -> dict:
     if seconds is not None:
         plan["estimated_cpu_minutes"] = f"~{seconds / 60:.1f} (estimate from a rate measured on 2 cores)"
     return plan
+
+
+@app.command("augment")
+def augment_cmd(
+    data: Path = typer.Argument(..., help="A .jsonl file of question/answer rows."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="The .jsonl file to write: every row, then paraphrases."
+    ),
+    paraphrases: int = typer.Option(3, "--paraphrases", "-n", help="Paraphrases wanted per question."),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="A .gguf model to draft with (default: the generator's model, embedded SmolLM2).",
+    ),
+    min_similarity: float = typer.Option(
+        0.75, "--min-similarity", help="Keep a draft only this close in meaning (embedder cosine, 0-1)."
+    ),
+    show: int = typer.Option(5, "--show", help="Print this many kept and dropped drafts."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Add paraphrased questions (same answers) to question/answer data, drafted by the local model
+    and filtered: still a question, same names and numbers, not a repeat, close in meaning."""
+    _setup_logging(False)
+    from .augment import Paraphraser, augment_rows, read_rows, write_rows
+    from .data import DataError
+
+    if paraphrases < 1:
+        _fail(f"--paraphrases {paraphrases}: ask for at least 1 paraphrase per question")
+    if not 0.0 < min_similarity <= 1.0:
+        _fail(f"--min-similarity {min_similarity}: give a cosine similarity in (0, 1]")
+    if out.resolve() == data.resolve():
+        _fail(f"--out {out} is the input file: write the augmented rows to another file")
+    try:
+        rows, questions = read_rows(data)
+    except DataError as exc:
+        _fail(str(exc))
+    generator, embedder = _augment_models(model)
+    console.print(
+        f"drafting {paraphrases} paraphrase(s) for each of {questions} questions with {generator.model_id}"
+    )
+    try:
+        written, report = augment_rows(
+            rows,
+            Paraphraser(generator, embedder, min_similarity),
+            paraphrases,
+            progress=_augment_progress(questions),
+        )
+    except (RuntimeError, OSError) as exc:  # the model failed to load or to answer: say so, no traceback
+        _fail(f"drafting paraphrases with {generator.model_id} failed: {exc}")
+    finally:
+        generator.close()
+    write_rows(written, out)
+    _print_augment_report(report, out, show, as_json)
+
+
+def _augment_progress(questions: int):
+    """A progress printer for a terminal (one line, rewritten); None when stderr is not one."""
+    if not console.is_terminal:
+        return None
+    return lambda r: console.print(f"  {r.questions}/{questions} questions, {r.kept} kept", end="\r")
+
+
+def _augment_models(model: Path | None):
+    """(llama.cpp generator, embedder) for `augment`; a bad --model is a clear error."""
+    from dataclasses import replace
+
+    from lorekeeper.plugins import get_embedder
+    from lorekeeper.plugins.generators.llama_worker import ModelLoadError
+    from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, check_gguf
+    from lorekeeper.plugins.models import ModelNotFound
+    from lorekeeper.server.settings import Settings
+
+    settings = Settings.load()
+    try:
+        if model is not None:
+            check_gguf(model.expanduser().resolve())
+            settings = replace(settings, model=str(model.expanduser().resolve()))
+        generator = LlamaCppGenerator.from_settings(settings)
+        check_gguf(generator.model_path)  # ModelNotFound when the embedded model's package is missing
+    except (ModelLoadError, ModelNotFound) as exc:
+        _fail(f"--model: {exc}")
+    return generator, get_embedder(settings=settings)
+
+
+def _print_augment_report(report, out: Path, show: int, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({**report.to_json(), "out": str(out)}, indent=2))
+        return
+    dropped = ", ".join(f"{why}: {count}" for why, count in report.dropped.most_common()) or "none"
+    console.print(
+        f"kept {report.kept} of {report.drafts} drafts ({report.keep_rate:.0%}) for {report.questions} "
+        f"questions; dropped: {dropped}"
+    )
+    if report.copied:
+        console.print(f"{report.copied} rows that are not one question and its answer were copied unchanged")
+    for original, text in report.examples[:show]:
+        console.print(f"  kept     {original!r} -> {text!r}", markup=False, highlight=False)
+    for original, text, why in report.rejected[:show]:
+        console.print(f"  dropped  {original!r} -> {text!r} ({why})", markup=False, highlight=False)
+    typer.echo(f"{report.rows_written} rows written to {out}")
 
 
 @app.command("eval")

@@ -69,6 +69,14 @@ class TrainConfig:
     target_modules: list[str] = _f(
         [], "Module names to adapt (e.g. q_proj v_proj); empty = every attention and MLP projection."
     )
+    use_rslora: bool = _f(
+        False, "rsLoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r (steadier at high ranks)."
+    )
+    use_dora: bool = _f(
+        False,
+        "DoRA: learn a magnitude per output row besides the LoRA matrices. llama.cpp cannot apply it, so "
+        "a DoRA run cannot be exported to GGUF (`finetune eval` measures it in transformers).",
+    )
     base_precision: str = _f(
         "auto",
         "How the base is held in training: 'full' = the dequantized GGUF weights as they are (fp32 on "
@@ -95,6 +103,10 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", f"Learning-rate schedule: {', '.join(SCHEDULER_CHOICES)}.")
     warmup_ratio: float = _f(0.03, "Share of steps spent warming the learning rate up.")
     weight_decay: float = _f(0.0, "Weight decay of the optimiser.")
+    neftune_alpha: float = _f(
+        0.0,
+        "NEFTune: add uniform noise of this scale to the input embeddings while training (0: off; 5 is typical).",
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     optimizer: str = _f(
         "auto", "Optimiser: auto = paged_adamw_8bit on CUDA with 4-bit, adamw_torch otherwise."
@@ -131,6 +143,8 @@ class TrainConfig:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be at least 1")
+        if self.neftune_alpha < 0:
+            raise bad("neftune_alpha", "must be 0 (off) or positive (5 is typical)")
         if self.learning_rate <= 0:
             raise bad("learning_rate", "must be positive")
         if not 0.0 <= self.warmup_ratio < 1.0:

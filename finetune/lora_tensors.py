@@ -63,7 +63,11 @@ class LoraAdapter:
 
 
 _REFUSED = {
-    "use_dora": "DoRA (use_dora) adds a magnitude vector that llama.cpp's LoRA loader cannot apply",
+    "use_dora": (
+        "DoRA (use_dora, `train --dora`) adds a magnitude vector that llama.cpp cannot apply, as an adapter "
+        "or merged by this exporter; `finetune eval RUN --no-llama-cpp` still measures the run in "
+        "transformers"
+    ),
     "lora_bias": "LoRA bias terms (lora_bias) have no place in a GGUF LoRA adapter",
 }
 

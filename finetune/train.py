@@ -176,6 +176,8 @@ def prepare_model(model: Any, config: TrainConfig) -> tuple[Any, list[str]]:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -543,6 +545,7 @@ def _training_arguments(
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # transformers reads a value below 1 as a share of all steps
         weight_decay=config.weight_decay,
+        neftune_noise_alpha=config.neftune_alpha or None,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,

@@ -124,6 +124,57 @@ def write_data(facts: list[dict], folder: Path) -> tuple[Path, Path]:
     return train, held
 
 
+def augment_data(args: argparse.Namespace, facts: list[dict]) -> dict:
+    """``--augment N``: paraphrase the training questions with the local model, as ``lorekeeper
+    finetune augment`` does, into facts-aug.jsonl. A draft that happens to be one of the test
+    paraphrases is removed, and the file is checked to hold none: recall on the paraphrases must
+    stay a measure of wordings training never showed."""
+    from lorekeeper.finetune.augment import (
+        Paraphraser,
+        augment_rows,
+        normalized,
+        read_rows,
+        row_question_answer,
+        write_rows,
+    )
+
+    target, saved = args.out / "facts-aug.jsonl", args.out / "augment.json"
+    held = {normalized(f["paraphrase"]) for f in facts}
+    if args.reuse and target.is_file() and saved.is_file():
+        report = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        from lorekeeper.plugins import get_embedder
+        from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator
+        from lorekeeper.server.settings import Settings
+
+        settings = Settings.load()
+        generator = LlamaCppGenerator.from_settings(settings)
+        started = time.perf_counter()
+        try:
+            rows, _ = read_rows(args.out / "facts.jsonl")
+            paraphraser = Paraphraser(generator, get_embedder(settings=settings), args.min_similarity)
+            written, found = augment_rows(rows, paraphraser, args.augment)
+        finally:
+            generator.close()
+        leaked = [r for r in written if normalized(row_question_answer(r)[0]) in held]
+        write_rows([r for r in written if r not in leaked], target)
+        report = {
+            **found.to_json(),
+            "rows_written": len(written) - len(leaked),
+            "test_paraphrases_dropped": len(leaked),
+            "seconds": round(time.perf_counter() - started, 1),
+            "examples": found.examples,
+            "rejected": found.rejected[:20],
+        }
+        saved.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    lines = target.read_text(encoding="utf-8").splitlines()
+    trained = {normalized(row_question_answer(json.loads(line))[0]) for line in lines}
+    assert not trained & held, f"test paraphrases in the training data: {sorted(trained & held)}"
+    answers = {row_question_answer(json.loads(line))[1] for line in lines}
+    assert answers == {f["answer"] for f in facts}, "augmentation changed an answer"
+    return report
+
+
 # ------------------------------------------------------------------------------------------------
 # Training, in a subprocess so its peak RSS is its own
 
@@ -143,9 +194,12 @@ def train_child(args: argparse.Namespace) -> None:
     overrides["gradient_checkpointing"] = False
     if args.rank:
         overrides.update(lora_r=args.rank, lora_alpha=2 * args.rank)
-    config = config_for_goal(
-        "facts", data=[str(args.out / "facts.jsonl")], base_precision=args.train_child, **overrides
-    )
+    if args.neftune_alpha:
+        overrides["neftune_alpha"] = args.neftune_alpha
+    if args.rslora:
+        overrides["use_rslora"] = True
+    data = args.out / ("facts-aug.jsonl" if args.augment else "facts.jsonl")
+    config = config_for_goal("facts", data=[str(data)], base_precision=args.train_child, **overrides)
     run = RunDir(args.out / f"run-{args.train_child}")
     result = train_run(config, run)
     started = time.perf_counter()
@@ -160,7 +214,10 @@ def train_child(args: argparse.Namespace) -> None:
         "export_seconds": round(time.perf_counter() - started, 1),
         "adapter_gguf": str(report.adapter_gguf),
         "run": str(run.root),
-        "config": {k: getattr(config, k) for k in ("epochs", "learning_rate", "lora_r", "lora_alpha")},
+        "config": {
+            k: getattr(config, k)
+            for k in ("epochs", "learning_rate", "lora_r", "lora_alpha", "use_rslora", "neftune_alpha")
+        },
     }
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -172,9 +229,16 @@ def train_in_subprocess(args: argparse.Namespace, mode: str) -> dict:
         return json.loads(saved.read_text(encoding="utf-8"))
     command = [sys.executable, __file__, "--out", str(args.out), "--train-child", mode]
     command += ["--threads", str(args.threads)]
-    for flag, value in (("--epochs", args.epochs), ("--lr", args.lr), ("--rank", args.rank)):
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--lr", args.lr),
+        ("--rank", args.rank),
+        ("--neftune-alpha", args.neftune_alpha),
+        ("--augment", args.augment),
+    ):
         if value:
             command += [flag, str(value)]
+    command += ["--rslora"] if args.rslora else []
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -366,6 +430,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rank", type=int, default=None, help="Override the preset's rank (alpha = 2 x rank)."
     )
+    parser.add_argument("--neftune-alpha", type=float, default=None, help="Train with NEFTune noise.")
+    parser.add_argument("--rslora", action="store_true", help="Train with rsLoRA scaling.")
+    parser.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        help="Train on the facts plus this many paraphrases per question drafted by the local model.",
+    )
+    parser.add_argument("--min-similarity", type=float, default=0.75, help="With --augment: the filter.")
     parser.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads.")
     parser.add_argument(
         "--reuse", action="store_true", help="Reuse runs already trained in --out (same data and settings)."
@@ -390,13 +463,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     facts = invent_facts(args.companies, args.seed)
     write_data(facts, args.out)
+    augmented = augment_data(args, facts) if args.augment and not args.train_child else None
     modes = ["full", "nf4"] if args.compare_nf4 else ["full"]
     if args.at_step:
         # each mode's checkpoint of that step, as --checkpoint-MODE or under run-MODE/checkpoints
         trained = [snapshot_run(args, mode, args.at_step, checkpoint_of(args, mode)) for mode in modes]
     else:
         trained = [train_in_subprocess(args, mode) for mode in modes]
-    results = {"facts": len(facts), "at_step": args.at_step or None, "modes": []}
+    results = {"facts": len(facts), "at_step": args.at_step or None, "augment": augmented, "modes": []}
     name = f"results-step{args.at_step}.json" if args.at_step else "results.json"
     for i, row in enumerate(trained):
         results["modes"].append(evaluate_mode(args, facts, row, with_base=i == 0))

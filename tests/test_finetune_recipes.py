@@ -113,6 +113,7 @@ def test_cli_data_states_the_presets_plan_and_explicit_options_win(tmp_path):
     assert plan["epochs"] == preset["epochs"]
     assert plan["optimizer_steps"] == math.ceil(20 / preset["batch_size"]) * preset["epochs"]
     assert "estimate" in plan["estimated_cpu_minutes"]
+    assert "lorekeeper finetune augment" in result.stderr  # the facts preset points at paraphrasing
 
     result = CliRunner().invoke(app, ["data", str(data), "--goal", "facts", "--epochs", "3", "--json"])
     plan = json.loads(result.stdout[result.stdout.index("{") :])
