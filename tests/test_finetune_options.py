@@ -152,7 +152,7 @@ def test_a_dora_run_with_neftune_trains_and_its_export_says_why_not(tmp_path):
         max_steps=2,
         batch_size=2,
         save_steps=2,
-        eval_fraction=0.0,
+        eval_fraction=0.34,  # one of the three records held out, for `finetune eval`
         early_stopping_patience=0,
         gradient_checkpointing=False,
         use_dora=True,
@@ -170,6 +170,13 @@ def test_a_dora_run_with_neftune_trains_and_its_export_says_why_not(tmp_path):
         export_run(run.root, register=False)
     result = CliRunner().invoke(app, ["export", str(run.root), "--merged"])
     assert result.exit_code == 2 and "DoRA" in result.output and "Traceback" not in result.output
+    # what the message offers instead: the run measured in transformers
+    result = CliRunner().invoke(
+        app, ["eval", str(run.root), "--no-llama-cpp", "--json", "--prompts", "1", "--max-new-tokens", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["heldout_records"] == 1 and report["transformers"]["adapter"]["loss"] > 0
 
 
 # ------------------------------------------------------------------------------------------------
