@@ -11,8 +11,11 @@ keeps only drafts that pass every filter:
   something else; abbreviations such as "CEO" may be spelled out);
 * not the same as the original or as any other question of the data, nor as another kept draft
   (compared lower-cased, without punctuation or extra spaces);
+* asks for the same kind of answer: a "when" question stays a question about a time, not "who"
+  (MiniLM finds "Who founded X?" close to "When was X founded?");
 * close in meaning: cosine similarity of the embedder's vectors (MiniLM by default) at least
-  ``min_similarity``.
+  ``min_similarity``, with the names and numbers masked in both (checked above, they would
+  otherwise dominate: "Who owns X?" is 0.8 from "How many employees does X have?" unmasked).
 
 A 135M model is a weak paraphraser: it often answers instead of rewording, or drifts to another
 question; a few-shot prompt and the filters above keep what is usable. The answer of every written
@@ -37,7 +40,7 @@ from .data import DataError, parse_record
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_SIMILARITY = 0.75
+DEFAULT_MIN_SIMILARITY = 0.85
 ATTEMPTS_PER_PARAPHRASE = 4  # drafts asked for, at most, per paraphrase wanted
 DRAFT_TEMPERATURE = 0.9
 DRAFT_MAX_TOKENS = 48
@@ -53,6 +56,7 @@ EXAMPLES = (
 # why a draft was dropped, in the order the filters run
 NOT_A_QUESTION = "not a question"
 LOST_NAME = "lost a name or number"
+OTHER_KIND = "asks for another kind of answer"
 SAME = "same as the original or another question"
 DUPLICATE = "duplicate of a kept draft"
 DRIFTED = "meaning drifted"
@@ -73,14 +77,53 @@ def names_and_numbers(question: str) -> set[str]:
     return {w.lower() for w in keep}
 
 
+# the kind of answer a question word asks for; "what", "which", "how" and yes/no questions ask for
+# any kind, so a rewording may always use them
+ANSWER_KINDS = (
+    ("how many", "quantity"),
+    ("how much", "quantity"),
+    ("how old", "time"),
+    ("how long", "time"),
+    ("who", "person"),
+    ("whom", "person"),
+    ("whose", "person"),
+    ("when", "time"),
+    ("where", "place"),
+)
+
+
+def answer_kind(question: str) -> str | None:
+    """What the first question word of ``question`` asks for (a person, a time, a place, a
+    quantity), or None when it could be anything ("what", "which", ...)."""
+    text = " ".join(re.findall(r"[a-z']+", question.lower()))
+    found = [(m.start(), kind) for word, kind in ANSWER_KINDS for m in re.finditer(rf"\b{word}\b", text)]
+    return min(found)[1] if found else None
+
+
+def _words(text: str) -> set[str]:
+    words = re.findall(r"[\w'-]+", text.lower())
+    return set(words) | {w.removesuffix("'s") for w in words}
+
+
 def question_problem(draft: str, original: str) -> str | None:
     """Why ``draft`` is not a usable rewording of ``original`` by its form alone, or None."""
     if not draft or "\n" in draft or not draft.endswith("?") or draft.lower().startswith("answer"):
         return NOT_A_QUESTION
     if len(draft) > 3 * len(original) + 20:
         return NOT_A_QUESTION
-    missing = names_and_numbers(original) - set(re.findall(r"[\w'-]+", draft.lower()))
-    return LOST_NAME if missing else None
+    if names_and_numbers(original) - _words(draft):
+        return LOST_NAME
+    asked, drafted = answer_kind(original), answer_kind(draft)
+    return OTHER_KIND if asked and drafted and asked != drafted else None
+
+
+def masked(question: str, names: set[str]) -> str:
+    """``question`` with ``names`` (lower-cased words) replaced by "X", so that an embedding
+    compares what is asked rather than whom it is about (the names are checked on their own)."""
+    if not names:
+        return question
+    pattern = r"\b(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")('s)?\b"
+    return re.sub(pattern, "X", question, flags=re.IGNORECASE)
 
 
 @dataclass
@@ -215,7 +258,8 @@ class Paraphraser:
         """Up to ``n`` rewordings of ``question`` that pass the filters; ``taken`` holds the normalized
         questions already in the data (grown with each kept draft)."""
         kept: list[str] = []
-        own = self.embedder.embed([question])[0]
+        names = names_and_numbers(question)
+        own = self.embedder.embed([masked(question, names)])[0]
         for _ in range(n * ATTEMPTS_PER_PARAPHRASE):
             if len(kept) >= n:
                 break
@@ -226,7 +270,7 @@ class Paraphraser:
             if why is None and key in taken:
                 why = DUPLICATE if any(normalized(k) == key for k in kept) else SAME
             if why is None:
-                similarity = float(self.embedder.embed([draft])[0] @ own)
+                similarity = float(self.embedder.embed([masked(draft, names)])[0] @ own)
                 if similarity < self.min_similarity:
                     why = f"{DRIFTED} (similarity < {self.min_similarity})"
             if why is not None:

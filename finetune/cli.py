@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .augment import DEFAULT_MIN_SIMILARITY
 from .config import ConfigError, TrainConfig, field_default, field_help
 
 if TYPE_CHECKING:
@@ -300,7 +301,9 @@ def augment_cmd(
         help="A .gguf model to draft with (default: the generator's model, embedded SmolLM2).",
     ),
     min_similarity: float = typer.Option(
-        0.75, "--min-similarity", help="Keep a draft only this close in meaning (embedder cosine, 0-1)."
+        DEFAULT_MIN_SIMILARITY,
+        "--min-similarity",
+        help="Keep a draft only this close in meaning (embedder cosine, 0-1, names and numbers masked).",
     ),
     show: int = typer.Option(5, "--show", help="Print this many kept and dropped drafts."),
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),

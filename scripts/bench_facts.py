@@ -438,7 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Train on the facts plus this many paraphrases per question drafted by the local model.",
     )
-    parser.add_argument("--min-similarity", type=float, default=0.75, help="With --augment: the filter.")
+    parser.add_argument("--min-similarity", type=float, default=0.85, help="With --augment: the filter.")
     parser.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads.")
     parser.add_argument(
         "--reuse", action="store_true", help="Reuse runs already trained in --out (same data and settings)."

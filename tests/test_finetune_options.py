@@ -19,13 +19,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakes import ScriptedGenerator  # noqa: E402
 
 from lorekeeper.finetune.augment import (  # noqa: E402
+    DEFAULT_MIN_SIMILARITY,
     DRIFTED,
     DUPLICATE,
     LOST_NAME,
     NOT_A_QUESTION,
+    OTHER_KIND,
     SAME,
     Paraphraser,
+    answer_kind,
     augment_rows,
+    masked,
     names_and_numbers,
     normalized,
     question_problem,
@@ -192,6 +196,17 @@ def test_filters_name_why_a_draft_is_not_a_rewording():
     assert question_problem("Answer: how many?", original) == NOT_A_QUESTION
     assert question_problem("Which company has more employees?", original) == LOST_NAME
     assert normalized("  How many employees does MIBADE Works have ?") == normalized(original)
+    assert question_problem("What is the date of Mibade Works's founding?", original) is None
+    assert question_problem("Who owns Mibade Works?", original) == OTHER_KIND
+    assert [answer_kind(q) for q in ("When was X founded?", "The CEO of X is who?", "What is X?")] == [
+        "time",
+        "person",
+        None,
+    ]
+    assert (
+        masked("Is Mibade Works's office in 1984 Road?", {"mibade", "works", "1984"})
+        == "Is X X office in X Road?"
+    )
 
 
 class QueuedGenerator(ScriptedGenerator):
@@ -223,15 +238,19 @@ def test_augment_keeps_good_drafts_with_the_answer_unchanged_and_counts_the_rest
             "What is the number of employees at Mibade Works?",  # kept
             "What is the number of employees at Mibade Works?",  # a kept draft again
             "Which company has more employees?",  # lost the name
-        ],  # then 5 more drafts (8 in all), each the original
+            "Who owns Mibade Works?",  # asks for a person, not a number
+        ],  # then 4 more drafts (8 in all), each the original
         q2: [
             "The refund window at Drasorin Labs is 10 days.",  # an answer
             "Where are the offices of Drasorin Labs?",  # another question (MiniLM cosine ~0.56)
         ],  # then 6 originals
     }
-    out, report = augment_rows(rows, Paraphraser(QueuedGenerator(drafts), embedder, 0.75), 2)
+    out, report = augment_rows(
+        rows, Paraphraser(QueuedGenerator(drafts), embedder, DEFAULT_MIN_SIMILARITY), 2
+    )
     assert (report.questions, report.copied, report.drafts, report.kept) == (3, 1, 3 + 8 + 8, 3)
-    assert report.dropped[SAME] == 1 + 5 + 6 and report.dropped[DUPLICATE] == 1
+    assert report.dropped[SAME] == 1 + 4 + 6 and report.dropped[DUPLICATE] == 1
+    assert report.dropped[OTHER_KIND] == 1
     assert report.dropped[LOST_NAME] == 1 and report.dropped[NOT_A_QUESTION] == 1
     assert sum(n for why, n in report.dropped.items() if why.startswith(DRIFTED)) == 1
     assert len(out) == report.rows_written == 4 + 3
@@ -305,4 +324,6 @@ def test_augment_with_the_real_model_writes_paraphrases_that_pass_the_filters(tm
         seen.add(normalized(question))
         if question != original:
             assert question_problem(question, original) is None
-            assert float(embedder.embed([question])[0] @ embedder.embed([original])[0]) >= 0.75
+            names = names_and_numbers(original)
+            vectors = embedder.embed([masked(question, names), masked(original, names)])
+            assert float(vectors[0] @ vectors[1]) >= DEFAULT_MIN_SIMILARITY
