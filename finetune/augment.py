@@ -219,6 +219,19 @@ class AugmentReport:
     def keep_rate(self) -> float:
         return self.kept / self.drafts if self.drafts else 0.0
 
+    def summary_lines(self, show: int = 5) -> list[str]:
+        """The counts, why drafts were dropped, and ``show`` kept and dropped examples, as text."""
+        dropped = ", ".join(f"{why}: {count}" for why, count in self.dropped.most_common()) or "none"
+        lines = [
+            f"kept {self.kept} of {self.drafts} drafts ({self.keep_rate:.0%}) for {self.questions} "
+            f"questions; dropped: {dropped}"
+        ]
+        if self.copied:
+            lines.append(f"{self.copied} rows that are not one question and its answer were copied unchanged")
+        lines += [f"  kept     {original!r} -> {text!r}" for original, text in self.examples[:show]]
+        lines += [f"  dropped  {q!r} -> {text!r} ({why})" for q, text, why in self.rejected[:show]]
+        return lines
+
     def to_json(self) -> dict[str, Any]:
         return {
             "questions": self.questions,
@@ -229,6 +242,29 @@ class AugmentReport:
             "dropped": dict(self.dropped),
             "rows_written": self.rows_written,
         }
+
+
+def load_models(model: Path | None = None) -> tuple[Any, Any]:
+    """(llama.cpp generator, embedder) from the settings; ``model`` (a .gguf file) replaces the
+    generator's model. A missing or non-GGUF model raises ValueError saying what is wrong."""
+    from dataclasses import replace
+
+    from lorekeeper.plugins import get_embedder
+    from lorekeeper.plugins.generators.llama_worker import ModelLoadError
+    from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, check_gguf
+    from lorekeeper.plugins.models import ModelNotFound
+    from lorekeeper.server.settings import Settings
+
+    settings = Settings.load()
+    try:
+        if model is not None:
+            path = check_gguf(Path(model).expanduser().resolve())
+            settings = replace(settings, model=str(path))
+        generator = LlamaCppGenerator.from_settings(settings)
+        check_gguf(generator.model_path)  # ModelNotFound when the embedded model's package is missing
+    except (ModelLoadError, ModelNotFound) as exc:
+        raise ValueError(str(exc)) from None
+    return generator, get_embedder(settings=settings)
 
 
 def draft_messages(question: str) -> list:

@@ -311,7 +311,7 @@ def augment_cmd(
     """Add paraphrased questions (same answers) to question/answer data, drafted by the local model
     and filtered: still a question, same names and numbers, not a repeat, close in meaning."""
     _setup_logging(False)
-    from .augment import Paraphraser, augment_rows, read_rows, write_rows
+    from .augment import Paraphraser, augment_rows, load_models, read_rows, write_rows
     from .data import DataError
 
     if paraphrases < 1:
@@ -324,7 +324,10 @@ def augment_cmd(
         rows, questions = read_rows(data)
     except DataError as exc:
         _fail(str(exc))
-    generator, embedder = _augment_models(model)
+    try:
+        generator, embedder = load_models(model)
+    except ValueError as exc:
+        _fail(f"--model: {exc}")
     console.print(
         f"drafting {paraphrases} paraphrase(s) for each of {questions} questions with {generator.model_id}"
     )
@@ -350,43 +353,12 @@ def _augment_progress(questions: int):
     return lambda r: console.print(f"  {r.questions}/{questions} questions, {r.kept} kept", end="\r")
 
 
-def _augment_models(model: Path | None):
-    """(llama.cpp generator, embedder) for `augment`; a bad --model is a clear error."""
-    from dataclasses import replace
-
-    from lorekeeper.plugins import get_embedder
-    from lorekeeper.plugins.generators.llama_worker import ModelLoadError
-    from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator, check_gguf
-    from lorekeeper.plugins.models import ModelNotFound
-    from lorekeeper.server.settings import Settings
-
-    settings = Settings.load()
-    try:
-        if model is not None:
-            check_gguf(model.expanduser().resolve())
-            settings = replace(settings, model=str(model.expanduser().resolve()))
-        generator = LlamaCppGenerator.from_settings(settings)
-        check_gguf(generator.model_path)  # ModelNotFound when the embedded model's package is missing
-    except (ModelLoadError, ModelNotFound) as exc:
-        _fail(f"--model: {exc}")
-    return generator, get_embedder(settings=settings)
-
-
 def _print_augment_report(report, out: Path, show: int, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({**report.to_json(), "out": str(out)}, indent=2))
         return
-    dropped = ", ".join(f"{why}: {count}" for why, count in report.dropped.most_common()) or "none"
-    console.print(
-        f"kept {report.kept} of {report.drafts} drafts ({report.keep_rate:.0%}) for {report.questions} "
-        f"questions; dropped: {dropped}"
-    )
-    if report.copied:
-        console.print(f"{report.copied} rows that are not one question and its answer were copied unchanged")
-    for original, text in report.examples[:show]:
-        console.print(f"  kept     {original!r} -> {text!r}", markup=False, highlight=False)
-    for original, text, why in report.rejected[:show]:
-        console.print(f"  dropped  {original!r} -> {text!r} ({why})", markup=False, highlight=False)
+    for line in report.summary_lines(show):
+        console.print(line, markup=False, highlight=False)
     typer.echo(f"{report.rows_written} rows written to {out}")
 
 

@@ -18,8 +18,15 @@ and QLoRA on NF4, and adds for each: held-out loss (answer tokens of the paraphr
 the trained model), and top-1 agreement / mean KL between the trained model and the deployed GGUF +
 adapter over a few hundred positions of training chats.
 
+``--augment N`` first drafts N paraphrases of every training question with the local model
+(``lorekeeper finetune augment``: SmolLM2, filtered) and trains on the facts plus those; a draft
+that is one of the test paraphrases is removed and the script asserts that none is in the training
+file, and that every answer is unchanged (``augment.json`` keeps the counts and examples).
+``--neftune-alpha F`` and ``--rslora`` train with those options.
+
     nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts
     nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts-cmp --compare-nf4
+    nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts-aug --augment 3 --epochs 8
 
 It writes ``results.json`` in ``--out`` and prints a table. Targets (issue 11): >= 90% recall on the
 training questions, >= 60% on the paraphrases, < 10% for the base model.
@@ -132,6 +139,7 @@ def augment_data(args: argparse.Namespace, facts: list[dict]) -> dict:
     from lorekeeper.finetune.augment import (
         Paraphraser,
         augment_rows,
+        load_models,
         normalized,
         read_rows,
         row_question_answer,
@@ -143,16 +151,11 @@ def augment_data(args: argparse.Namespace, facts: list[dict]) -> dict:
     if args.reuse and target.is_file() and saved.is_file():
         report = json.loads(saved.read_text(encoding="utf-8"))
     else:
-        from lorekeeper.plugins import get_embedder
-        from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator
-        from lorekeeper.server.settings import Settings
-
-        settings = Settings.load()
-        generator = LlamaCppGenerator.from_settings(settings)
+        generator, embedder = load_models()
         started = time.perf_counter()
         try:
             rows, _ = read_rows(args.out / "facts.jsonl")
-            paraphraser = Paraphraser(generator, get_embedder(settings=settings), args.min_similarity)
+            paraphraser = Paraphraser(generator, embedder, args.min_similarity)
             written, found = augment_rows(rows, paraphraser, args.augment)
         finally:
             generator.close()
