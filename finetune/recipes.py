@@ -4,12 +4,20 @@ Learning facts and learning a style are different jobs. A style shows after a fe
 a small learning rate; a fact (a name, a number, a date) is recalled only once the model has seen it
 many times at a high learning rate, with every linear layer adapted, and the loss on the answers
 alone. 40 steps of the old defaults (1 epoch, lr 2e-4, r 8) recalled none of 40 invented facts.
-The ``facts`` values below come from ``scripts/bench_facts.py`` (README "Fine-tuning recipes": 100% of
-42 invented facts recalled on their training questions, 55% on paraphrases, base model 0%).
+The ``facts`` values below come from ``scripts/bench_facts.py`` (README "Fine-tuning recipes", 42
+invented facts, recall of the deployed model on the training questions / on paraphrases it never saw,
+base model 0% / 0%; one run each):
+
+* 12 epochs, no NEFTune, the facts alone: 100% / 55%;
+* the same with NEFTune alpha 5 (``--neftune-alpha 5``): 93% / 60%;
+* 8 epochs on the facts plus their paraphrases (``finetune augment --paraphrases 3``: 74 kept drafts,
+  116 rows), no NEFTune: 100% / 57%;
+* the same augmented data and 8 epochs with NEFTune alpha 5: 100% / 67% (the issue's targets: >= 90%
+  / >= 60%). NEFTune raised paraphrase recall in both pairs, so the preset has it.
 
 * ``facts``: every record is a fact to keep, so none is held out (a held-out fact would never be
   taught) and nothing stops early on held-out loss (loss on *other* facts rises while these are
-  learned); many epochs, lr 2e-3, r 16, small batches (more updates), no dropout.
+  learned); many epochs, lr 2e-3, r 16, small batches (more updates), no dropout, NEFTune noise.
 * ``style``: a few epochs at a gentle rate, answers only, early stop on held-out loss.
 * ``domain``: continued pretraining on text, the loss on every token, early stop on held-out loss.
 
@@ -38,6 +46,7 @@ GOAL_PRESETS: dict[str, dict[str, Any]] = {
         "lr_scheduler": "cosine",
         "packing": False,
         "batch_size": 4,
+        "neftune_alpha": 5.0,  # noise on the input embeddings: 55% -> 60% of paraphrases (67% augmented)
     },
     "style": {
         "epochs": 3.0,

@@ -22,11 +22,12 @@ adapter over a few hundred positions of training chats.
 (``lorekeeper finetune augment``: SmolLM2, filtered) and trains on the facts plus those; a draft
 that is one of the test paraphrases is removed and the script asserts that none is in the training
 file, and that every answer is unchanged (``augment.json`` keeps the counts and examples).
-``--neftune-alpha F`` and ``--rslora`` train with those options.
+``--neftune-alpha F`` (the preset's is 5; 0 turns it off) and ``--rslora`` train with those options.
 
     nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts
     nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts-cmp --compare-nf4
-    nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts-aug --augment 3 --epochs 8
+    nice -n 10 python scripts/bench_facts.py --out /tmp/bench-facts-aug --augment 3 --epochs 8 \
+        --skip-transformers-recall --parity-positions 0
 
 It writes ``results.json`` in ``--out`` and prints a table. Targets (issue 11): >= 90% recall on the
 training questions, >= 60% on the paraphrases, < 10% for the base model.
@@ -197,7 +198,7 @@ def train_child(args: argparse.Namespace) -> None:
     overrides["gradient_checkpointing"] = False
     if args.rank:
         overrides.update(lora_r=args.rank, lora_alpha=2 * args.rank)
-    if args.neftune_alpha:
+    if args.neftune_alpha is not None:
         overrides["neftune_alpha"] = args.neftune_alpha
     if args.rslora:
         overrides["use_rslora"] = True
@@ -239,7 +240,7 @@ def train_in_subprocess(args: argparse.Namespace, mode: str) -> dict:
         ("--neftune-alpha", args.neftune_alpha),
         ("--augment", args.augment),
     ):
-        if value:
+        if value or (flag == "--neftune-alpha" and value is not None):
             command += [flag, str(value)]
     command += ["--rslora"] if args.rslora else []
     done = subprocess.run(command, capture_output=True, text=True)
@@ -433,7 +434,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rank", type=int, default=None, help="Override the preset's rank (alpha = 2 x rank)."
     )
-    parser.add_argument("--neftune-alpha", type=float, default=None, help="Train with NEFTune noise.")
+    parser.add_argument(
+        "--neftune-alpha",
+        type=float,
+        default=None,
+        help="NEFTune noise alpha (default: the preset's; 0: off).",
+    )
     parser.add_argument("--rslora", action="store_true", help="Train with rsLoRA scaling.")
     parser.add_argument(
         "--augment",
