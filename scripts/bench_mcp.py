@@ -97,9 +97,10 @@ def build_index(workdir: Path, target_chunks: int) -> Path:
         store.add_root(corpus.resolve())
         started = time.monotonic()
         batch = 0
+        per_batch = max(5, min(100, target_chunks // 20))  # a small index is not overshot by much
         while store.status().chunks < target_chunks and files:
             batch += 1
-            for _ in range(100):
+            for _ in range(per_batch):
                 if not files:
                     break
                 src = files.pop()

@@ -1,0 +1,432 @@
+"""Every benchmark the project has, in one command, written to BENCHMARKS.md.
+
+Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 20 minutes
+on two cores (``--quick``: a smoke run of about 3 minutes), and writes its figures as JSON; this
+script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
+run, the ratio, the target and whether it is met, then the machine (CPU model and the instruction
+sets the native libraries use, cores, memory, load), the versions of the parts, and the date.
+
+    python scripts/bench.py                      # all of them, about 20 minutes
+    python scripts/bench.py --quick              # a smoke run of about 3 minutes
+    python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
+
+A benchmark that fails or runs over its time limit is reported as such (with the end of its
+output) and the others still run; the exit status is 1 if any failed. The RAG-versus-fine-tuning
+report (issue 12's ``lorekeeper eval answers``) is not built yet and is listed as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon")
+PARTS = ("lorekeeper", "torch", "transformers", "peft", "llama_cpp_python", "sqlean.py", "sqlite-vec",
+         "sentence-transformers", "onnxruntime", "mcp", "watchdog", "gguf")  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One figure: what was measured, against what, and the target."""
+
+    figure: str
+    value: str
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    met: bool | None = None
+
+
+@dataclass
+class Bench:
+    """A script, its arguments at full and quick size, and how its JSON becomes rows."""
+
+    name: str
+    script: str
+    full: list[str]
+    quick: list[str]
+    rows: Callable[[dict], list[Row]]
+    limit_s: int = 900
+    json_from_stdout: bool = False
+
+
+@dataclass
+class Outcome:
+    bench: Bench
+    seconds: float
+    rows: list[Row] = field(default_factory=list)
+    error: str | None = None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms"
+
+
+def index_rows(r: dict) -> list[Row]:
+    rows = []
+    t = r.get("throughput")
+    if t:
+        rows.append(Row("indexing throughput (chunks/s), Indexer vs raw embedder on the same texts",
+                        f"{t['index_chunks_per_s']:.1f}", f"{t['baseline_chunks_per_s']:.1f}",
+                        f"{t['ratio_wall']:.2f}x", f">= {t['target_ratio']}x", t["ratio_wall"] >= t["target_ratio"]))  # fmt: skip
+    lat = r.get("latency")
+    if lat:
+        rows.append(Row("save to searchable under the watcher, p95", _ms(lat["searchable_p95_s"]),
+                        target=f"< {_ms(lat['target_p95_s'])}", met=lat["searchable_p95_s"] < lat["target_p95_s"]))  # fmt: skip
+    s = r.get("search")
+    if s:
+        largest = max(s["sizes"].values(), key=lambda f: f["chunks"])
+        for mode, target in (("vector", 2.0), ("hybrid", None)):
+            f = largest[mode]
+            rows.append(Row(f"search() {mode} p50 at {largest['chunks']:,} chunks vs exact numpy",
+                            f"{f['p50_ms']:.1f} ms", f"{largest['numpy']['p50_ms']:.1f} ms",
+                            f"{f['p50_vs_numpy']:.1f}x", f"<= {target}x" if target else "-",
+                            f["p50_vs_numpy"] <= target if target else None))  # fmt: skip
+    return rows
+
+
+def watch_rows(r: dict) -> list[Row]:
+    busy = [v for v in r["busy"] if v is not None]
+    idle = [v for v in r["idle"] if v is not None]
+    worst = max(busy) if len(busy) == len(r["busy"]) and busy else float("inf")
+    calm = sorted(idle)[len(idle) // 2] if idle else float("nan")
+    return [Row(f"small file saved while a {r['big_mb']:g} MB file embeds: slowest of {len(r['busy'])} saves",
+                f"{worst:.2f} s", f"{calm:.2f} s (median, nothing else running)", f"{worst / calm:.1f}x",
+                "<= 2 s", worst <= 2.0)]  # fmt: skip
+
+
+def mcp_rows(r: dict) -> list[Row]:
+    raw, mcp = r["raw"], r["mcp"]
+    return [
+        Row(
+            "generate tokens/s through MCP vs raw llama.cpp (end to end)",
+            f"{mcp['tokens_per_s']:.1f}",
+            f"{raw['tokens_per_s']:.1f}",
+            f"{r['ratio_tokens_per_s']:.2f}x",
+            ">= 0.95x",
+            r["ratio_tokens_per_s"] >= 0.95,
+        ),  # fmt: skip
+        Row(
+            f"retrieve p50 through MCP at {r['chunks']:,} chunks vs in-process search()",
+            f"{r['retrieve_mcp_ms']['p50']:.1f} ms",
+            f"{r['retrieve_inprocess_ms']['p50']:.1f} ms",
+            f"{r['retrieve_mcp_ms']['p50'] / max(r['retrieve_inprocess_ms']['p50'], 1e-9):.1f}x",
+        ),  # fmt: skip
+    ]
+
+
+def finetune_rows(r: dict) -> list[Row]:
+    lk, plain = r["lorekeeper"], r["plain"]
+    return [
+        Row(
+            "fine-tuning tokens/s, lorekeeper vs a plain transformers+peft loop",
+            f"{lk['tokens_per_s']:.1f}",
+            f"{plain['tokens_per_s']:.1f}",
+            f"{r['speedup_tokens_per_s']:.2f}x",
+            ">= 1.0x (CPU)",
+            r["speedup_tokens_per_s"] >= 1.0,
+        ),  # fmt: skip
+        Row(
+            "fine-tuning peak memory, lorekeeper vs the plain loop",
+            f"{lk['peak_memory_mb']:.0f} MB",
+            f"{plain['peak_memory_mb']:.0f} MB",
+            f"{r['memory_ratio']:.2f}x",
+            "<= 1.0x",
+            r["memory_ratio"] <= 1.0,
+        ),
+    ]
+
+
+def parity_rows(r: dict) -> list[Row]:
+    exact, q4, base = r["f16_plus_adapter"], r["q4_plus_adapter"], r["q4_base_alone"]
+    return [
+        Row(
+            f"GGUF parity: F16 base + exported adapter vs the trained model, top-1 over {exact['positions']}",
+            f"{exact['top1']:.1%}",
+            target=">= 99%",
+            met=exact["top1"] >= 0.99,
+        ),  # fmt: skip
+        Row(
+            "GGUF parity: shipped Q4_1 base + adapter vs the trained model, top-1",
+            f"{q4['top1']:.1%}",
+            f"{base['top1']:.1%} (Q4_1 base alone vs its base)",
+            f"{q4['top1'] - base['top1']:+.1%}",
+            ">= baseline - 2 points",
+            q4["top1"] >= base["top1"] - 0.02,
+        ),  # fmt: skip
+    ]
+
+
+def answer_rows(r: dict) -> list[Row]:
+    table = r["table"]
+    base = table.get("retrieval only")
+    rows = []
+    for name, s in table.items():
+        if name == "retrieval only" or "fallback" not in name and "default" not in name:
+            continue
+        rows.append(Row(f"answers: {name} accuracy / citation precision",
+                        f"{s['accuracy']:.2f} / {s['citation_precision']:.2f}",
+                        f"{base['accuracy']:.2f} / {base['citation_precision']:.2f} (best retrieved sentence)",
+                        f"{s['accuracy'] - base['accuracy']:+.2f} accuracy", "loops 0", s["loops"] == 0))  # fmt: skip
+    if not rows:
+        for name, s in table.items():
+            rows.append(Row(f"answers: {name} accuracy / citation precision / loops",
+                            f"{s['accuracy']:.2f} / {s['citation_precision']:.2f} / {s['loops']:.2f}"))  # fmt: skip
+    return rows
+
+
+def benches(work: Path) -> list[Bench]:
+    return [
+        Bench(
+            "index",
+            "bench_index.py",
+            [
+                "--files",
+                "600",
+                "--slices",
+                "4",
+                "--latency-runs",
+                "20",
+                "--chunks-small",
+                "10000",
+                "--chunks-large",
+                "100000",
+                "--rounds",
+                "2",
+            ],
+            ["--quick"],
+            index_rows,
+            limit_s=900,
+        ),  # fmt: skip
+        Bench(
+            "watch",
+            "bench_watch_interleave.py",
+            ["--saves", "5", "--big-mb", "0.6", "--timeout", "400"],
+            ["--saves", "2", "--big-mb", "0.3", "--gap", "0.5", "--timeout", "200"],
+            watch_rows,
+            limit_s=450,
+        ),  # fmt: skip
+        Bench(
+            "mcp",
+            "bench_mcp.py",
+            [
+                "--chunks",
+                "2000",
+                "--runs",
+                "4",
+                "--max-tokens",
+                "96",
+                "--queries",
+                "100",
+                "--workdir",
+                str(work / "mcp"),
+            ],
+            [
+                "--chunks",
+                "300",
+                "--runs",
+                "1",
+                "--max-tokens",
+                "32",
+                "--queries",
+                "20",
+                "--workdir",
+                str(work / "mcp"),
+            ],
+            mcp_rows,
+            limit_s=600,
+        ),  # fmt: skip
+        Bench(
+            "finetune",
+            "bench_finetune.py",
+            ["--steps", "8", "--warmup", "2", "--seq-len", "128", "--batch-size", "2"],
+            ["--steps", "3", "--warmup", "1", "--seq-len", "64", "--batch-size", "1", "--files", "8"],
+            finetune_rows,
+            limit_s=600,
+            json_from_stdout=True,
+        ),  # fmt: skip
+        Bench(
+            "parity",
+            "bench_parity.py",
+            ["--steps", "6", "--positions", "300"],
+            ["--steps", "2", "--positions", "64", "--rows", "12"],
+            parity_rows,
+            limit_s=600,
+        ),  # fmt: skip
+        Bench(
+            "answers",
+            "bench_answers.py",
+            [
+                "--models",
+                "smollm2",
+                "--context-sentences",
+                "6",
+                "--limit",
+                "12",
+                "--workdir",
+                str(work / "answers"),
+            ],
+            [
+                "--models",
+                "smollm2",
+                "--context-sentences",
+                "6",
+                "--limit",
+                "2",
+                "--workdir",
+                str(work / "answers"),
+            ],
+            answer_rows,
+            limit_s=900,
+        ),  # fmt: skip
+    ]
+
+
+def run_one(bench: Bench, quick: bool, work: Path) -> Outcome:
+    out = work / f"{bench.name}.json"
+    args = bench.quick if quick else bench.full
+    cmd = [sys.executable, str(SCRIPTS / bench.script), *args]
+    if not bench.json_from_stdout:
+        cmd += ["--json", str(out)]
+    started = time.monotonic()
+    print(f"== {bench.name}: {' '.join(['python', 'scripts/' + bench.script, *args])}", flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.limit_s)
+    except subprocess.TimeoutExpired:
+        return Outcome(bench, time.monotonic() - started, error=f"over its limit of {bench.limit_s} s")
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        return Outcome(bench, seconds, error=f"exit status {proc.returncode}: " + " / ".join(tail))
+    try:
+        if bench.json_from_stdout:
+            text = (
+                proc.stdout[proc.stdout.index("\n{") + 1 :]
+                if not proc.stdout.startswith("{")
+                else proc.stdout
+            )
+            figures = json.loads(text)
+        else:
+            figures = json.loads(out.read_text())
+        return Outcome(bench, seconds, rows=bench.rows(figures))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return Outcome(bench, seconds, error=f"its figures could not be read ({type(exc).__name__}: {exc})")
+
+
+def machine() -> list[str]:
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    memory = "?"
+    try:
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))  # fmt: skip
+        memory = f"{kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    present = [f for f in FLAGS if f in flags] or ["(not readable here)"]
+    return [f"- CPU: {cpu}; {os.cpu_count()} logical cores; memory {memory}",
+            f"- instruction sets: {', '.join(present)}",
+            f"- system: {platform.platform()}; Python {platform.python_version()}"]  # fmt: skip
+
+
+def versions() -> str:
+    found = []
+    for name in PARTS:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        commit = subprocess.run(["git", "-C", str(SCRIPTS), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return "- versions: " + ", ".join(found) + (f"; commit {commit}" if commit else "")
+
+
+def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], command: str) -> str:
+    mark = {True: "met", False: "NOT met", None: "-"}
+    lines = [
+        "# lorekeeper benchmarks", "",
+        f"Written by `{command}` on {datetime.date.today().isoformat()}"
+        + (" (quick smoke run: sizes too small for the figures to mean much)" if quick else "") + ".",
+        "Every ratio compares against a baseline measured in the same run on the same machine.", "",
+        "| benchmark | figure | value | baseline | ratio | target | |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for o in outcomes:
+        if o.error:
+            lines.append(f"| {o.bench.name} | failed after {o.seconds:.0f} s | {o.error} | | | | NOT met |")
+        for r in o.rows:
+            lines.append(f"| {o.bench.name} | {r.figure} | {r.value} | {r.baseline} | {r.ratio} | {r.target} | "
+                         f"{mark[r.met]} |")  # fmt: skip
+    lines.append("| rag-vs-ft | retrieval vs adapter vs both on the demo corpus | not measured | | | | "
+                 "`lorekeeper eval answers` is not built yet (issue 12) |")  # fmt: skip
+    lines += ["", "## Machine", "", *machine(), versions(),
+              f"- load average: {loads[0]:.1f} at the start, {loads[1]:.1f} at the end", "",
+              "## Commands and time", ""]  # fmt: skip
+    for o in outcomes:
+        args = o.bench.quick if quick else o.bench.full
+        lines.append(
+            f"- {o.bench.name} ({o.seconds:.0f} s): `python scripts/{o.bench.script} {' '.join(args)}`"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about 3 minutes")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers"
+    )
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="where to write the report")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lorekeeper-bench-all-") as tmp:
+        work = Path(tmp)
+        chosen = benches(work)
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {b.name for b in chosen})
+        if unknown:
+            parser.error(
+                f"--only: unknown {', '.join(unknown)}; choose from {', '.join(b.name for b in chosen)}"
+            )
+        chosen = [b for b in chosen if not wanted or b.name in wanted]
+        load_start = os.getloadavg()[0]
+        outcomes = []
+        for bench in chosen:
+            outcome = run_one(bench, args.quick, work)
+            outcomes.append(outcome)
+            print(f"   {outcome.error or 'done'} ({outcome.seconds:.0f} s)", flush=True)
+    command = (
+        "python scripts/bench.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if wanted else "")
+    )
+    args.out.write_text(
+        render(outcomes, args.quick, (load_start, os.getloadavg()[0]), command), encoding="utf-8"
+    )
+    print(f"wrote {args.out}")
+    return 1 if any(o.error for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
