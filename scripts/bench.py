@@ -1,13 +1,13 @@
 """Every benchmark the project has, in one command, written to BENCHMARKS.md.
 
 Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 20 minutes
-on two cores (``--quick``: a smoke run of about 3 minutes), and writes its figures as JSON; this
-script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
+on two cores (``--quick``: a smoke run at the smallest sizes, about 10 minutes), and writes its
+figures as JSON; this script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
 run, the ratio, the target and whether it is met, then the machine (CPU model and the instruction
 sets the native libraries use, cores, memory, load), the versions of the parts, and the date.
 
     python scripts/bench.py                      # all of them, about 20 minutes
-    python scripts/bench.py --quick              # a smoke run of about 3 minutes
+    python scripts/bench.py --quick              # a smoke run, about 10 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 
 A benchmark that fails or runs over its time limit is reported as such (with the end of its
@@ -394,7 +394,9 @@ def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], com
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about 3 minutes")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 10 minutes)"
+    )
     parser.add_argument(
         "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers"
     )
