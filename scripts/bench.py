@@ -1,12 +1,12 @@
 """Every benchmark the project has, in one command, written to BENCHMARKS.md.
 
-Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 20 minutes
+Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 25 minutes
 on two cores (``--quick``: a smoke run at the smallest sizes, about 10 minutes), and writes its
 figures as JSON; this script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
 run, the ratio, the target and whether it is met, then the machine (CPU model and the instruction
 sets the native libraries use, cores, memory, load), the versions of the parts, and the date.
 
-    python scripts/bench.py                      # all of them, about 20 minutes
+    python scripts/bench.py                      # all of them, about 25 minutes
     python scripts/bench.py --quick              # a smoke run, about 10 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 

@@ -354,6 +354,9 @@ def main() -> None:
 
     async def measure() -> None:
         async with Client(params, mode="legacy") as client:
+            # the server loads its embedder in the background at start: wait for it (one retrieve)
+            # so that load does not share the CPU with the first timed generations
+            await client.call_tool("retrieve", {"query": "warm up", "k": 1})
             await measure_generation(client, llm, args, figures)
             figures["retrieve_mcp_ms"] = await time_mcp_retrieve(client, queries)
 
