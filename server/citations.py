@@ -247,16 +247,17 @@ def split_sentences(text: str) -> list[str]:
         line = line.strip()
         if not line:
             continue
-        # a sentence ends at . ! ? (and any markers right after), before whitespace and a capital,
-        # digit, bracket or quote; "e.g." and "6.5" stay whole
-        for part in re.split(r"(?<=[.!?])((?:\s*\[[^\]]{1,20}\])*)\s+(?=[A-Z0-9\"'(\[])", line):
-            if not part:
-                continue
-            if pieces and _MARKER.fullmatch(part.strip()):
-                pieces[-1] += part
-            else:
-                pieces.append(part.strip())
-    return [p for p in pieces if p]
+        # a sentence ends at . ! ? (with any closing quotes and markers right after), before
+        # whitespace and a capital, digit, bracket or quote; "e.g." and "6.5" stay whole
+        start = 0
+        for end in _ANSWER_SENTENCE_END.finditer(line):
+            pieces.append(line[start : end.start()] + end.group(1) + end.group(2))
+            start = end.end()
+        pieces.append(line[start:])
+    return [p.strip() for p in pieces if p.strip()]
+
+
+_ANSWER_SENTENCE_END = re.compile(r"(?<=[.!?])([\"'”’)]*)((?:\s*\[[^\]]{1,20}\])*)\s+(?=[A-Z0-9\"'(\[“‘])")
 
 
 _BLOCK_START = re.compile(r"^[ \t]*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s|\|)")

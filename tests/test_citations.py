@@ -173,6 +173,10 @@ def test_markers_pointing_at_no_source_are_invalid() -> None:
         ("Pressure is 6.5 bar [1]. Next one [2].", ["Pressure is 6.5 bar [1].", "Next one [2]."]),
         ("- first item\n- second item", ["- first item", "- second item"]),
         ("Use e.g. the venv module.", ["Use e.g. the venv module."]),
+        (
+            'It says: "Staff get 25 days." So the answer is 3.',
+            ['It says: "Staff get 25 days."', "So the answer is 3."],
+        ),
     ],
 )
 def test_sentences_are_split_where_people_would(text, expected) -> None:
