@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..settings import Settings, SettingsError, write_config_value
-from . import console, err, fail, open_store, settings_of
+from . import console, err, fail, settings_of
 from .index import _progress
 
 eval_app = typer.Typer(help="Measure retrieval on your own documents.", no_args_is_help=True)
@@ -106,15 +106,10 @@ def _search(store: Any, embedder: Any, **args: Any) -> list:
 
 
 def _index(settings: Settings):
-    from ..indexer import check_search_embedder, embedder_for
+    """The index and its embedder (as ``ask`` opens them), refusing an index with no chunks."""
+    from .answer import _index as open_index
 
-    store = open_store(settings, create=False)
-    try:
-        embedder = embedder_for(store, settings)
-        check_search_embedder(store, embedder)
-    except (LookupError, ValueError) as exc:
-        store.close()
-        fail(str(exc))
+    store, embedder = open_index(settings)
     if not store.chunk_count():
         store.close()
         fail(f"the index {settings.db_path} has no chunks: run `lorekeeper add FOLDER` first")
