@@ -18,7 +18,7 @@ from ..settings import Settings, SettingsError, write_config_value
 from . import console, err, fail, settings_of
 from .index import _progress
 
-eval_app = typer.Typer(help="Measure retrieval on your own documents.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure retrieval and answers on your own documents.", no_args_is_help=True)
 
 
 def _floats(text: str | None, name: str, default: tuple) -> tuple:
@@ -52,6 +52,7 @@ def retrieval(
     run_out: Path = typer.Option(None, "--run-out", help="Write each mode's run in trec_eval format (FILE, or FILE.MODE for several)."),
     json_out: Path = typer.Option(None, "--json", help="Write every figure (and per-query scores) to this JSON file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the chunk sample for drafted queries."),
+    report_dir: Path = typer.Option(None, "--report", help="Report folder (default: eval/retrieval-INDEX in the data directory)."),
 ) -> None:  # fmt: skip
     """Recall@1/5/10, MRR@10 and nDCG@10 of keyword, vector and hybrid search on judged queries,
     and a sweep of the fusion settings."""
@@ -97,6 +98,8 @@ def retrieval(
         console.print("--apply: the current settings score best; config.toml is left as it is")
     if json_out is not None:
         _write_json(json_out, judged, report["scores"], sweep_rows, current, best, applied)
+    folder = report_dir or settings.data_dir / "eval" / f"retrieval-{settings.db_path.stem}"
+    _write_report(settings, folder, judged, report["scores"], sweep_rows, best, queries or qrels)
 
 
 def _search(store: Any, embedder: Any, **args: Any) -> list:
@@ -311,5 +314,33 @@ def _write_json(path: Path, judged: list, scores: dict, rows: list, current, bes
         fail(f"--json {path}: {exc}")
 
 
+def _write_report(
+    settings: Settings, folder: Path, judged: list, scores: dict, rows: list, best, given
+) -> None:
+    """The Markdown report and summary in ``folder``, noted in the index for index_status and MCP."""
+    from ..eval_report import record_last, today, write_retrieval_report
+    from . import open_store
+
+    means = {name: dict(s.means) for name, s in scores.items()}
+    modes = {name: m["ndcg@10"] for name, m in means.items() if not name.startswith("run ")}
+    headline = f"{len(judged)} queries, nDCG@10 " + ", ".join(f"{n} {v:.3f}" for n, v in modes.items())
+    if best is not None:
+        headline += "; best fusion " + " ".join(f"{k}={v:g}" for k, v in best.as_dict().items())
+    date = today()
+    meta = {"date": date, "queries": len(judged), "source": str(given) if given else "drafted from the index"}
+    sweep = [{**r.fusion.as_dict(), **r.scores.means} for r in rows]
+    try:
+        report = write_retrieval_report(
+            folder, means, sweep, best.as_dict() if best else None, headline, meta
+        )
+    except OSError as exc:
+        fail(f"--report {folder}: cannot write the report ({exc})")
+    with open_store(settings, create=False) as store:
+        record_last(store, "retrieval", report, headline, date)
+    console.print(f"report: {report}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
+    from . import eval_answers  # noqa: F401  (adds `eval answers` to eval_app)
+
     app.add_typer(eval_app, name="eval")
