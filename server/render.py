@@ -90,4 +90,6 @@ def status_text(result: Any) -> str:
         base = f" (base {a.base_model}{note})" if a.base_model else ""
         about = f": {a.description}" if getattr(a, "description", None) else ""
         lines.append(f"adapter {a.name}{base}{about}")
+    for e in getattr(result, "evaluations", []):
+        lines.append(f"last {e.kind} evaluation ({e.date}): {e.summary} [{e.uri}]")
     return "\n".join(lines)

@@ -607,3 +607,40 @@ def test_ask_reports_a_crashed_model_process_in_words(corpus, tmp_path: Path) ->
     assert proc.returncode == 1, (proc.returncode, err[-2000:])
     assert "error: the model process crashed (signal 9 (SIGKILL))" in " ".join(err.split())
     assert "Traceback" not in err
+
+
+def test_index_status_and_resources_give_the_last_evaluation(corpus, tmp_path) -> None:
+    """`lorekeeper eval answers` notes its report in the index; MCP clients see it in index_status and
+    read it as a resource; a kind never run says how to run it."""
+    from lorekeeper.server.eval_report import record_last
+
+    report = tmp_path / "report.md"
+    report.write_text("# Answer evaluation\n\n**on 3 questions retrieval adds +0.30 F1: use retrieval**\n")
+    with Store.open(corpus["db"]) as store:
+        record_last(
+            store,
+            "answers",
+            report,
+            "on 3 questions retrieval adds +0.30 F1: use retrieval",
+            "2026-12-03 10:00 UTC",
+        )
+
+    async def scenario(client: Client):
+        status = await client.call_tool("index_status", {})
+        listed = await client.list_resources()
+        answers = await client.read_resource("lorekeeper://eval/answers")
+        retrieval = await client.read_resource("lorekeeper://eval/retrieval")
+        return status, listed, answers, retrieval
+
+    try:
+        status, listed, answers, retrieval = serve(corpus, scenario)
+    finally:
+        with Store.open(corpus["db"]) as store:
+            store.set_meta("eval:answers", None)
+    evaluations = status.structured_content["evaluations"]
+    assert evaluations == [{"kind": "answers", "date": "2026-12-03 10:00 UTC", "uri": "lorekeeper://eval/answers",
+                            "summary": "on 3 questions retrieval adds +0.30 F1: use retrieval"}]  # fmt: skip
+    assert "last answers evaluation (2026-12-03 10:00 UTC)" in status.content[0].text
+    assert {"lorekeeper://eval/answers", "lorekeeper://eval/retrieval"} <= {r.uri for r in listed.resources}
+    assert answers.contents[0].text == report.read_text()
+    assert "No retrieval evaluation yet: run `lorekeeper eval retrieval`" in retrieval.contents[0].text

@@ -4,7 +4,8 @@ Tools (``tools.py``): ``retrieve``, ``generate`` (tokens streamed as progress, `
 ``index_status``, and - only when the user starts the server with ``--allow-folder-tools`` -
 ``add_folder`` / ``remove_folder``. Resources and the prompt (``resources.py``):
 ``lorekeeper://doc/{path}`` (a document's text, only inside registered roots: ``documents.py``)
-and ``lorekeeper://status``; the resource list changes, with a notification, whenever the index
+``lorekeeper://status`` and the last evaluation reports (``lorekeeper://eval/retrieval``,
+``lorekeeper://eval/answers``); the resource list changes, with a notification, whenever the index
 does (``notify.py``, which also holds every private SDK detail we rely on). Output shapes are in
 ``schemas.py``, the per-connection state in ``state.py``, the server and its lifespan in
 ``server.py``, Streamable HTTP with its token and Origin checks in ``http.py``.

@@ -1,4 +1,5 @@
-"""The MCP resources (``lorekeeper://doc/{path}``, ``lorekeeper://status``) and the
+"""The MCP resources (``lorekeeper://doc/{path}``, ``lorekeeper://status``, ``lorekeeper://eval/retrieval``
+and ``lorekeeper://eval/answers``) and the
 ``answer_from_documents`` prompt."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import Field
 from ..generation import source_block
 from .documents import DOC_SCHEME, DocumentAccessError, read_document
 from .state import app_state
-from .tools import status_of
+from .tools import EVAL_URI, status_of
 
 STATUS_URI = "lorekeeper://status"
 
@@ -53,6 +54,31 @@ def register_resources(server: Any) -> None:
             return json.dumps({"error": "the server is starting or stopping"})
         result = await anyio.to_thread.run_sync(status_of, state)
         return result.model_dump_json(indent=2)
+
+    _register_eval_reports(server)
+
+
+def _register_eval_reports(server: Any) -> None:
+    for kind in ("retrieval", "answers"):
+        server.resource(
+            EVAL_URI + kind,
+            name=f"eval-{kind}",
+            title=f"Last {kind} evaluation",
+            description=f"The report of the last `lorekeeper eval {kind}` on this index (Markdown)",
+            mime_type="text/markdown",
+        )(_eval_report_reader(server, kind))
+
+
+def _eval_report_reader(server: Any, kind: str) -> Any:
+    from ..eval_report import read_report
+
+    async def report() -> str:
+        state = server.state
+        if state is None:
+            return "the server is starting or stopping"
+        return await anyio.to_thread.run_sync(read_report, state.store, kind)
+
+    return report
 
 
 PROMPT_WITH_SOURCES = (

@@ -131,6 +131,13 @@ class AdapterOut(BaseModel):
     )
 
 
+class EvaluationOut(BaseModel):
+    kind: str = Field(description="retrieval or answers")
+    date: str = Field(description="when it ran (UTC)")
+    summary: str = Field(description="its result in one line")
+    uri: str = Field(description="resource URI of the whole report (Markdown)")
+
+
 class IndexStatusOut(BaseModel):
     db_path: str
     roots: list[RootOut]
@@ -146,6 +153,9 @@ class IndexStatusOut(BaseModel):
     )
     adapters: list[AdapterOut] = Field(
         default_factory=list, description="fine-tuned LoRA adapters generate can apply"
+    )
+    evaluations: list[EvaluationOut] = Field(
+        default_factory=list, description="the last `lorekeeper eval` of each kind run on this index"
     )
 
 

@@ -27,6 +27,7 @@ from ..settings import Settings
 from .progress import Cancelled, TokenRelay, unwrap
 from .schemas import (
     AdapterOut,
+    EvaluationOut,
     FailedOut,
     FolderResult,
     GenerateResult,
@@ -41,6 +42,7 @@ from .state import AppState, ServerOptions, app_state
 logger = logging.getLogger(__name__)
 
 MAX_GENERATE_TOKENS = 4096
+EVAL_URI = "lorekeeper://eval/"  # + retrieval or answers: the last report of that kind
 MAX_FILE_TYPES = 64
 EXPECTED = (ValueError, LookupError, RuntimeError, OSError)  # failures the assistant is told about
 
@@ -376,7 +378,17 @@ def status_of(state: AppState) -> IndexStatusOut:
         watcher_running=watcher is not None,
         watcher_error=state.watcher_error or _watcher_errors(watcher),
         adapters=_adapters(state),
+        evaluations=_evaluations(state),
     )
+
+
+def _evaluations(state: AppState) -> list[EvaluationOut]:
+    from ..eval_report import last_evaluations
+
+    return [
+        EvaluationOut(kind=e["kind"], date=e["date"], summary=e["summary"], uri=EVAL_URI + e["kind"])
+        for e in last_evaluations(state.store)
+    ]
 
 
 def _adapters(state: AppState) -> list[AdapterOut]:
