@@ -1,18 +1,19 @@
 """Every benchmark the project has, in one command, written to BENCHMARKS.md.
 
-Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 25 minutes
+Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 40 minutes
 on two cores (``--quick``: a smoke run at the smallest sizes, about 10 minutes), and writes its
 figures as JSON; this script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
 run, the ratio, the target and whether it is met, then the machine (CPU model and the instruction
 sets the native libraries use, cores, memory, load), the versions of the parts, and the date.
 
-    python scripts/bench.py                      # all of them, about 25 minutes
+    python scripts/bench.py                      # all of them, about 40 minutes
     python scripts/bench.py --quick              # a smoke run, about 10 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 
 A benchmark that fails or runs over its time limit is reported as such (with the end of its
-output) and the others still run; the exit status is 1 if any failed. The RAG-versus-fine-tuning
-report (issue 12's ``lorekeeper eval answers``) is not built yet and is listed as not measured.
+output) and the others still run; the exit status is 1 if any failed. The last one, ``ragft``, is
+``scripts/demo_rag_vs_ft.py`` at a small size: retrieval and answers evaluated on Debian's manual
+pages, base model and a short CPU fine-tune, each with and without retrieval.
 """
 
 from __future__ import annotations
@@ -187,6 +188,20 @@ def answer_rows(r: dict) -> list[Row]:
     return rows
 
 
+def ragft_rows(r: dict) -> list[Row]:
+    """Token F1 of each answer configuration against the base model alone, and the advice."""
+    summary = r["answers"]["summary"]
+    base = summary["base"]
+    rows = [
+        Row(f"RAG vs fine-tuning, manual pages: {config} token F1 / contains ({s['questions']} questions)",
+            f"{s['f1']:.2f} / {s['contains']:.2f}", f"{base['f1']:.2f} / {base['contains']:.2f} (base model alone)",
+            f"{s['f1'] - base['f1']:+.2f} F1")
+        for config, s in summary.items() if config != "base"
+    ]  # fmt: skip
+    rows.append(Row("RAG vs fine-tuning: recommendation", r["answers"]["recommendation"]))
+    return rows
+
+
 def benches(work: Path) -> list[Bench]:
     return [
         Bench(
@@ -291,6 +306,14 @@ def benches(work: Path) -> list[Bench]:
             answer_rows,
             limit_s=900,
         ),  # fmt: skip
+        Bench(
+            "ragft",
+            "demo_rag_vs_ft.py",
+            ["--out", str(work / "ragft"), "--questions", "12", "--train-steps", "12"],
+            ["--out", str(work / "ragft"), "--questions", "2", "--train-steps", "2"],
+            ragft_rows,
+            limit_s=1200,
+        ),  # fmt: skip
     ]
 
 
@@ -379,8 +402,6 @@ def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], com
         for r in o.rows:
             lines.append(f"| {o.bench.name} | {r.figure} | {r.value} | {r.baseline} | {r.ratio} | {r.target} | "
                          f"{mark[r.met]} |")  # fmt: skip
-    lines.append("| rag-vs-ft | retrieval vs adapter vs both on the demo corpus | not measured | | | | "
-                 "`lorekeeper eval answers` is not built yet (issue 12) |")  # fmt: skip
     lines += ["", "## Machine", "", *machine(), versions(),
               f"- load average: {loads[0]:.1f} at the start, {loads[1]:.1f} at the end", "",
               "## Commands and time", ""]  # fmt: skip
@@ -398,7 +419,7 @@ def main() -> int:
         "--quick", action="store_true", help="a smoke run at the smallest sizes (about 10 minutes)"
     )
     parser.add_argument(
-        "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers"
+        "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers, ragft"
     )
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="where to write the report")
     args = parser.parse_args()

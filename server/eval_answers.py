@@ -9,8 +9,8 @@ model with retrieval, the adapter alone and the adapter with retrieval. Each ans
 - exact-contains: a reference, normalised the same way, appears in the answer;
 - for the retrieval configurations, citation precision (of the files the checked answer cites, the
   share that are the question's files) and recall (the share of questions whose file is cited),
-  when the question names its files; and whether the citation check found the model's answer
-  unsupported by the sources (the share of unsupported answers);
+  when the question names its files; and the share of answers the citation check found
+  unsupported (said "not found", or replaced by a quoted passage);
 - seconds per answer.
 
 Questions come from a JSONL file (``question`` with ``answer`` or ``answers`` and optional
@@ -18,11 +18,17 @@ Questions come from a JSONL file (``question`` with ``answer`` or ``answers`` an
 answer being the reference) or are drafted from the index: the generator writes a question and its
 answer from a sampled passage, the passage's file is the question's file, and a draft is kept only
 when its answer's words come from the passage and its question does not copy a run of it.
+
+The recommendation takes a configuration with more parts (retrieval, the adapter, both) only when
+it answers clearly better than the simpler one: a mean answer score (F1 and contains, averaged)
+higher by ``MIN_GAIN`` and more questions won than lost beyond chance (a sign test), so a few
+lucky answers on a small set do not decide it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections import Counter
@@ -36,7 +42,8 @@ from .evaluation import relative_path
 
 CONFIGS = ("base", "base + retrieval", "adapter", "adapter + retrieval")
 ADAPTER_CONFIGS = ("adapter", "adapter + retrieval")
-MIN_GAIN = 0.02  # a configuration must beat a simpler one by this much F1 to be recommended
+MIN_GAIN = 0.02  # a configuration with more parts must beat a simpler one by this much answer score
+MAX_P = 0.1  # ... and win more questions than it loses with a sign-test p below this
 DRAFT_MAX_ANSWER_WORDS = 30
 DRAFT_MIN_GROUNDED = 0.6  # share of a drafted answer's content words that must be in its passage
 
@@ -184,44 +191,73 @@ def summarize(rows: Sequence[dict], configs: Sequence[str]) -> dict[str, dict[st
             / len(judged)
             if judged
             else None,
-            "unsupported": sum(r["supported"] is False for r in checked) / len(checked) if checked else None,
+            "unsupported": sum(r["supported"] is False or r["fallback"] for r in checked) / len(checked)
+            if checked
+            else None,
             "seconds_per_answer": sum(r["seconds"] for r in mine) / n,
         }
     return out
 
 
-def recommendation(summary: dict[str, dict[str, Any]]) -> str:
-    """One line: what retrieval, the adapter and both add in F1 over the base model, and what to use.
-    A configuration with more parts is chosen only when it beats the simpler ones by ``MIN_GAIN``."""
+def answer_score(row: dict) -> float:
+    """One number per answer for comparisons: the mean of its token F1 and its exact-contains (F1
+    alone punishes a right answer in a full sentence against a one-word reference)."""
+    return (row["f1"] + float(row["contains"])) / 2
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided sign test: the chance of ``wins`` or more out of ``wins + losses`` fair coin tosses."""
+    n = wins + losses
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def better(rows: Sequence[dict], config: str, than: str) -> tuple[bool, int, int]:
+    """Whether ``config`` answers clearly better than ``than`` on the same questions: a mean answer
+    score higher by ``MIN_GAIN`` and more questions won than lost beyond chance (sign test p < ``MAX_P``).
+    Returns that and the questions won and lost."""
+    mine = {r["id"]: answer_score(r) for r in rows if r["config"] == config}
+    theirs = {r["id"]: answer_score(r) for r in rows if r["config"] == than}
+    shared = mine.keys() & theirs.keys()
+    wins = sum(mine[q] > theirs[q] + 1e-9 for q in shared)
+    losses = sum(mine[q] < theirs[q] - 1e-9 for q in shared)
+    gain = sum(mine[q] - theirs[q] for q in shared) / len(shared) if shared else 0.0
+    return gain >= MIN_GAIN and sign_test(wins, losses) < MAX_P, wins, losses
+
+
+ADVICE = {
+    "base": "the base model alone (neither retrieval nor the adapter helps clearly on these questions)",
+    "base + retrieval": "retrieval (answers that cite your files)",
+    "adapter": "the adapter alone",
+    "adapter + retrieval": "the adapter with retrieval",
+}
+
+
+def recommendation(summary: dict[str, dict[str, Any]], rows: Sequence[dict]) -> str:
+    """One line: what retrieval, the adapter and both add over the base model (F1 and contains), and
+    what to use: the simplest configuration that no configuration with more parts beats clearly."""
     base = summary.get("base")
     if base is None:
         return "no answers yet"
-    n = base["questions"]
 
-    def gain(config: str) -> float | None:
-        return round(summary[config]["f1"] - base["f1"], 2) + 0.0 if config in summary else None  # no "-0.00"
+    def gain(config: str, key: str) -> float:
+        return round(summary[config][key] - base[key], 2) + 0.0  # + 0.0: no "-0.00"
 
-    parts = [f"on {n} questions"]
+    parts = []
     for label, config in (("retrieval adds", "base + retrieval"), ("the adapter", "adapter"),
                           ("both", "adapter + retrieval")):  # fmt: skip
-        value = gain(config)
-        if value is not None:
-            parts.append(f"{label} {value:+.2f} F1")
-    order = [c for c in ("base", "base + retrieval", "adapter", "adapter + retrieval") if c in summary]
-    best = order[0]
-    for config in order[1:]:
-        if summary[config]["f1"] >= summary[best]["f1"] + MIN_GAIN:
-            best = config
-    advice = {
-        "base": "the base model alone (neither retrieval nor the adapter helps on these questions)",
-        "base + retrieval": "retrieval (answers that cite your files)",
-        "adapter": "the adapter alone",
-        "adapter + retrieval": "the adapter with retrieval",
-    }[best]
-    text = parts[0] + " " + ", ".join(parts[1:]) if len(parts) > 1 else parts[0]
+        if config in summary:
+            parts.append(f"{label} {gain(config, 'f1'):+.2f} F1 / {gain(config, 'contains'):+.2f} contains")
+    best, note = "base", ""
+    for config in [c for c in CONFIGS[1:] if c in summary]:
+        clearly, wins, losses = better(rows, config, best)
+        if clearly:
+            best, note = config, ""
+        elif wins > losses and summary[config]["f1"] + summary[config]["contains"] > 0:
+            note = f" ({config} answers {wins} questions better and {losses} worse than {best}: not clearly better)"
+    text = f"on {base['questions']} questions " + ", ".join(parts)
     if "adapter" not in summary:
         text += " (no adapter measured: pass --adapter NAME)"
-    return f"{text}: use {advice}"
+    return f"{text}: use {ADVICE[best]}{note}"
 
 
 # ------------------------------------------------------------------------------------------------

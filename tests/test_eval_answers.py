@@ -33,26 +33,26 @@ def test_token_f1_and_contains_equal_hand_computed_values() -> None:
     assert ea.contains("Use `ldd --unused`!", ["--unused"])  # punctuation is dropped on both sides
 
 
-def _row(
-    qid: str, config: str, f1: float, hit: bool, cited=(), files=("a.md",), supported=None, s=1.0
-) -> dict:
+def _row(qid: str, config: str, f1: float, hit: bool, cited=(), files=("a.md",), supported=None, s=1.0,
+         fallback=False) -> dict:  # fmt: skip
     return {"id": qid, "config": config, "f1": f1, "contains": hit, "retrieval": config.endswith("retrieval"),
-            "files": list(files), "cited_files": list(cited), "supported": supported, "seconds": s}  # fmt: skip
+            "files": list(files), "cited_files": list(cited), "supported": supported, "seconds": s,
+            "fallback": fallback}  # fmt: skip
 
 
-def test_summary_and_recommendation_equal_hand_computed_values() -> None:
+def test_summary_equals_hand_computed_values() -> None:
     rows = [
         _row("1", "base", 0.2, False, s=1.0),
         _row("2", "base", 0.4, True, s=3.0),
-        # q1 cites a.md and b.md (a.md is its file), q2 cites nothing and its answer was unsupported
+        # q1 cites a.md and b.md (a.md is its file); q2 cites nothing: the model's answer was
+        # unsupported and replaced by a quoted passage
         _row("1", "base + retrieval", 0.8, True, cited=("a.md", "b.md"), supported=True, s=2.0),
-        _row("2", "base + retrieval", 0.6, True, cited=(), supported=False, s=4.0),
-        _row("1", "adapter", 0.3, False),
-        _row("2", "adapter", 0.3, False),
-        _row("1", "adapter + retrieval", 0.71, True, cited=("a.md",), supported=True),
-        _row("2", "adapter + retrieval", 0.71, True, cited=("a.md",), supported=True),
+        _row("2", "base + retrieval", 0.6, True, cited=(), supported=True, fallback=True, s=4.0),
+        _row("1", "adapter + retrieval", 0.7, True, cited=("a.md",), supported=True),
+        _row("2", "adapter + retrieval", 0.7, True, cited=("a.md",), supported=False),
     ]
     summary = ea.summarize(rows, ea.CONFIGS)
+    assert list(summary) == ["base", "base + retrieval", "adapter + retrieval"]  # no adapter rows, none shown
     assert summary["base"] == {"questions": 2, "f1": pytest.approx(0.3), "contains": 0.5, "citation_precision": None,
                                "citation_recall": None, "unsupported": None, "seconds_per_answer": 2.0}  # fmt: skip
     rag = summary["base + retrieval"]
@@ -61,13 +61,37 @@ def test_summary_and_recommendation_equal_hand_computed_values() -> None:
     assert rag["citation_recall"] == pytest.approx(1 / 2)  # q1's file is cited, q2's is not
     assert rag["unsupported"] == pytest.approx(1 / 2) and rag["seconds_per_answer"] == 3.0
     both = summary["adapter + retrieval"]
-    assert both["citation_precision"] == 1.0 and both["citation_recall"] == 1.0
-    advice = ea.recommendation(summary)
-    # both beats retrieval alone by 0.01 < MIN_GAIN: the simpler configuration is recommended
-    assert advice.startswith("on 2 questions retrieval adds +0.40 F1, the adapter +0.00 F1, both +0.41 F1")
-    assert advice.endswith("use retrieval (answers that cite your files)")
-    only_base = ea.recommendation(ea.summarize(rows[:4], ea.CONFIGS))
-    assert "no adapter measured" in only_base
+    assert both["citation_precision"] == 1.0 and both["citation_recall"] == 1.0 and both["unsupported"] == 0.5
+
+
+def test_sign_test_equals_hand_computed_values() -> None:
+    assert ea.sign_test(6, 0) == pytest.approx(1 / 64)
+    assert ea.sign_test(2, 0) == pytest.approx(1 / 4)
+    assert ea.sign_test(3, 1) == pytest.approx((4 + 1) / 16)  # 3 or 4 heads of 4
+    assert ea.sign_test(0, 0) == 1.0
+
+
+def test_recommendation_takes_more_parts_only_when_they_win_clearly() -> None:
+    rows = []
+    for q in "123456":
+        rows += [_row(q, "base", 0.0, False), _row(q, "adapter", 0.1, False),
+                 _row(q, "base + retrieval", 0.5, True, supported=True)]  # fmt: skip
+        # the adapter with retrieval is better on two questions only: not clearly better
+        rows.append(_row(q, "adapter + retrieval", 0.7 if q in "12" else 0.5, True, supported=True))
+    advice = ea.recommendation(ea.summarize(rows, ea.CONFIGS), rows)
+    assert advice == (
+        "on 6 questions retrieval adds +0.50 F1 / +1.00 contains, the adapter +0.10 F1 / +0.00 contains, "
+        "both +0.57 F1 / +1.00 contains: use retrieval (answers that cite your files) (adapter + retrieval "
+        "answers 2 questions better and 0 worse than base + retrieval: not clearly better)"
+    )
+    # better on four of six: clearly (p = 1/16), and the gain is above 0.02
+    rows = [
+        r if r["config"] != "adapter + retrieval" or r["id"] not in "34" else {**r, "f1": 0.7} for r in rows
+    ]
+    advice = ea.recommendation(ea.summarize(rows, ea.CONFIGS), rows)
+    assert advice.endswith(": use the adapter with retrieval")
+    base_only = [r for r in rows if r["config"] in ("base", "base + retrieval")]
+    assert "no adapter measured" in ea.recommendation(ea.summarize(base_only, ea.CONFIGS), base_only)
 
 
 # ------------------------------------------------------------------------------------------------

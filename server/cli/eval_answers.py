@@ -52,7 +52,7 @@ def answers(
         finally:
             answerer.generator.close()
         summary = ea.summarize(rows, answerer.configs())
-        advice = ea.recommendation(summary)
+        advice = ea.recommendation(summary, rows)
         meta = {"date": today(), "model": answerer.generator.model_id, "adapter": adapter,
                 "questions_file": source, "k": settings.k, "max_tokens": max_tokens}  # fmt: skip
         report = write_answers_report(folder, summary, advice, meta)
