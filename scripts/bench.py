@@ -309,8 +309,26 @@ def benches(work: Path) -> list[Bench]:
         Bench(
             "ragft",
             "demo_rag_vs_ft.py",
-            ["--out", str(work / "ragft"), "--questions", "12", "--train-steps", "12"],
-            ["--out", str(work / "ragft"), "--questions", "2", "--train-steps", "2"],
+            [
+                "--out",
+                str(work / "ragft"),
+                "--questions",
+                "12",
+                "--train-steps",
+                "12",
+                "--pages-from",
+                str(work / "answers"),
+            ],
+            [
+                "--out",
+                str(work / "ragft"),
+                "--questions",
+                "2",
+                "--train-steps",
+                "2",
+                "--pages-from",
+                str(work / "answers"),
+            ],
             ragft_rows,
             limit_s=1200,
         ),  # fmt: skip

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,18 +63,30 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=24, help="Questions of the answer bench to use.")
     parser.add_argument("--train-steps", type=int, default=30, help="Fine-tuning steps (CPU).")
     parser.add_argument("--json", type=Path, help="Write both reports' figures to this file (for bench.py).")
+    parser.add_argument("--pages-from", type=Path,
+                        help="A scripts/bench_answers.py --workdir: start from its rendered pages and index "
+                        "(bench.py passes it, so the same pages are not embedded twice).")  # fmt: skip
     args = parser.parse_args()
     out = args.out.resolve()
     (out / "home").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LOREKEEPER_HOME": str(out / "home")}
     lk = [sys.executable, "-m", "lorekeeper.server.cli"]
     docs = out / "docs"
-    if not (docs / "MANIFEST.tsv").is_file():
+    if args.pages_from is not None and (args.pages_from / "pages").is_dir():
+        docs = args.pages_from.resolve() / "pages"
+        index = args.pages_from / "index.db"
+        if index.is_file() and not (out / "home" / "index.db").exists():
+            for suffix in ("", "-wal"):  # `add` then finds every page indexed and unchanged
+                if Path(f"{index}{suffix}").is_file():
+                    shutil.copy2(f"{index}{suffix}", out / "home" / f"index.db{suffix}")
+    if not any(docs.glob("*.txt")):
         step(
             "render the manual pages",
             [sys.executable, str(HERE / "answerbench" / "render_manpages.py"), str(docs)],
             env,
         )
+        for extra in ("MANIFEST.tsv", "VERSIONS.txt"):  # the render's own records are not documents
+            (docs / extra).replace(out / extra)
     queries, answers = question_sets(out, args.questions)
     step("index them", [*lk, "add", str(docs)], env)
     step("retrieval: three modes and the fusion sweep",

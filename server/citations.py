@@ -350,15 +350,26 @@ def _is_claim(sentence: str) -> bool:
     return len(tokens) >= 2 and any(_NUMBER.match(t) for t in tokens)
 
 
-def check_answer(answer: str, sources: Sequence[str], threshold: float = SUPPORT_THRESHOLD) -> CheckedAnswer:
-    """Check every sentence of ``answer`` against ``sources`` (source ``n`` is ``sources[n-1]``)."""
+def restates(sentence: str, question: str) -> bool:
+    """Whether ``sentence`` only repeats words of the question ("The error open() fails with if I pass
+    O_CREAT and O_EXCL is [1]:"): every source that holds the question's words would "support" it, yet
+    it answers nothing."""
+    words = set(content_words(sentence))
+    return bool(words) and words <= set(content_words(question))
+
+
+def check_answer(
+    answer: str, sources: Sequence[str], threshold: float = SUPPORT_THRESHOLD, question: str = ""
+) -> CheckedAnswer:
+    """Check every sentence of ``answer`` against ``sources`` (source ``n`` is ``sources[n-1]``); with
+    ``question``, a sentence that only restates it is not a claim."""
     text, stripped = strip_source_list(answer)
     checks: list[SentenceCheck] = []
     invalid: list[int] = []
     for sentence in split_sentences(text):
         markers = parse_markers(sentence)
         invalid += [n for n in markers if not 1 <= n <= len(sources) and n not in invalid]
-        claim = _is_claim(sentence)
+        claim = _is_claim(sentence) and not (question and restates(sentence, question))
         check = SentenceCheck(text=sentence, claim=claim, markers=markers)
         if claim:
             scored = sorted(

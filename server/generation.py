@@ -526,7 +526,7 @@ def _check_grounding(
     or that no sentence of that best sentence's source supports (a true line of a neighbouring page),
     is replaced by that sentence too."""
     texts = [s.text for s in prepared.sources]
-    check = citations.check_answer(result.answer, texts)
+    check = citations.check_answer(result.answer, texts, question=prepared.question)
     result.check = check
     result.cited = check.cited
     result.invalid_citations = check.invalid

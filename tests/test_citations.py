@@ -204,3 +204,24 @@ def test_a_short_sentence_stating_a_number_is_checked_like_any_claim() -> None:
     assert true_figure.claim and true_figure.supported_by == [1]
     listed = check_answer("1. Report a lost laptop within 24 hours.", [source])
     assert [s.claim for s in listed.sentences] == [False, True]
+
+
+def test_a_sentence_that_only_restates_the_question_supports_nothing() -> None:
+    """Every source holding the question's words would "support" a restatement of it; it answers
+    nothing, so it is not a claim, and an answer made of it and unsupported text is unsupported. A
+    sentence that adds a figure or a word of its own is still a claim."""
+    question = "What error does open() fail with if I pass O_CREAT and O_EXCL and the file exists?"
+    source = (
+        "Pass O_CREAT to create the file. O_EXCL: if this flag is given with O_CREAT and the file exists, "
+        "open() fails with the error EEXIST."
+    )
+    answer = (
+        "The error that open() fails with if I pass O_CREAT and O_EXCL is this [1]. It is ENOVERSION 10.2.3."
+    )
+    checked = check_answer(answer, [source], question=question)
+    assert not checked.supported and checked.flagged == [1]
+    assert check_answer(answer, [source]).supported  # without the question, the restatement passes
+    right = check_answer("open() fails with EEXIST [1].", [source], question=question)
+    assert right.supported and right.cited == [1]
+    days = check_answer("New staff get 25 days [1].", [HOLIDAY], question="How many days do new staff get?")
+    assert days.supported
