@@ -471,11 +471,19 @@ def export(
     description: str | None = typer.Option(
         None, "--description", help="A short description kept in the adapter's record (see `adapters list`)."
     ),
+    server_config: bool = typer.Option(
+        False,
+        "--server-config",
+        help="Also print how to serve the adapter on llama-server, llama-cpp-python's server or vLLM "
+        "(as `lorekeeper adapters serve-config NAME`).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own log."),
 ) -> None:
     """Export a run's adapter (and optionally a merged model) as GGUF for llama.cpp."""
     _setup_logging(verbose)
+    if server_config and not (adapter and register):
+        _fail("--server-config serves the registered adapter: leave out --no-adapter and --no-register")
     from .export import AdapterFormatError, ExportError, UnsupportedArchitecture, export_run
     from .runs import RunNotFound, find_run
 
@@ -496,3 +504,19 @@ def export(
     except (RunNotFound, ExportError, UnsupportedArchitecture, AdapterFormatError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result.to_json(), indent=2) if as_json else str(result))
+    if server_config:
+        _print_server_config(result.name, to_stderr=as_json)
+
+
+def _print_server_config(name: str, *, to_stderr: bool) -> None:
+    """The commands that serve the just-registered adapter (on stderr after --json, to keep it JSON)."""
+    from lorekeeper.server.adapter_serving import plan_for, render
+    from lorekeeper.server.adapters import AdapterError, AdapterRegistry
+    from lorekeeper.server.settings import Settings
+
+    settings = Settings.load()
+    try:
+        plan = plan_for(AdapterRegistry(settings.adapters_dir), [name], n_ctx=settings.n_ctx)
+    except AdapterError as exc:
+        _fail(str(exc))
+    typer.echo("\n" + render(plan), err=to_stderr)

@@ -41,6 +41,7 @@ GENERATOR_CHOICES = ("llamacpp", "openai")
 REPACK_CHOICES = ("auto", "on", "off")
 SEARCH_MODES = ("hybrid", "vector", "keyword")
 EMBEDDER_RUNTIMES = ("auto", "torch", "onnx")
+OPENAI_ADAPTER_MODES = ("none", "llama-server", "model-name")
 
 
 class SettingsError(ValueError):
@@ -163,6 +164,14 @@ class Settings:
     )
     openai_context: int = _s(8192, "Context window of the remote model, in tokens.", kind=int, lo=64)
     openai_timeout: float = _s(120.0, "Seconds to wait for the remote server.", kind=float, lo=0.1)
+    openai_adapters: str = _s(
+        "none",
+        "How the OpenAI-compatible server takes a LoRA adapter per request: llama-server (llama.cpp's "
+        "server, adapters loaded with --lora, chosen by the request's lora field), model-name (vLLM "
+        "--lora-modules, llama-cpp-python's server: the adapter is served as a model of its name) or none.",
+        kind=str,
+        choices=OPENAI_ADAPTER_MODES,
+    )
     # --- the MCP server ----------------------------------------------------------------------
     token: str | None = _s(None, "Bearer token for serve --http (default: generated into the data dir).",
                            kind=str, secret=True)  # fmt: skip

@@ -1,8 +1,9 @@
-"""``adapters list|show|rm``: the fine-tuned LoRA adapters registered by ``finetune export``."""
+"""``adapters list|show|rm|serve-config``: the fine-tuned LoRA adapters registered by ``finetune export``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -60,6 +61,38 @@ def remove_adapter(ctx: typer.Context, name: str = typer.Argument(..., help="The
     except AdapterError as exc:
         fail(str(exc))
     typer.echo(f"removed adapter {name!r} ({', '.join(p.name for p in removed)})")
+
+
+@app.command("serve-config")
+def serve_config(
+    ctx: typer.Context,
+    names: list[str] = typer.Argument(..., help="The adapters to serve (all made for one base model)."),
+    port: int = typer.Option(8080, "--port", help="The port the server listens on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="The address the server listens on."),
+    n_ctx: int = typer.Option(
+        None, "--n-ctx", help="The server's context window (default: the n_ctx setting)."
+    ),
+    write: Path = typer.Option(
+        None,
+        "--write",
+        help="Write the llama-cpp-python server config into this folder instead of printing it.",
+    ),
+) -> None:
+    """Print the commands that serve these adapters on llama-server, llama-cpp-python's server or vLLM,
+    and the settings that make the openai generator pick one per request."""
+    from ..adapter_serving import plan_for, render, write_config
+
+    settings = settings_of(ctx)
+    if not 1 <= port <= 65535:
+        fail(f"--port {port} is not a port: use 1 to 65535")
+    try:
+        plan = plan_for(_registry(ctx), names, port=port, host=host, n_ctx=n_ctx or settings.n_ctx)
+        config_file = write_config(plan, write) if write is not None else None
+    except AdapterError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the config into {write}: {exc.strerror or exc}")
+    typer.echo(render(plan, config_file))
 
 
 def register(root: typer.Typer) -> None:
