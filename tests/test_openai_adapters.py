@@ -254,3 +254,27 @@ def test_model_name_server_refuses_an_adapter_it_does_not_serve_with_what_to_do(
                                   adapters=exported["registry"])  # fmt: skip
     with pytest.raises(AdapterError, match="is not llama.cpp's llama-server.*openai_adapters model-name"):
         wrong.check_adapter(ADAPTER)
+
+
+@pytest.mark.slow
+def test_ask_answers_with_an_adapter_through_the_server(exported, llama_cpp_server):
+    """`lorekeeper ask --generator openai --adapter NAME` with the settings serve-config printed."""
+    from typer.testing import CliRunner
+
+    from lorekeeper.server.cli import app
+
+    env = {
+        "LOREKEEPER_HOME": str(exported["home"]),
+        "LOREKEEPER_OPENAI_BASE_URL": llama_cpp_server["url"],
+        "LOREKEEPER_OPENAI_MODEL": llama_cpp_server["model"],
+        "LOREKEEPER_OPENAI_ADAPTERS": "model-name",
+        "LOREKEEPER_OPENAI_CONTEXT": "1024",
+        "LOREKEEPER_REUSE_SERVER": "false",
+    }
+    argv = ["ask", "Hello?", "--generator", "openai", "--no-context", "--max-tokens", "8", "--json"]
+    asked = CliRunner().invoke(app, [*argv, "--adapter", ADAPTER], env=env)
+    assert asked.exit_code == 0, asked.output
+    answer = json.loads(asked.stdout)
+    assert answer["adapter"] == ADAPTER and answer["answer"].strip(), answer
+    refused = CliRunner().invoke(app, [*argv, "--adapter", "nope"], env=env)
+    assert refused.exit_code == 1 and "unknown adapter 'nope'" in refused.output, refused.output

@@ -48,7 +48,9 @@ def _generator(settings: Settings, adapter: str | None):
         generator = plugins.get_generator(None, settings)
         if adapter is not None:
             if not generator.supports_adapters:
-                fail(f"the {generator.name} generator cannot apply adapters: use --generator llamacpp")
+                fail(f"the {generator.name} generator cannot apply adapters: use --generator llamacpp, or for "
+                     "the openai generator say how its server takes them (`lorekeeper config set "
+                     "openai_adapters llama-server` or model-name)")  # fmt: skip
             generator.check_adapter(adapter)
     except (LookupError, ValueError) as exc:
         fail(str(exc))

@@ -247,7 +247,8 @@ async def _generator_for_request(state: AppState, adapter: str | None) -> Genera
         if not generator.supports_adapters:
             raise ToolError(
                 f"the {generator.name} generator cannot apply adapter {adapter!r}: start the server with "
-                "the llamacpp generator to use LoRA adapters"
+                "the llamacpp generator, or with the openai generator and the openai_adapters setting "
+                "(llama-server or model-name), to use LoRA adapters"
             )
         await anyio.to_thread.run_sync(generator.check_adapter, adapter)
         return await anyio.to_thread.run_sync(state.generator_for, adapter)
