@@ -175,7 +175,8 @@ def render(plan: ServePlan, config_file: Path | None = None) -> str:
             "# vLLM (the PEFT adapter folders the runs saved; the same settings as llama-cpp-python's server):",
             vllm,
         ]
-    lines.append(f"# Set openai_context to at most {plan.n_ctx}, the window these servers are given.")
+    lines += ["", "# the window these servers are given (the openai generator assumes 8192 unless told):",
+              f"lorekeeper config set openai_context {plan.n_ctx}"]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -509,3 +509,37 @@ def test_merged_model_of_a_gguf_base_carries_the_chat_template_the_run_trained_w
     (run / "config.json").write_text(json.dumps({"chat_template": "chatml"}))
     chosen = export_run(run, name="chosen", adapter=False, merged=True, register=False)
     assert _field(chosen.merged_gguf, "tokenizer.chat_template") == CHATML
+
+
+def test_export_server_config_prints_how_to_serve_the_adapter(tiny, tmp_path):
+    """`finetune export --server-config`: the llama-server command on the converted base and the
+    registered adapter, the llama-cpp-python config, and (the base is a Hugging Face folder) the
+    vLLM command on the run's PEFT adapter folder; with --json the JSON stays alone on stdout."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from lorekeeper.finetune.cli import app
+    from lorekeeper.server.adapters import AdapterRegistry
+    from lorekeeper.server.settings import Settings
+
+    run = _copy_run(tiny, tmp_path)
+    result = CliRunner().invoke(app, ["export", str(run), "--name", "served", "--server-config", "--json"])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    shown = result.stderr
+    registered = AdapterRegistry(Settings.load().adapters_dir).gguf_path("served")
+    base = written["base_gguf"]
+    assert (
+        shlex.join(["llama-server", "-m", base, "--lora", str(registered), "--lora-init-without-apply"])
+        in shown
+    )
+    alias = Path(base).name.removesuffix(".gguf")
+    assert f'"model_alias": "{alias}"' in shown and '"model_alias": "served"' in shown
+    vllm = shlex.join(["vllm", "serve", str(tiny["model_dir"]), "--enable-lora", "--lora-modules",
+                       f"served={run / 'adapter'}", "--served-model-name", alias])  # fmt: skip
+    assert vllm in shown
+    assert f"lorekeeper config set openai_model {alias}" in shown
+
+    refused = CliRunner().invoke(app, ["export", str(run), "--no-register", "--server-config"])
+    assert refused.exit_code == 2 and "leave out --no-adapter and --no-register" in refused.output

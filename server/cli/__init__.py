@@ -5,7 +5,7 @@ then ``config.toml``, then the defaults) and passes them down. Every command tak
 the ``db`` setting) to use a specific index file. Logs go to stderr.
 
 Commands live by subject: ``index.py`` (add, remove, watch, search, status, reindex, plugins),
-``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset), ``eval.py`` (eval retrieval) and
+``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm/serve-config), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset), ``eval.py`` (eval retrieval) and
 ``lorekeeper.finetune.cli`` (finetune ...).
 """
 
