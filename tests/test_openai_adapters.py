@@ -278,3 +278,59 @@ def test_ask_answers_with_an_adapter_through_the_server(exported, llama_cpp_serv
     assert answer["adapter"] == ADAPTER and answer["answer"].strip(), answer
     refused = CliRunner().invoke(app, [*argv, "--adapter", "nope"], env=env)
     assert refused.exit_code == 1 and "unknown adapter 'nope'" in refused.output, refused.output
+
+
+# ---------------------------------------------------------------------------- llama.cpp's llama-server
+
+
+@pytest.fixture(scope="module")
+def llama_server(exported):
+    """llama.cpp's own server on the command `adapters serve-config` prints, where one is installed."""
+    import shlex
+
+    from lorekeeper.server.adapter_serving import plan_for
+
+    binary = shutil.which("llama-server")
+    if binary is None:
+        pytest.skip("llama.cpp's llama-server is not on PATH (it is not a Python package): the llama-server "
+                    "way is tested where one is installed")  # fmt: skip
+    port = _free_port()
+    plan = plan_for(exported["registry"], [ADAPTER], port=port, n_ctx=1024)
+    argv = [binary, *shlex.split(plan.llama_server_command())[1:], "--threads", "1"]
+    root = f"http://127.0.0.1:{port}"
+    process = _start(argv, f"{root}/health", exported["root"] / "llama-server.log")
+    try:
+        yield {"url": f"{root}/v1", "root": root}
+    finally:
+        _stop(process)
+
+
+@pytest.mark.slow
+def test_llama_server_scales_the_adapter_per_request(exported, llama_server):
+    import httpx
+
+    generator = OpenAICompatGenerator(base_url=llama_server["url"], context_window=1024,
+                                      adapters_mode="llama-server", adapters=exported["registry"])  # fmt: skip
+    assert "adapter_scale" in generator.sampling_options
+    assert generator.check_adapter(ADAPTER) == exported["registry"].gguf_path(ADAPTER)
+    greedy = dict(max_tokens=24, temperature=0.0)
+    base = "".join(generator.stream(QUESTION, **greedy))
+    tuned = "".join(generator.stream(QUESTION, adapter=ADAPTER, **greedy))
+    off = "".join(generator.stream(QUESTION, adapter=ADAPTER, adapter_scale=0.0, **greedy))
+    assert base.strip() and tuned != base, "the adapter did not change llama-server's answer"
+    assert off == base, "scale 0 is the base model"
+    # the request's lora field wins over the server's global scale: turned on globally, the base
+    # answer stays the base's
+    httpx.post(f"{llama_server['root']}/lora-adapters", json=[{"id": 0, "scale": 1.0}]).raise_for_status()
+    assert "".join(generator.stream(QUESTION, **greedy)) == base
+
+
+@pytest.mark.slow
+def test_llama_server_refuses_an_adapter_it_has_not_loaded_with_the_command(exported, llama_server):
+    other = exported["root"] / "ls-home" / "adapters"
+    other.mkdir(parents=True)
+    shutil.copy(exported["registry"].gguf_path(ADAPTER), other / "elsewhere.gguf")
+    generator = OpenAICompatGenerator(base_url=llama_server["url"], adapters_mode="llama-server",
+                                      adapters=AdapterRegistry(other))  # fmt: skip
+    with pytest.raises(UnknownAdapterError, match=r"'elsewhere' is not loaded by the llama-server .*--lora "):
+        generator.check_adapter("elsewhere")

@@ -218,7 +218,8 @@ class OpenAICompatGenerator(Generator):
         if not self.supports_adapters or self._adapters is None:
             raise ValueError(
                 f"the openai generator cannot apply adapter {name!r}: tell it how the server takes "
-                "adapters with `lorekeeper config set openai_adapters llama-server` (or model-name)"
+                "adapters with `lorekeeper config set openai_adapters llama-server` (or model-name), or "
+                "use the llamacpp generator"
             )
         return self._adapters.gguf_path(name)
 

@@ -40,7 +40,7 @@ def adapter_base_settings(settings: Settings, adapter: str) -> Settings:
     return settings.with_flags(model=str(base))
 
 
-def _generator(settings: Settings, adapter: str | None):
+def _generator(settings: Settings, adapter: str | None, adapter_scale: float | None = None):
     """The generator the settings name, checked against ``adapter`` before any model time."""
     from lorekeeper import plugins
 
@@ -54,6 +54,9 @@ def _generator(settings: Settings, adapter: str | None):
             generator.check_adapter(adapter)
     except (LookupError, ValueError) as exc:
         fail(str(exc))
+    if adapter_scale is not None and "adapter_scale" not in generator.sampling_options:
+        fail(f"--adapter-scale: the {generator.name} generator applies adapters at their trained strength only "
+             "(a server that serves an adapter as a model cannot scale it); leave it out")  # fmt: skip
     return generator
 
 
@@ -120,7 +123,7 @@ def ask(
 
     if adapter is not None:
         settings = adapter_base_settings(settings, adapter)
-    generator = _generator(settings, adapter)
+    generator = _generator(settings, adapter, adapter_scale)
     store, embedder = _index(settings) if not no_context else (None, None)
 
     printer = StreamPrinter()

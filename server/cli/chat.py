@@ -79,7 +79,7 @@ def chat(
     check_adapter_scale(adapter, adapter_scale)
     if adapter is not None:
         settings = adapter_base_settings(settings, adapter)
-    generator = _generator(settings, adapter)
+    generator = _generator(settings, adapter, adapter_scale)
     store, embedder = _index(settings) if rag else (None, None)
     registry = AdapterRegistry(settings.adapters_dir) if adapter else None
     options = dict(generator=generator, store=store, embedder=embedder, adapter=adapter, system=system,
