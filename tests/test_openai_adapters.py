@@ -334,3 +334,30 @@ def test_llama_server_refuses_an_adapter_it_has_not_loaded_with_the_command(expo
                                       adapters=AdapterRegistry(other))  # fmt: skip
     with pytest.raises(UnknownAdapterError, match=r"'elsewhere' is not loaded by the llama-server .*--lora "):
         generator.check_adapter("elsewhere")
+
+
+@pytest.mark.slow
+def test_mcp_generate_applies_an_adapter_on_the_server(exported, llama_cpp_server, tmp_path):
+    """MCP `generate(adapter=NAME)` on a server whose generator is the openai one."""
+    import anyio
+    from mcp import Client
+
+    from lorekeeper.server.mcp import ServerOptions, create_server
+    from lorekeeper.server.settings import Settings
+
+    flags = {"db": tmp_path / "index.db", "generator": "openai", "openai_base_url": llama_cpp_server["url"],
+             "openai_model": llama_cpp_server["model"], "openai_adapters": "model-name", "openai_context": 1024}  # fmt: skip
+    settings = Settings.load(flags, home=exported["home"])
+    server = create_server(ServerOptions(settings=settings, start_watcher=False))
+    ask = {"prompt": "Hello?", "use_context": False, "max_tokens": 8, "temperature": 0}
+
+    async def main():
+        async with Client(server) as client:
+            tuned = await client.call_tool("generate", {**ask, "adapter": ADAPTER})
+            unknown = await client.call_tool("generate", {**ask, "adapter": "nope"})
+            return tuned, unknown
+
+    tuned, unknown = anyio.run(main)
+    assert not tuned.is_error, tuned.content
+    assert tuned.structured_content["adapter"] == ADAPTER and tuned.structured_content["answer"].strip()
+    assert unknown.is_error and "unknown adapter 'nope'" in unknown.content[0].text
