@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lorekeeper.server.adapters import AdapterError, AdapterRegistry, UnknownAdapterError
+from lorekeeper.server.settings import OPENAI_ADAPTER_MODES as ADAPTER_MODES
 
 from ..base import ChatMessage, Generator
 from ..hookspecs import hookimpl
@@ -50,9 +51,6 @@ DEFAULT_CONTEXT = 8192
 DEFAULT_TIMEOUT = 120.0
 CHARS_PER_TOKEN = 3.0  # deliberately pessimistic: most tokenizers average ~4 characters of English
 MESSAGE_OVERHEAD = 6  # role markers and separators a chat template adds per message
-
-
-ADAPTER_MODES = ("none", "llama-server", "model-name")
 
 
 class EndpointError(RuntimeError):
