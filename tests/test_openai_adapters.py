@@ -34,7 +34,8 @@ from lorekeeper.server.adapters import AdapterError, AdapterRegistry, UnknownAda
 
 ADAPTER = "remote-notes"
 QUESTION = [ChatMessage("user", "Name three colours and say why you like each of them.")]
-SERVER_DEFAULT_REPEAT_PENALTY = 1.1  # what llama-cpp-python's server samples with when not told
+LLAMA_CPP_SERVER_REPEAT_PENALTY = 1.1  # what llama-cpp-python's server samples with when not told
+LLAMA_SERVER_REPEAT_PENALTY = 1.0  # llama.cpp's llama-server's default (--repeat-penalty)
 
 
 # ---------------------------------------------------------------------------- pure logic
@@ -200,12 +201,13 @@ def llama_cpp_server(exported):
         _stop(process)
 
 
-def _local_answers(exported, max_tokens: int) -> tuple[str, str]:
+def _local_answers(exported, max_tokens: int, repeat_penalty: float) -> tuple[str, str]:
+    """Greedy answers of the local llama.cpp generator without and with the adapter."""
     from lorekeeper.plugins.generators.llamacpp import LlamaCppGenerator
 
     local = LlamaCppGenerator(exported["base"], n_ctx=1024, adapters=exported["registry"])
     try:
-        same = dict(max_tokens=max_tokens, temperature=0.0, repeat_penalty=SERVER_DEFAULT_REPEAT_PENALTY)
+        same = dict(max_tokens=max_tokens, temperature=0.0, repeat_penalty=repeat_penalty)
         return "".join(local.stream(QUESTION, **same)), "".join(
             local.stream(QUESTION, adapter=ADAPTER, **same)
         )
@@ -229,7 +231,7 @@ def test_model_name_server_answers_with_the_adapter_as_the_local_generator_does(
     assert base.strip() and tuned.strip()
     assert tuned != base, "the adapter did not change the server's answer"
     # greedy decoding of the same prompt, weights and adapter in llama.cpp: the same words
-    assert (base, tuned) == _local_answers(exported, 24)
+    assert (base, tuned) == _local_answers(exported, 24, LLAMA_CPP_SERVER_REPEAT_PENALTY)
 
 
 @pytest.mark.slow
@@ -305,6 +307,15 @@ def llama_server(exported):
         _stop(process)
 
 
+def _shared_words(a: str, b: str) -> int:
+    count = 0
+    for x, y in zip(a.split(), b.split()):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
 @pytest.mark.slow
 def test_llama_server_scales_the_adapter_per_request(exported, llama_server):
     import httpx
@@ -319,6 +330,12 @@ def test_llama_server_scales_the_adapter_per_request(exported, llama_server):
     off = "".join(generator.stream(QUESTION, adapter=ADAPTER, adapter_scale=0.0, **greedy))
     assert base.strip() and tuned != base, "the adapter did not change llama-server's answer"
     assert off == base, "scale 0 is the base model"
+    # greedy decoding of the same prompt, weights and adapter, in another build of llama.cpp: its
+    # quantised kernels may break a near tie the other way later in the answer, not at its start
+    # (seen: the first 14 and 10 words the same on the shipped Q4_1 base, every word on an F16 copy)
+    local_base, local_tuned = _local_answers(exported, 24, LLAMA_SERVER_REPEAT_PENALTY)
+    assert _shared_words(base, local_base) >= 6, (base, local_base)
+    assert _shared_words(tuned, local_tuned) >= 6, (tuned, local_tuned)
     # the request's lora field wins over the server's global scale: turned on globally, the base
     # answer stays the base's
     httpx.post(f"{llama_server['root']}/lora-adapters", json=[{"id": 0, "scale": 1.0}]).raise_for_status()
