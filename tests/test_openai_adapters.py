@@ -280,6 +280,8 @@ def test_ask_answers_with_an_adapter_through_the_server(exported, llama_cpp_serv
     assert answer["adapter"] == ADAPTER and answer["answer"].strip(), answer
     refused = CliRunner().invoke(app, [*argv, "--adapter", "nope"], env=env)
     assert refused.exit_code == 1 and "unknown adapter 'nope'" in refused.output, refused.output
+    scaled = CliRunner().invoke(app, [*argv, "--adapter", ADAPTER, "--adapter-scale", "0.5"], env=env)
+    assert scaled.exit_code == 1 and "trained strength only" in scaled.output, scaled.output
 
 
 # ---------------------------------------------------------------------------- llama.cpp's llama-server
@@ -294,8 +296,8 @@ def llama_server(exported):
 
     binary = shutil.which("llama-server")
     if binary is None:
-        pytest.skip("llama.cpp's llama-server is not on PATH (it is not a Python package): the llama-server "
-                    "way is tested where one is installed")  # fmt: skip
+        pytest.skip("llama.cpp's llama-server is not on PATH (build it from llama.cpp's source): the "
+                    "llama-server way is tested where one is installed")  # fmt: skip
     port = _free_port()
     plan = plan_for(exported["registry"], [ADAPTER], port=port, n_ctx=1024)
     argv = [binary, *shlex.split(plan.llama_server_command())[1:], "--threads", "1"]
@@ -372,9 +374,12 @@ def test_mcp_generate_applies_an_adapter_on_the_server(exported, llama_cpp_serve
         async with Client(server) as client:
             tuned = await client.call_tool("generate", {**ask, "adapter": ADAPTER})
             unknown = await client.call_tool("generate", {**ask, "adapter": "nope"})
-            return tuned, unknown
+            scaled = await client.call_tool("generate", {**ask, "adapter": ADAPTER, "adapter_scale": 0.5})
+            return tuned, unknown, scaled
 
-    tuned, unknown = anyio.run(main)
+    tuned, unknown, scaled = anyio.run(main)
     assert not tuned.is_error, tuned.content
     assert tuned.structured_content["adapter"] == ADAPTER and tuned.structured_content["answer"].strip()
     assert unknown.is_error and "unknown adapter 'nope'" in unknown.content[0].text
+    # a server that serves the adapter as a model cannot scale it: refused, not ignored
+    assert scaled.is_error and "leave adapter_scale out" in scaled.content[0].text

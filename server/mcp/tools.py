@@ -197,6 +197,9 @@ def _register_generate(server: Any, settings: Settings) -> None:
         """
         state = app_state(ctx)
         generator = await _generator_for_request(state, adapter)
+        if adapter and adapter_scale is not None and "adapter_scale" not in generator.sampling_options:
+            raise ToolError(f"the {generator.name} generator applies adapters at their trained strength only "
+                            "(its server serves an adapter as a model): leave adapter_scale out")  # fmt: skip
         answer = await _answer_streaming(
             ctx,
             max_tokens,
