@@ -76,6 +76,26 @@ class ServePlan:
         ]
         return {"host": self.host, "port": self.port, "models": models}
 
+    def vllm_load_commands(self) -> list[str]:
+        """Loading the adapters into a running vLLM (started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+        url = f"http://{self.host}:{self.port}/v1/load_lora_adapter"
+        return [
+            shlex.join(
+                [
+                    "curl",
+                    "-X",
+                    "POST",
+                    url,
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    json.dumps({"lora_name": name, "lora_path": str(self.peft_dirs[name])}),
+                ]
+            )  # fmt: skip
+            for name in self.names
+            if name in self.peft_dirs
+        ]
+
     def vllm_command(self) -> str | None:
         if self.hf_base is None or len(self.peft_dirs) != len(self.names):
             return None
@@ -174,6 +194,8 @@ def render(plan: ServePlan, config_file: Path | None = None) -> str:
         lines += [
             "# vLLM (the PEFT adapter folders the runs saved; the same settings as llama-cpp-python's server):",
             vllm,
+            "# or into a running vLLM started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora:",
+            *plan.vllm_load_commands(),
         ]
     lines += ["", "# the window these servers are given (the openai generator assumes 8192 unless told):",
               f"lorekeeper config set openai_context {plan.n_ctx}"]  # fmt: skip

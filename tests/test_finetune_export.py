@@ -539,6 +539,8 @@ def test_export_server_config_prints_how_to_serve_the_adapter(tiny, tmp_path):
     vllm = shlex.join(["vllm", "serve", str(tiny["model_dir"]), "--enable-lora", "--lora-modules",
                        f"served={run / 'adapter'}", "--served-model-name", alias])  # fmt: skip
     assert vllm in shown
+    load = {"lora_name": "served", "lora_path": str(run / "adapter")}
+    assert f"/v1/load_lora_adapter -H 'Content-Type: application/json' -d '{json.dumps(load)}'" in shown
     assert f"lorekeeper config set openai_model {alias}" in shown
 
     refused = CliRunner().invoke(app, ["export", str(run), "--no-register", "--server-config"])

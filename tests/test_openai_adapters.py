@@ -287,6 +287,22 @@ def test_ask_answers_with_an_adapter_through_the_server(exported, llama_cpp_serv
 # ---------------------------------------------------------------------------- llama.cpp's llama-server
 
 
+SECOND = "remote-second"  # a second adapter on the same base: llama-server numbers them 0 and 1
+
+
+def _register_second(exported) -> None:
+    """A hand-made random adapter (tests/tiny_lora.py) registered as ``SECOND`` on the same base."""
+    from tiny_lora import write_lora_adapter
+
+    from lorekeeper.server.adapters import AdapterRecord
+
+    registry = exported["registry"]
+    if SECOND in registry.names():
+        return
+    path = write_lora_adapter(exported["root"] / "second.gguf", n_embd=576, n_layer=30, rank=4, seed=3)
+    registry.register(SECOND, path, AdapterRecord(name=SECOND, base_model=str(exported["base"])))
+
+
 @pytest.fixture(scope="module")
 def llama_server(exported):
     """llama.cpp's own server on the command `adapters serve-config` prints, where one is installed."""
@@ -298,8 +314,9 @@ def llama_server(exported):
     if binary is None:
         pytest.skip("llama.cpp's llama-server is not on PATH (build it from llama.cpp's source): the "
                     "llama-server way is tested where one is installed")  # fmt: skip
+    _register_second(exported)
     port = _free_port()
-    plan = plan_for(exported["registry"], [ADAPTER], port=port, n_ctx=1024)
+    plan = plan_for(exported["registry"], [ADAPTER, SECOND], port=port, n_ctx=1024)
     argv = [binary, *shlex.split(plan.llama_server_command())[1:], "--threads", "1"]
     root = f"http://127.0.0.1:{port}"
     process = _start(argv, f"{root}/health", exported["root"] / "llama-server.log")
@@ -332,6 +349,8 @@ def test_llama_server_scales_the_adapter_per_request(exported, llama_server):
     off = "".join(generator.stream(QUESTION, adapter=ADAPTER, adapter_scale=0.0, **greedy))
     assert base.strip() and tuned != base, "the adapter did not change llama-server's answer"
     assert off == base, "scale 0 is the base model"
+    second = "".join(generator.stream(QUESTION, adapter=SECOND, **greedy))
+    assert second not in (base, tuned), "the second adapter (id 1) answered as another one"
     # greedy decoding of the same prompt, weights and adapter, in another build of llama.cpp: its
     # quantised kernels may break a near tie the other way later in the answer, not at its start
     # (seen: the first 14 and 10 words the same on the shipped Q4_1 base, every word on an F16 copy)
