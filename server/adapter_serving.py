@@ -11,7 +11,9 @@ adapters that share one base model:
   ``model_alias`` (``openai_adapters = model-name``). That server reloads the model when a request
   names another one, so switching there costs a model load;
 - a vLLM command when the run's base is a Hugging Face folder (vLLM takes the PEFT adapter folder
-  the run saved, not the GGUF): ``--enable-lora --lora-modules NAME=RUN/adapter``.
+  the run saved, not the GGUF): ``--enable-lora --lora-modules NAME=RUN/adapter``, and the
+  ``POST /v1/load_lora_adapter`` request that adds one to a running vLLM (where
+  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
 
 Paths are this machine's: on another machine, copy the files and change the paths.
 """
