@@ -41,6 +41,7 @@ from typing import Any
 
 from lorekeeper.server.adapters import AdapterError, AdapterRegistry, UnknownAdapterError
 from lorekeeper.server.settings import OPENAI_ADAPTER_MODES as ADAPTER_MODES
+from lorekeeper.server.settings import Settings
 
 from ..base import ChatMessage, Generator
 from ..hookspecs import hookimpl
@@ -98,6 +99,8 @@ class OpenAICompatGenerator(Generator):
         self.supports_adapters = adapters_mode != "none"
         # llama-server scales each adapter per request; a server that serves adapters as models cannot
         self.sampling_options = ("adapter_scale",) if adapters_mode == "llama-server" else ()
+        if adapters is None and self.supports_adapters:
+            adapters = AdapterRegistry(Settings.load().adapters_dir)
         self._adapters = adapters
         self.model_id = f"openai:{self.model}"
         self.cache_key = (base_url, self.model, api_key, self._context_window, self._timeout, adapters_mode,
