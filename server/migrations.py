@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import sqlean
+
 MIGRATIONS: list[tuple[int, str, str]] = []
 
 
@@ -94,6 +96,23 @@ migration(3, "files left out of the index, with the reason")(
     """
 )
 
+migration(4, "a log of changed chunks for the in-process vector accelerator, and the index's id")(
+    """
+    CREATE TABLE vector_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, chunk_id INTEGER NOT NULL);
+    CREATE TRIGGER chunks_log_insert AFTER INSERT ON chunks BEGIN
+        INSERT INTO vector_changes(chunk_id) VALUES (new.id);
+    END;
+    CREATE TRIGGER chunks_log_delete AFTER DELETE ON chunks BEGIN
+        INSERT INTO vector_changes(chunk_id) VALUES (old.id);
+    END;
+    CREATE TRIGGER chunks_log_update AFTER UPDATE OF id, document_id ON chunks BEGIN
+        INSERT INTO vector_changes(chunk_id) VALUES (old.id);
+        INSERT INTO vector_changes(chunk_id) VALUES (new.id);
+    END;
+    INSERT OR IGNORE INTO meta(key, value) VALUES ('index_id', lower(hex(randomblob(16))));
+    """
+)
+
 
 def current_version(conn) -> int:
     conn.execute(
@@ -130,8 +149,18 @@ def migrate(conn, target: int | None = None) -> list[int]:
 
 def _statements(sql: str) -> list[str]:
     # executescript() would commit implicitly; split instead so the migration stays one transaction.
-    # No statement here contains a semicolon inside a string literal.
-    return [s.strip() for s in sql.split(";") if s.strip()]
+    # No statement here contains a semicolon inside a string literal; a trigger's body holds several,
+    # so pieces are joined until SQLite calls the statement complete.
+    out, pending = [], ""
+    for piece in sql.split(";"):
+        pending += piece + ";"
+        if sqlean.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending.strip().rstrip(";").strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        out.append(pending.strip().rstrip(";").strip())
+    return out
 
 
 LATEST_VERSION = max(v for v, _, _ in MIGRATIONS)

@@ -31,6 +31,7 @@ import sqlite_vec
 
 from .migrations import migrate
 from .settings import tighten
+from .vector_index import RESET, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ Listener = Callable[[str, str], None]
 
 EXACT_SCAN_LIMIT = 20_000  # filtered vector searches over at most this many chunks are scanned exactly
 VEC_K_LIMIT = 4096  # the most neighbours one vec0 query returns
+ACCELERATE_FROM = 20_000  # chunk ids: below this the exact vec0 scan is fast enough (bench_vectors.py)
+CHANGE_LOG_KEEP = 100_000  # entries of vector_changes kept for accelerators of other processes
 
 _CHUNK_COLUMNS = (
     "c.id, c.document_id, c.seq, c.text, c.char_start, c.char_end, c.start_line, c.end_line, "
@@ -248,8 +251,12 @@ def vector_blob(vector: np.ndarray) -> bytes:
 class Store:
     """The index file. Thread-safe: one writer at a time, any number of readers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, vector_index: bool | None = None) -> None:
+        """``vector_index``: search vectors through the in-process accelerator (``vector_index.py``)
+        always (True), never (False: the exact vec0 scan), or from ``ACCELERATE_FROM`` chunks (None)."""
         self.path = Path(path)
+        self._accelerate = vector_index
+        self._accelerator: VectorIndex | None = None
         self._write_lock = threading.RLock()
         self._local = threading.local()
         self._listeners: list[Listener] = []
@@ -275,7 +282,9 @@ class Store:
             raise StoreWriteError(f"cannot create the index {self.path}: {exc.strerror or exc}") from exc
 
     @classmethod
-    def open(cls, path: Path | str | None = None, *, create: bool = True) -> Store:
+    def open(
+        cls, path: Path | str | None = None, *, create: bool = True, vector_index: bool | None = None
+    ) -> Store:
         """Open (or, with ``create``, make) the index at ``path`` (default: the settings' index).
 
         Commands that only read (search, ask, status) pass ``create=False``: a mistyped path is an
@@ -292,9 +301,10 @@ class Store:
                 f"no lorekeeper index at {path} ({hint}): index a folder first with `lorekeeper add FOLDER`, "
                 "or point --db at an existing index"
             )
-        return cls(path)
+        return cls(path, vector_index=vector_index)
 
     def close(self) -> None:
+        self._accelerator = None
         with self._readers_lock:
             for conn in self._readers:
                 try:
@@ -388,6 +398,7 @@ class Store:
                 f"CREATE VIRTUAL TABLE chunk_vectors USING vec0("
                 f"embedding float[{int(dimension)}] distance_metric=cosine)"
             )
+            conn.execute("INSERT INTO vector_changes(chunk_id) VALUES (?)", (RESET,))
             self._set_meta(conn, "embed_model", model_id)
             self._set_meta(conn, "embed_dim", str(int(dimension)))
             changed = bool(known) and known[0] != model_id
@@ -418,6 +429,7 @@ class Store:
                 blob = vector_blob(vector)
                 conn.execute("DELETE FROM chunk_vectors WHERE rowid = ?", (chunk_id,))
                 conn.execute("INSERT INTO chunk_vectors(rowid, embedding) VALUES (?, ?)", (chunk_id, blob))
+                conn.execute("INSERT INTO vector_changes(chunk_id) VALUES (?)", (chunk_id,))
                 conn.execute(
                     "INSERT OR REPLACE INTO embedding_cache(model_id, chunk_hash, vector, used_at) "
                     "VALUES (?, ?, ?, ?)",
@@ -943,6 +955,11 @@ class Store:
 
     def _touch(self, conn: Any) -> None:
         self._set_meta(conn, "last_change", repr(time.time()))
+        conn.execute(  # the change log only needs its recent end; an older reader rebuilds
+            "DELETE FROM vector_changes WHERE seq <= "
+            "(SELECT seq FROM sqlite_sequence WHERE name = 'vector_changes') - ?",
+            (CHANGE_LOG_KEEP,),
+        )
 
     # -- search queries ----------------------------------------------------------------------------
 
@@ -993,6 +1010,13 @@ class Store:
         conn = self._read()
         if not self._has_vectors(conn):
             return []
+        accelerator = self._vector_index(conn)
+        if accelerator is not None:
+            try:
+                return accelerator.search(conn, query, k, documents)
+            except Exception:  # never needed for correctness: say so and scan exactly
+                log.warning("the vector accelerator failed; searching exactly", exc_info=True)
+                self._accelerator = None
         blob = vector_blob(query)
         if documents is None:
             rows = conn.execute(
@@ -1025,6 +1049,27 @@ class Store:
             (blob, ids, k),
         ).fetchall()
         return [(rowid, 1.0 - dist) for rowid, dist in rows]
+
+    def _vector_index(self, conn: Any) -> VectorIndex | None:
+        """The accelerator, when this store uses one for an index of this size."""
+        if self._accelerate is False:
+            return None
+        if self._accelerate is None and self._accelerator is None:
+            top = conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0
+            if top < ACCELERATE_FROM:
+                return None
+        if self._accelerator is None:
+            self._accelerator = VectorIndex(self.path)
+        return self._accelerator
+
+    def vector_index_ready(self) -> VectorIndex | None:
+        """The accelerator brought up to date now (built, or loaded from its sidecar), or None when
+        this store searches exactly; for benchmarks and tools that want the cost paid up front."""
+        conn = self._read()
+        accelerator = self._vector_index(conn) if self._has_vectors(conn) else None
+        if accelerator is not None:
+            accelerator.sync(conn)
+        return accelerator
 
     def keyword_search(
         self, match: str, k: int, documents: set[int] | None = None
