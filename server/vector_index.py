@@ -60,7 +60,7 @@ CANDIDATES_PER_K = 48  # ... and at least this many per neighbour asked for
 FULL_RESCORE_ROWS = 8192  # this few rows (after filters) are all rescored: exact, ~3 ms
 LEVELS = 32767  # int16 steps of the largest component of a unit vector
 REBUILD_FRACTION = 0.25  # more logged changes than this share of the rows: rebuild instead
-SIDECAR_MIN_ROWS = 20_000  # smaller indexes rebuild from the rows faster than a sidecar saves
+SIDECAR_MIN_ROWS = 5_000  # smaller indexes are searched exactly (store.ACCELERATE_FROM)
 RESET = -1  # a logged chunk id meaning "every vector changed" (the embedder changed)
 _STREAM_ROWS = 16_384
 _DEAD_DISTANCE = np.uint16(0xFFFF)
@@ -140,8 +140,10 @@ def _batches_fast(conn: Any, dim: int, where: str = "") -> Iterator[tuple[np.nda
     """(rowids, float32 vectors) batches read from vec0's storage tables as sqlite-vec 0.1.x lays
     them out (1,024 vectors a blob, a validity bitmap, the rowids); ValueError on any surprise."""
     for size, validity, rowids, blob in conn.execute(
-        "SELECT c.size, c.validity, c.rowids, v.vectors FROM chunk_vectors_chunks c "
-        f"JOIN chunk_vectors_vector_chunks00 v ON v.rowid = c.chunk_id {where} ORDER BY c.chunk_id"
+        # the vector blocks outside, each block's row found by its key, and no ORDER BY: the rows
+        # stream (sorting them made SQLite hold every vector blob in memory: 1.7 GB more at 1M)
+        "SELECT c.size, c.validity, c.rowids, v.vectors FROM chunk_vectors_vector_chunks00 v "
+        f"CROSS JOIN chunk_vectors_chunks c ON c.chunk_id = v.rowid {where}"
     ):
         if len(rowids) != size * 8 or len(blob) != size * dim * 4 or len(validity) * 8 < size:
             raise ValueError("unexpected vec0 chunk layout")
@@ -202,6 +204,7 @@ class VectorIndex:
         self._seq = -1
         self._identity: tuple[str, str, int] | None = None
         self.source = ""  # "sqlite", "sidecar" or "" before the first build
+        self._saver: threading.Thread | None = None
         self.build_seconds = 0.0
 
     @property
@@ -255,24 +258,41 @@ class VectorIndex:
         self.build_seconds = time.perf_counter() - began
         log.info("vector accelerator built from %d rows in %.2f s", len(self._arrays.ids), self.build_seconds)
         if self.use_sidecar and len(self._arrays.ids) >= SIDECAR_MIN_ROWS:
-            self.save_sidecar()
+            # in the background (~7 s for 830 MB at 1M on this disk): searches go on meanwhile; not a
+            # daemon, so a one-shot command finishes the file before it exits
+            self._saver = threading.Thread(target=self.save_sidecar, name="vecbits-save")
+            self._saver.start()
 
     # -- the sidecar ------------------------------------------------------------------------------
 
+    def wait(self) -> None:
+        """Wait for a sidecar being saved in the background."""
+        if self._saver is not None:
+            self._saver.join()
+
     def save_sidecar(self) -> None:
-        """Write the arrays beside the index (atomically); a failure only costs the next start time."""
-        arrays, identity = self._arrays, self._identity
+        """Write the arrays beside the index (atomically); a failure only costs the next start time.
+
+        It runs without the lock: a search that applies changes meanwhile may mark rows of the
+        snapshot deleted. Then either the checksum no longer matches (the file is ignored later)
+        or the file holds deletions newer than its log position, which replaying the log from
+        there applies again: every chunk changed after that position is re-read."""
+        arrays, identity, seq = self._arrays, self._identity, self._seq
         if arrays is None or identity is None:
             return
+        target = sidecar_path(self.db_path)
+        for old in target.parent.glob(f"{target.name}.tmp*"):  # left by a process that was killed
+            pid = old.name.rsplit(".tmp", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                old.unlink(missing_ok=True)
         parts = [arrays.ids, arrays.docs, arrays.scale, arrays.mean, arrays.codes, arrays.v16]
         crc = 0
         for part in parts:
             crc = zlib.crc32(memoryview(np.ascontiguousarray(part)).cast("B"), crc)
         header = json.dumps({
-            "index_id": identity[0], "embed_model": identity[1], "dim": identity[2], "seq": self._seq,
+            "index_id": identity[0], "embed_model": identity[1], "dim": identity[2], "seq": seq,
             "rows": len(arrays.ids), "words": arrays.codes.shape[0], "crc32": crc,
         }).encode()  # fmt: skip
-        target = sidecar_path(self.db_path)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -326,6 +346,16 @@ class VectorIndex:
             ids = arrays.ids[rows[top]]
             order = np.lexsort((ids, -scores[top]))
             return [(int(ids[i]), float(scores[top][i])) for i in order]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _identity(conn: Any) -> tuple[str, str, int]:
