@@ -199,6 +199,7 @@ Listener = Callable[[str, str], None]
 EXACT_SCAN_LIMIT = 20_000  # filtered vector searches over at most this many chunks are scanned exactly
 VEC_K_LIMIT = 4096  # the most neighbours one vec0 query returns
 ACCELERATE_FROM = 5_000  # chunk ids: below this the exact vec0 scan (~6 ms) beats building the accelerator
+ACCELERATOR_RETRY_S = 60.0  # after the accelerator failed, search exactly this long before trying again
 CHANGE_LOG_KEEP = 100_000  # entries of vector_changes kept for accelerators of other processes
 
 _CHUNK_COLUMNS = (
@@ -257,6 +258,7 @@ class Store:
         self.path = Path(path)
         self._accelerate = vector_index
         self._accelerator: VectorIndex | None = None
+        self._accelerator_failed = -float("inf")  # when it last failed (time.monotonic())
         self._write_lock = threading.RLock()
         self._local = threading.local()
         self._listeners: list[Listener] = []
@@ -1016,9 +1018,10 @@ class Store:
         if accelerator is not None:
             try:
                 return accelerator.search(conn, query, k, documents)
-            except Exception:  # never needed for correctness: say so and scan exactly
+            except Exception:  # never needed for correctness: say so, scan exactly, retry later
                 log.warning("the vector accelerator failed; searching exactly", exc_info=True)
                 self._accelerator = None
+                self._accelerator_failed = time.monotonic()
         blob = vector_blob(query)
         if documents is None:
             rows = conn.execute(
@@ -1054,7 +1057,7 @@ class Store:
 
     def _vector_index(self, conn: Any) -> VectorIndex | None:
         """The accelerator, when this store uses one for an index of this size."""
-        if self._accelerate is False:
+        if self._accelerate is False or time.monotonic() - self._accelerator_failed < ACCELERATOR_RETRY_S:
             return None
         if self._accelerate is None and self._accelerator is None:
             top = conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0

@@ -297,3 +297,35 @@ def test_a_kill_while_writing_the_index_and_sidecar_leaves_search_exact(
             assert store.check_integrity() == []
     leftovers = [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert all(json.dumps(name) for name in leftovers)  # temporary sidecars only ever sit beside it
+
+
+def test_storage_table_read_equals_the_vector_table_read(filled) -> None:
+    """The cold build reads vec0's storage tables directly; what it reads must be what the virtual
+    table says, row for row (else the build falls back to the virtual table)."""
+    db, _ = filled
+    with Store(db, vector_index=False) as store:
+        conn = store._read()
+        fast = list(vector_index._batches_fast(conn, DIM))
+        public = list(vector_index._batches_public(conn, DIM))
+    fast_ids, public_ids = np.concatenate([b[0] for b in fast]), np.concatenate([b[0] for b in public])
+    fast_vecs, public_vecs = np.concatenate([b[1] for b in fast]), np.concatenate([b[1] for b in public])
+    assert len(fast_ids) == len(public_ids) == 6000
+    assert np.array_equal(fast_vecs[np.argsort(fast_ids)], public_vecs[np.argsort(public_ids)])
+
+
+def test_a_failing_accelerator_falls_back_to_the_exact_scan(filled, monkeypatch, caplog) -> None:
+    db, vectors = filled
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the arrays")
+
+    query = vectors[11]
+    with Store(db, vector_index=True) as store:
+        exact = _exact(store, query, 10)
+        monkeypatch.setattr(vector_index.VectorIndex, "search", broken)
+        assert _ids(store.vector_search(query, 10)) == exact
+        assert "the vector accelerator failed" in caplog.text
+        monkeypatch.undo()
+        assert _ids(store.vector_search(query, 10)) == exact and store._accelerator is None  # waits
+        monkeypatch.setattr(store_module, "ACCELERATOR_RETRY_S", 0.0)
+        assert _ids(store.vector_search(query, 10)) == exact and store._accelerator is not None
