@@ -24,9 +24,10 @@ Searches run in a child process per index (one cold, where the accelerator is bu
 rows, and one warm from its sidecar), so the resident memory reported is the searching process's
 own and the exact-numpy matrix of the parent is not counted in it.
 
-Run ``nice -n 10 python scripts/bench_vectors.py`` (all three sizes; the 1M index takes about
-half an hour to write the first time and is kept in ``--workdir`` for later runs) or ``--sizes
-10000 100000``; ``--json OUT`` writes every figure to a file.
+Run ``nice -n 10 python scripts/bench_vectors.py`` (all three sizes: about 20 minutes the first
+time, which embeds the real pieces (~10 minutes) and writes the indexes (the 1M one in ~4.5
+minutes), kept in ``--workdir``; about 5 minutes after that) or ``--sizes 10000 100000``;
+``--json OUT`` writes every figure to a file.
 """
 
 from __future__ import annotations
