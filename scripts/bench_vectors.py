@@ -289,7 +289,7 @@ def child(db: Path, queries_file: Path, rounds: int, exact_vec0: int) -> dict:
     embedder = FixedQueries(store.embed_model, dict(zip(texts, qvecs)))
     fetch = max(K * 4, 20)
     times: dict[str, list[float]] = {m: [] for m in (*MODES, "vector_search")}
-    found: dict[str, list[list[int]]] = {"vector": [], "vector_search": []}
+    found: dict[str, list[list[int]]] = {"vector": [], "vector_search": [], "keyword": [], "hybrid": []}
     for round_ in range(rounds + 1):
         for number, (text, q) in enumerate(zip(texts, qvecs)):
             for mode in MODES:
@@ -300,8 +300,8 @@ def child(db: Path, queries_file: Path, rounds: int, exact_vec0: int) -> dict:
                 took = time.perf_counter() - began
                 if round_:
                     times[mode].append(took)
-                elif mode == "vector":
-                    found["vector"].append([h.chunk_id for h in hits])
+                else:
+                    found[mode].append([h.chunk_id for h in hits])
             began = time.perf_counter()
             rows = store.vector_search(q, fetch)
             took = time.perf_counter() - began
@@ -311,6 +311,7 @@ def child(db: Path, queries_file: Path, rounds: int, exact_vec0: int) -> dict:
                 found["vector_search"].append([cid for cid, _ in rows[:K]])
     out["times"] = {name: summary(values) for name, values in times.items()}
     out["found"] = found
+    out["exact_text"] = exact_text_modes(db, embedder, texts[: len(QUERIES)])
     if accel is None:  # a small index searches exactly: time the accelerator forced on, to compare
         forced = Store.open(db, create=False, vector_index=True)
         began = time.perf_counter()
@@ -335,6 +336,25 @@ def child(db: Path, queries_file: Path, rounds: int, exact_vec0: int) -> dict:
     out["rss_end_mb"], out["rss_peak_mb"] = rss_mb()
     store.close()
     return out
+
+
+def exact_text_modes(db: Path, embedder: FixedQueries, texts: list[str]) -> dict[str, list[list[int]]]:
+    """Keyword and hybrid top-10 done exactly: FTS5 ranks every match (no two-step plan) and the
+    vectors come from sqlite-vec's exact scan, for recall@10 of what ``search`` returned."""
+    from lorekeeper.server import keyword_plan
+    from lorekeeper.server.search import search
+    from lorekeeper.server.store import Store
+
+    budget, keyword_plan.PLAIN_POSTINGS = keyword_plan.PLAIN_POSTINGS, 10**12
+    exact = Store.open(db, create=False, vector_index=False)
+    try:
+        return {
+            mode: [[h.chunk_id for h in search(exact, embedder, t, k=K, mode=mode)] for t in texts]
+            for mode in ("keyword", "hybrid")
+        }
+    finally:
+        keyword_plan.PLAIN_POSTINGS = budget
+        exact.close()
 
 
 def run_child(db: Path, queries_file: Path, rounds: int, exact_vec0: int) -> dict:
@@ -371,6 +391,9 @@ def bench_size(size: int, args: argparse.Namespace, real: np.ndarray, qfile: Pat
     out["warm_rss_after_build_mb"] = warm["rss_after_build_mb"]
     out["recall_vector_search"] = recall(cold["found"]["vector_search"], truth)
     out["recall_search_vector_mode"] = recall(cold["found"]["vector"], truth)
+    for mode in ("keyword", "hybrid"):  # against FTS5 ranking every match (and exact vectors)
+        out[f"recall_{mode}"] = recall(cold["found"][mode], cold["exact_text"][mode])
+    del cold["exact_text"]
     del cold["found"]
     return out
 
@@ -390,7 +413,8 @@ def render(result: dict) -> str:
                 f"{fig['chunks']:>9} {name:<24}{t['p50_ms']:9.1f}{t['p95_ms']:9.1f}{t['p50_ms'] / base:13.2f}"
             )
         lines.append(
-            f"{'':>9} recall@10 {fig['recall_vector_search']:.3f} (search vector mode {fig['recall_search_vector_mode']:.3f});"
+            f"{'':>9} recall@10 {fig['recall_vector_search']:.3f} (search vector mode {fig['recall_search_vector_mode']:.3f},"
+            f" keyword {fig['recall_keyword']:.3f}, hybrid {fig['recall_hybrid']:.3f});"
             f" build {fig['cold']['build_s']:.2f} s from {fig['cold']['build_source']}, "
             f"{fig['warm_build_s']:.2f} s from {fig['warm_build_source']}; RSS {fig['cold']['rss_end_mb']:.0f} MB "
             f"(peak {fig['cold']['rss_peak_after_build_mb']:.0f} MB after the build, "
