@@ -52,6 +52,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import QUERIES, SYNTH_MIX  # noqa: E402
+from bench_index import _synthesise as synthesise  # noqa: E402
 
 log = logging.getLogger("bench_vectors")
 
@@ -88,16 +89,6 @@ def real_pieces(limit: int | None = None):
                 if limit is not None and count >= limit:
                     return
                 piece, size = [], 0
-
-
-def synthesise(real: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    base = real[rng.integers(0, len(real), count)]
-    other = real[rng.integers(0, len(real), count)]
-    noise = rng.standard_normal((count, real.shape[1])).astype(np.float32) * (
-        SYNTH_MIX / np.sqrt(real.shape[1])
-    )
-    out = base + SYNTH_MIX * other + noise
-    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
 def real_vectors(workdir: Path) -> tuple[np.ndarray, np.ndarray, str]:
