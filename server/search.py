@@ -17,7 +17,6 @@ import numpy as np
 from lorekeeper.plugins.base import Embedder
 
 from .hits import MAX_K, MODES, SearchHit, parse_since
-from .keyword_plan import or_query
 from .store import Store, path_matches
 
 __all__ = ["MAX_K", "MODES", "SearchHit", "parse_since", "search"]
@@ -99,7 +98,9 @@ def normalise_types(file_types: list[str] | None, store: Store | None = None) ->
 def keyword_query(query: str) -> str | None:
     """The query's words as an FTS5 OR-query; quoting each word keeps user punctuation harmless."""
     words = query_words(query)
-    return or_query(words) if words else None
+    if not words:
+        return None
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
 
 
 def search(
@@ -136,7 +137,7 @@ def search(
     if mode in ("hybrid", "keyword"):
         match = keyword_query(query)
         if match is not None:
-            keyword_list = store.keyword_search(match, fetch, allowed, words=query_words(query))
+            keyword_list = store.keyword_search(match, fetch, allowed)
 
     fused: dict[int, float] = {}
     vec_scores = dict(vector_list)

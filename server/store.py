@@ -29,7 +29,6 @@ import numpy as np
 import sqlean
 import sqlite_vec
 
-from . import keyword_plan
 from .migrations import migrate
 from .settings import tighten
 from .vector_index import RESET, VectorIndex
@@ -1078,46 +1077,24 @@ class Store:
         return accelerator
 
     def keyword_search(
-        self, match: str, k: int, documents: set[int] | None = None, words: Sequence[str] | None = None
+        self, match: str, k: int, documents: set[int] | None = None
     ) -> list[tuple[int, float]]:
-        """(chunk id, BM25 score, higher is better) for an FTS5 ``match`` expression, best first.
-
-        Given the query's ``words`` instead (``match`` is then their OR-query), a query whose words
-        match many chunks runs in two steps: its rarer words pick candidates, the whole query scores
-        them (``keyword_plan.py``); otherwise FTS5 ranks every match."""
+        """(chunk id, BM25 score, higher is better) for an FTS5 ``match`` expression, best first."""
         conn = self._read()
-        if words is not None:
-            plan = keyword_plan.plan(conn, words)
-            if plan.rare is not None:
-                wanted = max(keyword_plan.MIN_CANDIDATES, 5 * k)
-                candidates = [rowid for rowid, _ in self._keyword_ranked(conn, plan.rare, wanted, documents)]
-                if len(candidates) < k:  # the rare words cannot fill the list: rank every match
-                    return [(r, -s) for r, s in self._keyword_ranked(conn, plan.full, k, documents)]
-                rows = conn.execute(
-                    "SELECT rowid, bm25(chunks_fts, 1.0, 2.0) FROM chunks_fts WHERE chunks_fts MATCH ? "
-                    "AND rowid IN (SELECT value FROM json_each(?))",
-                    (plan.full, json.dumps(candidates)),
-                ).fetchall()
-                rows.sort(key=lambda r: r[1])
-                return [(rowid, -score) for rowid, score in rows[:k]]
-            match = plan.full
-        return [(rowid, -score) for rowid, score in self._keyword_ranked(conn, match, k, documents)]
-
-    @staticmethod
-    def _keyword_ranked(conn: Any, match: str, k: int, documents: set[int] | None) -> list[tuple[int, float]]:
-        """FTS5's ``k`` best (chunk id, bm25) for ``match``, lowest (best) bm25 first."""
         if documents is None:
-            return conn.execute(
+            rows = conn.execute(
                 "SELECT rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
                 "ORDER BY s LIMIT ?",
                 (match, k),
             ).fetchall()
-        return conn.execute(
-            "SELECT f.rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
-            "WHERE chunks_fts MATCH ? AND c.document_id IN (SELECT value FROM json_each(?)) "
-            "ORDER BY s LIMIT ?",
-            (match, json.dumps(sorted(documents)), k),
-        ).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT f.rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
+                "WHERE chunks_fts MATCH ? AND c.document_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY s LIMIT ?",
+                (match, json.dumps(sorted(documents)), k),
+            ).fetchall()
+        return [(rowid, -score) for rowid, score in rows]
 
     def chunk_hits(self, ids: Sequence[int]) -> dict[int, ChunkHit]:
         """The chunks with these ids, with their document's path, mtime and root."""
