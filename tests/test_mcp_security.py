@@ -100,9 +100,11 @@ class Flipper:
         while not self.stop.is_set():
             regular.write_text(self.text, encoding="utf-8")
             os.replace(regular, self.path)
+            time.sleep(0)  # lets the reader run in this state too, whatever the GIL does
             link.unlink(missing_ok=True)
             link.symlink_to(self.target)
             os.replace(link, self.path)
+            time.sleep(0)
             self.flips += 2
 
     def __enter__(self) -> Flipper:
@@ -132,8 +134,10 @@ def test_a_file_swapped_for_a_link_while_it_is_read_never_serves_the_link_target
     served = refused = 0
     try:
         with Flipper(race, target, "harmless text about tomatoes\n") as flipper:
-            deadline = time.monotonic() + 60
-            for _ in range(4000):
+            deadline = time.monotonic() + 90
+            # 4,000 reads at least, and on until both states were met (a loaded machine can schedule
+            # the flipper so that one state dominates for a while)
+            while time.monotonic() < deadline and (served + refused < 4000 or not (served and refused)):
                 try:
                     text = read_document(store, doc_uri(race).removeprefix("lorekeeper://doc/"), 2**20)
                 except DocumentAccessError as exc:
@@ -143,8 +147,6 @@ def test_a_file_swapped_for_a_link_while_it_is_read_never_serves_the_link_target
                 assert marker not in text, f"the link target was served after {served + refused} reads"
                 assert text.strip() == "harmless text about tomatoes"
                 served += 1
-                if time.monotonic() > deadline:
-                    break
             assert flipper.flips > 100
     finally:
         store.close()
@@ -157,7 +159,8 @@ def test_the_race_through_the_mcp_resource(site) -> None:
 
     async def scenario(client: Client) -> tuple[int, int]:
         served = refused = 0
-        for _ in range(400):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (served + refused < 400 or not served):
             try:
                 result = await client.read_resource(doc_uri(race))
             except MCPError as exc:
@@ -170,7 +173,7 @@ def test_the_race_through_the_mcp_resource(site) -> None:
 
     with Flipper(race, target, "harmless text about tomatoes\n"):
         served, refused = serve(site, scenario)
-    assert served + refused == 400 and served > 0
+    assert served + refused >= 400 and served > 0
 
 
 def _uri_cases(site: dict[str, Path]) -> list[tuple[str, str]]:
