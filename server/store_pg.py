@@ -59,6 +59,7 @@ SCHEMA_LOCK = 0  # second key: creating or changing tables
 EXACT_BELOW = 2_000  # searches over at most this many chunks scan exactly (HNSW above)
 HNSW_MAX_VECTOR_DIM = 2_000  # pgvector indexes vector up to 2,000 dimensions, halfvec up to 4,000
 EF_SEARCH_MIN = 100
+EF_SEARCH_MAX = 1000  # pgvector's limit
 TEXT_CONFIG = "english"
 RANK_WEIGHTS = "{0.1, 0.2, 0.5, 1.0}"  # D, C, B (text), A (headings)
 
@@ -359,22 +360,24 @@ class PgStore:
         """Store vectors for existing chunks ((chunk id, chunk hash, vector)), in one transaction."""
         now, cast = time.time(), self._cast()
         with self._transaction() as conn:
-            for chunk_id, chunk_hash, vector in rows:
-                vec = np.asarray(vector, dtype=np.float32)
+            for chunk_id, _, vector in sorted(rows, key=lambda row: row[0]):  # row locks in one order
                 conn.execute(
                     f"INSERT INTO chunk_vectors(chunk_id, embedding) SELECT id, %s::{cast} FROM chunks "
                     "WHERE id = %s ON CONFLICT (chunk_id) DO UPDATE SET embedding = EXCLUDED.embedding",
-                    (vec, chunk_id),
+                    (np.asarray(vector, dtype=np.float32), chunk_id),
                 )
-                self._cache(conn, model_id, [(chunk_hash, vec)], now)
+            self._cache(conn, model_id, [(chunk_hash, vector) for _, chunk_hash, vector in rows], now)
 
     @staticmethod
     def _cache(conn: Any, model_id: str, vectors: Iterable[tuple[str, np.ndarray]], now: float) -> None:
+        """Upsert cached vectors in the order of their hashes: two writers caching the same texts
+        (copies of a file on two machines) lock those rows in one order and cannot deadlock."""
+        rows = {chunk_hash: vector_blob(vector) for chunk_hash, vector in vectors}
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO embedding_cache(model_id, chunk_hash, vector, used_at) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (model_id, chunk_hash) DO UPDATE SET vector = EXCLUDED.vector, used_at = EXCLUDED.used_at",
-                [(model_id, chunk_hash, vector_blob(vector), now) for chunk_hash, vector in vectors],
+                [(model_id, chunk_hash, rows[chunk_hash], now) for chunk_hash in sorted(rows)],
             )
 
     def cache_vectors(self, model_id: str, vectors: Iterable[tuple[str, np.ndarray]]) -> None:
@@ -495,25 +498,48 @@ class PgStore:
             )
             conn.execute("DELETE FROM ignored WHERE path = %s", (path,))
             conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
-            for seq, (chunk, vector) in enumerate(zip(chunks, vectors)):
-                headings = list(chunk.heading_path or [])
-                chunk_id = conn.execute(
-                    "INSERT INTO chunks(document_id, seq, text, char_start, char_end, start_line, end_line, "
-                    "page, heading_path, chunk_hash, keywords) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                    f"{_KEYWORDS_SQL}) RETURNING id",
-                    (doc_id, seq, chunk.text, chunk.char_start, chunk.char_end, chunk.start_line, chunk.end_line,
-                     chunk.page, json.dumps(headings, ensure_ascii=False), chunk.chunk_hash,
-                     " / ".join(headings), chunk.text),
-                ).fetchone()[0]  # fmt: skip
-                vec = np.asarray(vector, dtype=np.float32)
-                conn.execute(
-                    f"INSERT INTO chunk_vectors(chunk_id, embedding) VALUES (%s, %s::{cast})", (chunk_id, vec)
+            ids = self._insert_chunks(conn, doc_id, chunks)
+            with conn.cursor() as cur:  # executemany: pipelined, not a round trip a row
+                cur.executemany(
+                    f"INSERT INTO chunk_vectors(chunk_id, embedding) VALUES (%s, %s::{cast})",
+                    [
+                        (chunk_id, np.asarray(vector, dtype=np.float32))
+                        for chunk_id, vector in zip(ids, vectors)
+                    ],
                 )
-                self._cache(conn, model_id, [(chunk.chunk_hash, vec)], now)
+            self._cache(
+                conn, model_id, [(chunk.chunk_hash, vector) for chunk, vector in zip(chunks, vectors)], now
+            )
             conn.execute("UPDATE documents SET chunk_count = %s WHERE id = %s", (len(chunks), doc_id))
             self._touch(conn)
         self._notify("indexed", path)
         return doc_id
+
+    @staticmethod
+    def _insert_chunks(conn: Any, doc_id: int, chunks: Sequence[Any]) -> list[int]:
+        """Insert a document's chunks with their keywords; their new ids, in order."""
+        rows = []
+        for seq, chunk in enumerate(chunks):
+            headings = list(chunk.heading_path or [])
+            rows.append((doc_id, seq, chunk.text, chunk.char_start, chunk.char_end, chunk.start_line, chunk.end_line,
+                         chunk.page, json.dumps(headings, ensure_ascii=False), chunk.chunk_hash, " / ".join(headings),
+                         chunk.text))  # fmt: skip
+        if not rows:
+            return []
+        ids: list[int] = []
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO chunks(document_id, seq, text, char_start, char_end, start_line, end_line, page, "
+                f"heading_path, chunk_hash, keywords) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {_KEYWORDS_SQL}) "
+                "RETURNING id",
+                rows,
+                returning=True,
+            )
+            while True:
+                ids.append(cur.fetchone()[0])
+                if not cur.nextset():
+                    break
+        return ids
 
     def record_problem(
         self, *, path: str, root_id: int, status: str, error: str, size: int | None = None,
@@ -809,11 +835,10 @@ class PgStore:
         if ids is not None and not ids:
             return []
         where = "WHERE c.document_id = ANY(%(ids)s)" if ids is not None else ""
-        count = conn.execute(
-            f"SELECT COUNT(*) FROM chunks c {where}"
-            if ids is not None
-            else "SELECT COUNT(*) FROM chunk_vectors",
-            {"ids": ids},
+        source = f"chunks c {where}" if ids is not None else "chunk_vectors"
+        count = conn.execute(  # counted up to the bound only: a million rows are not counted per search
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM {source} LIMIT %(bound)s) n",
+            {"ids": ids, "bound": self.exact_below + 1},
         ).fetchone()[0]
         args = {"q": vec, "k": int(k), "ids": ids}
         if count <= self.exact_below:  # distances in a materialised step: the planner cannot use HNSW
@@ -825,15 +850,14 @@ class PgStore:
             ).fetchall()
             return [(cid, 1.0 - float(dist)) for cid, dist in rows]
         with conn.transaction():  # the settings below last for this one query
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(EF_SEARCH_MIN, 2 * k)),))
+            ef_search = min(EF_SEARCH_MAX, max(EF_SEARCH_MIN, 2 * int(k)))
+            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
             if ids is not None:
                 conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+            join = f"JOIN chunks c ON c.id = v.chunk_id {where}" if ids is not None else ""
             rows = conn.execute(
-                f"SELECT v.chunk_id, v.embedding <=> %(q)s::{cast} AS dist FROM chunk_vectors v "
-                + ("JOIN chunks c ON c.id = v.chunk_id " + where if ids is not None else "")
-                + " ORDER BY v.embedding <=> %(q)s::"
-                + cast
-                + " LIMIT %(k)s",
+                f"SELECT v.chunk_id, v.embedding <=> %(q)s::{cast} AS dist FROM chunk_vectors v {join} "
+                f"ORDER BY v.embedding <=> %(q)s::{cast} LIMIT %(k)s",
                 args,
             ).fetchall()
         rows.sort(key=lambda row: (row[1], row[0]))  # relaxed order comes back nearly sorted
