@@ -227,7 +227,7 @@ class PgStore:
 
     def _read(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or conn.broken:  # a restarted server broke the old one
             conn = self._connect()
             self._local.conn = conn
             with self._readers_lock:
@@ -239,6 +239,8 @@ class PgStore:
         """One transaction on the writer connection, holding advisory locks on ``paths`` (taken in
         a fixed order, so two writers locking the same paths cannot deadlock)."""
         with self._write_lock:
+            if self._writer.broken:  # the server restarted or dropped us: connect again
+                self._writer = self._connect()
             try:
                 with self._writer.transaction():
                     for key in sorted({_path_key(p) for p in paths}):

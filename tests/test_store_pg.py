@@ -237,36 +237,34 @@ def test_writers_on_two_connections_never_interleave_one_document(pg_url: str) -
 INDEX_FOLDER = """
 import sys
 sys.path.insert(0, {tests!r})
-from fakes import HashEmbedderfrom test_watcher import (  # noqa: F401  (the watcher's tests, on PostgreSQL; watched: their fixture)
-    test_add_modify_delete_rename_while_watching,
-    test_burst_of_files_and_a_folder_moved_in,
-    test_coalesced_moves_look_again_at_every_displaced_path,
-    test_editor_save_via_temporary_file,
-    test_folder_round_trip_out_and_back_is_caught_without_a_reconcile,
-    test_ignored_files_and_bad_files_do_not_stop_the_watcher,
-    test_renames_and_saves_right_after_a_folder_moves_in_leave_no_stale_document,
-    test_restart_reconciles_changes_made_while_stopped,
-    watched,
-)
-
+from fakes import HashEmbedder
 from lorekeeper.server.indexer import Indexer
 from lorekeeper.server.stores import open_store
+import os, time
 store = open_store(sys.argv[1])
-report = Indexer(store, HashEmbedder()).add_root(sys.argv[2])
-print(report.indexed, report.failed)
+indexer = Indexer(store, HashEmbedder())
+print("ready", flush=True)
+while not os.path.exists(sys.argv[3]):  # both start together
+    time.sleep(0.01)
+started = time.time()
+report = indexer.add_root(sys.argv[2])
+print(started, time.time(), report.indexed, report.failed, flush=True)
 store.close()
 """
 
 
+FILES = 150
+
+
 @pytest.mark.slow
 def test_two_indexers_fill_one_database_at_once(tmp_path: Path, pg_url: str) -> None:
-    """Two processes (each its own connections, as on two machines) index two folders of 60 files
+    """Two processes (each its own connections, as on two machines) index two folders of 150 files
     into one database at the same time; afterwards every file and chunk is there."""
     folders = []
     for name in ("left", "right"):
         folder = tmp_path / name
         folder.mkdir()
-        for i in range(60):
+        for i in range(FILES):
             (folder / f"{name}{i:02}.md").write_text(
                 f"# {name} {i}\n\n" + " ".join(f"word{(i * 7 + j) % 97} {name}" for j in range(120)) + "\n"
             )
@@ -276,17 +274,33 @@ def test_two_indexers_fill_one_database_at_once(tmp_path: Path, pg_url: str) -> 
     code = INDEX_FOLDER.format(tests=str(Path(__file__).parent))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     started = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url, str(f)], stdout=subprocess.PIPE,
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url, str(f), str(go)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for f in folders]  # fmt: skip
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+    go.touch()
     outputs = [p.communicate(timeout=300) for p in procs]
+    spans = []
     for proc, (out, errs) in zip(procs, outputs):
         assert proc.returncode == 0, errs[-3000:]
-        assert out.split()[-2:] == ["60", "0"]
+        start, end, indexed, failed = out.split()[-4:]
+        assert (indexed, failed) == (str(FILES), "0")
+        spans.append((float(start), float(end)))
+    assert max(s for s, _ in spans) < min(e for _, e in spans), f"the two runs did not overlap: {spans}"
     with open_store(pg_url, create=False) as store:
         status = store.status()
-        assert status.documents == 120 and {Path(r.path).name for r in status.roots} == {"left", "right"}
-        assert status.chunks == sum(d.chunk_count for d in store.documents()) > 120
+        assert status.documents == 2 * FILES and {Path(r.path).name for r in status.roots} == {
+            "left",
+            "right",
+        }
+        assert status.chunks == sum(d.chunk_count for d in store.documents()) >= 2 * FILES
         assert store.check_integrity() == []
+        with Store.open(tmp_path / "one-at-a-time.db") as lite:  # the same folders, one after the other
+            for folder in folders:
+                Indexer(lite, HashEmbedder()).add_root(folder)
+            want = {d.path: [c.text for c in lite.document_chunks(d.path)] for d in lite.documents()}
+        assert {d.path: [c.text for c in store.document_chunks(d.path)] for d in store.documents()} == want
         assert search(store, HashEmbedder(), "word5 right", k=3, path_glob="right*")
     assert time.monotonic() - started < 240
 
@@ -337,6 +351,29 @@ def test_migrate_copies_an_index_without_re_embedding(tmp_path: Path, docs: Path
     assert info["db_path"].startswith("postgresql://")
 
 
+@pytest.mark.slow
+def test_the_cli_indexes_and_searches_an_index_on_postgresql(tmp_path: Path, docs: Path, pg_url: str) -> None:
+    """`lorekeeper --db postgresql://... add / search / status / files / remove` with the real embedder."""
+    home = tmp_path / "home"
+    (docs / "bees.md").write_text("# Bees\nHoney bees communicate the direction of flowers by dancing.\n")
+    (docs / "ants.txt").write_text("Leafcutter ants grow fungus gardens underground.\n")
+    added = lk("add", str(docs), db=pg_url, home=home)
+    assert added.returncode == 0, added.stderr
+    assert "2 indexed" in added.stdout
+    found = lk(
+        "search", "how do bees tell each other where flowers are", "-k", "2", "--json", db=pg_url, home=home
+    )
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert hits[0]["path"] == str((docs / "bees.md").resolve()) and hits[0]["heading_path"] == ["Bees"]
+    only_txt = json.loads(lk("search", "bees", "--type", "txt", "--json", db=pg_url, home=home).stdout)
+    assert {Path(h["path"]).name for h in only_txt} == {"ants.txt"}
+    listed = lk("files", "--json", db=pg_url, home=home)
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 2
+    assert lk("remove", str(docs), db=pg_url, home=home).returncode == 0
+    assert json.loads(lk("status", "--json", db=pg_url, home=home).stdout)["documents"] == 0
+
+
 def test_bad_database_urls_are_clear_errors(tmp_path: Path, pg_url: str) -> None:
     home = tmp_path / "home"
     unreachable = "postgresql://lk:secret@127.0.0.1:9/nowhere"
@@ -378,3 +415,25 @@ def test_mcp_tools_serve_an_index_on_postgresql(pg_url: str, docs: Path, embedde
     assert not found.is_error and found.structured_content["hits"][0]["path"].endswith("baking0.md")
     assert status.structured_content["db_path"] == pg_url  # no password in this URL to hide
     assert status.structured_content["roots"][0]["documents"] == len(TOPICS)
+
+
+def test_the_store_reconnects_after_the_server_drops_its_connections(store) -> None:
+    """A restarted server (or an administrator's pg_terminate_backend) breaks every connection: the
+    call that meets the broken one fails, and the store connects again for the next."""
+    import psycopg
+
+    from lorekeeper.server.store import StoreWriteError
+
+    store.set_meta("before", "1")
+    assert store.get_meta("before") == "1"
+    with psycopg.connect(store.url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid != pg_backend_pid()"
+        )
+    with pytest.raises(StoreWriteError, match="rolled back"):
+        store.set_meta("after", "2")
+    store.set_meta("after", "2")
+    with pytest.raises(psycopg.OperationalError):
+        store.get_meta("after")
+    assert store.get_meta("after") == "2" and store.check_integrity() == []
