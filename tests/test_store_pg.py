@@ -437,3 +437,26 @@ def test_the_store_reconnects_after_the_server_drops_its_connections(store) -> N
     with pytest.raises(psycopg.OperationalError):
         store.get_meta("after")
     assert store.get_meta("after") == "2" and store.check_integrity() == []
+
+
+def test_vectors_wider_than_2000_dimensions_go_into_halfvec(pg_url: str) -> None:
+    """pgvector indexes ``vector`` up to 2,000 dimensions: a wider embedder's vectors are stored as
+    ``halfvec`` (HNSW up to 4,000), searched exactly and through HNSW alike."""
+    from lorekeeper.server.store_pg import PgStore
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(40, 3072)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    texts = [f"wide chunk {i}" for i in range(40)]
+    with PgStore.open(pg_url) as exact, PgStore.open(pg_url, exact_below=0) as hnsw:
+        exact.ensure_embedder("wide-3072", 3072)
+        root = exact.add_root("/wide")
+        exact.replace_document(path="/wide/a.txt", root_id=root.id, size=1, mtime=1.0, content_hash="a",
+                               loader="text", chunks=_chunks(texts), vectors=vectors, model_id="wide-3072")  # fmt: skip
+        kind = exact._read().execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                     "WHERE attrelid = 'chunk_vectors'::regclass AND attname = 'embedding'")  # fmt: skip
+        assert kind.fetchone()[0] == "halfvec(3072)"
+        for store in (exact, hnsw):
+            top = store.vector_search(vectors[7], 3)
+            assert top[0][0] == store.document_chunks("/wide/a.txt")[7].id and top[0][1] > 0.999
+        assert exact.cached_vectors("wide-3072", ["h-wide chunk 7"])["h-wide chunk 7"].shape == (3072,)
