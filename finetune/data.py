@@ -396,9 +396,9 @@ def records_from_index(
     max_tokens: int = 200,
 ) -> list[Record]:
     """The index's chunks as text records, plus ``qa_pairs`` question/answer pairs drafted from them."""
-    from lorekeeper.server.store import Store
+    from lorekeeper.server.stores import open_store
 
-    store = Store.open(db_path)
+    store = open_store(db_path)
     try:
         chunks = list(store.iter_chunks(path_glob=path_glob))
     finally:

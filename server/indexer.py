@@ -41,7 +41,8 @@ from .chunker import embed_text
 from .ignore import IgnoreRules
 from .prepare import Prepared, Preparer, loader_id
 from .settings import Settings
-from .store import Root, Store
+from .store import Root
+from .stores import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class _Gate:
                 raise BackgroundStopped()
 
 
-def embedder_for(store: Store, settings: Settings) -> Embedder:
+def embedder_for(store: IndexStore, settings: Settings) -> Embedder:
     """The embedder for an index: the one it was built with, unless the ``embedder`` setting names
     another (an ``Indexer`` with that one re-embeds the index; a search alone refuses to mix them).
 
@@ -174,7 +175,7 @@ def embedder_for(store: Store, settings: Settings) -> Embedder:
     return plugins.get_embedder(wanted, settings)
 
 
-def check_search_embedder(store: Store, embedder: Embedder) -> None:
+def check_search_embedder(store: IndexStore, embedder: Embedder) -> None:
     """A search embeds its query with ``embedder``: refuse when the index holds another model's vectors."""
     recorded = store.embed_model
     if recorded and recorded != embedder.model_id:
@@ -211,7 +212,7 @@ class Indexer:
     """
 
     def __init__(
-        self, store: Store, embedder: Embedder | None = None, *, settings: Settings | None = None
+        self, store: IndexStore, embedder: Embedder | None = None, *, settings: Settings | None = None
     ) -> None:
         self.store = store
         self.settings = settings or Settings.load()

@@ -28,7 +28,8 @@ from .chunker import Chunk, TooManyChunks, chunk_units
 from .files import CheckedFile, FileGone, FileProblem
 from .ignore import IgnoreRules
 from .settings import Settings
-from .store import STATUS_IGNORED, Root, Store
+from .store import STATUS_IGNORED, Root
+from .stores import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def loader_id(loader: Loader) -> str:
 class Preparer:
     """Turns paths into ``Prepared`` files, recording every file it does not index, with why."""
 
-    def __init__(self, store: Store, settings: Settings, embedder: Embedder,
+    def __init__(self, store: IndexStore, settings: Settings, embedder: Embedder,
                  rules_for: Callable[[Root], IgnoreRules]) -> None:  # fmt: skip
         self.store, self.settings, self.embedder, self.rules_for = store, settings, embedder, rules_for
 

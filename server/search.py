@@ -17,7 +17,8 @@ import numpy as np
 from lorekeeper.plugins.base import Embedder
 
 from .hits import MAX_K, MODES, SearchHit, parse_since
-from .store import Store, path_matches
+from .store import path_matches
+from .stores import IndexStore
 
 __all__ = ["MAX_K", "MODES", "SearchHit", "parse_since", "search"]
 
@@ -57,7 +58,7 @@ class TypeFilter:
     loaders: list[str]
 
 
-def normalise_types(file_types: list[str] | None, store: Store | None = None) -> TypeFilter | None:
+def normalise_types(file_types: list[str] | None, store: IndexStore | None = None) -> TypeFilter | None:
     """Resolve ``--type`` values: a loader's name (``markdown``, ``pdf``, ``code``) takes every file
     it reads; an extension takes its spellings when its loader reads one format (``md`` also finds
     ``.markdown``), else itself. A type no loader knows and no indexed file has is an error that
@@ -104,7 +105,7 @@ def keyword_query(query: str) -> str | None:
 
 
 def search(
-    store: Store,
+    store: IndexStore,
     embedder: Embedder | None,
     query: str,
     k: int = 8,
@@ -191,7 +192,7 @@ def _overlaps(a: SearchHit, b: SearchHit) -> bool:
 
 
 def _allowed_documents(
-    store: Store,
+    store: IndexStore,
     path_glob: str | None,
     types: TypeFilter | None,
     modified_after: float | None,

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 
@@ -42,6 +43,24 @@ REPACK_CHOICES = ("auto", "on", "off")
 SEARCH_MODES = ("hybrid", "vector", "keyword")
 EMBEDDER_RUNTIMES = ("auto", "torch", "onnx")
 OPENAI_ADAPTER_MODES = ("none", "llama-server", "model-name")
+
+
+def is_database_url(target: object) -> bool:
+    """Whether ``target`` names a PostgreSQL database (``postgresql://...`` or ``postgres://...``)."""
+    return isinstance(target, str) and target.strip().lower().startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for messages, ``status`` and ``config show``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "postgresql://(unreadable URL)"
+    if not password:
+        return url
+    user, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}"))
 
 
 class SettingsError(ValueError):
@@ -62,7 +81,12 @@ class Settings:
     """lorekeeper's settings. Field order is the order ``config show`` prints them in."""
 
     # --- the index ---------------------------------------------------------------------------
-    db: str | None = _s(None, "The index file (default: index.db in the data directory).", kind="path")
+    db: str | None = _s(
+        None,
+        "The index file (default: index.db in the data directory), or a postgresql://USER:PASSWORD@HOST/DB "
+        "URL for an index on PostgreSQL with pgvector (the postgres extra).",
+        kind="path",
+    )
     max_file_mb: float = _s(
         50.0, "Files larger than this many megabytes are recorded as skipped.", kind=float, lo=0.001
     )
@@ -259,7 +283,22 @@ class Settings:
 
     @property
     def db_path(self) -> Path:
+        """The index file; for an index on PostgreSQL (``db_url``), a file named after the database
+        in the data directory, where per-index reports and evaluation files go."""
+        if self.db_url:
+            name = urlsplit(self.db_url).path.strip("/") or "postgres"
+            return self.data_dir / f"{name}.postgres"
         return Path(self.db).expanduser() if self.db else self.data_dir / "index.db"
+
+    @property
+    def db_url(self) -> str | None:
+        """The PostgreSQL URL when the index lives on a server (``db = postgresql://...``), else None."""
+        return self.db.strip() if is_database_url(self.db) else None
+
+    @property
+    def db_target(self) -> Path | str:
+        """What to open the index from (``stores.open_store``): the PostgreSQL URL or the file."""
+        return self.db_url or self.db_path
 
     @property
     def adapters_dir(self) -> Path:
@@ -297,6 +336,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
                 value = "***"
+            elif is_database_url(value):
+                value = redact_url(value)
             if as_text:
                 value = "(unset)" if value is None else _format(value)
             rows.append((f.name, value, self.sources.get(f.name, "default"), f.metadata["help"]))
@@ -383,6 +424,8 @@ def _parse(f: Any, raw: Any, where: str) -> Any:
             return [part.strip() for part in str(raw).split(",") if part.strip()]
         if kind == "path":
             text = str(raw).strip()
+            if key == "db" and is_database_url(text):
+                return text  # a PostgreSQL URL, not a file
             return str(Path(text).expanduser()) if text else None
         text = str(raw).strip()
         return text if text else (None if f.default is None else f.default)

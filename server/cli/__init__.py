@@ -5,7 +5,7 @@ then ``config.toml``, then the defaults) and passes them down. Every command tak
 the ``db`` setting) to use a specific index file. Logs go to stderr.
 
 Commands live by subject: ``index.py`` (add, remove, watch, search, status, reindex, plugins),
-``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm/serve-config), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset), ``eval.py`` (eval retrieval) and
+``answer.py`` (ask), ``chat.py`` (chat), ``adapters.py`` (adapters list/show/rm/serve-config), ``serve.py`` (serve, mcp-config), ``config.py`` (config show/set/unset), ``eval.py`` (eval retrieval), ``migrate.py`` (migrate) and
 ``lorekeeper.finetune.cli`` (finetune ...).
 """
 
@@ -37,8 +37,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay who
 @app.callback()
 def _main(
     ctx: typer.Context,
-    db: Path = typer.Option(
-        None, "--db", help="Index file to use (default: the db setting, else in the data dir)."
+    db: str = typer.Option(
+        None,
+        "--db",
+        help="Index file to use (default: the db setting, else in the data dir), or a "
+        "postgresql://USER:PASSWORD@HOST/DB URL for an index on PostgreSQL.",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
 ) -> None:
@@ -76,19 +79,20 @@ def check_index_folder(settings: Settings) -> None:
     not exist: a mistyped path must not leave a new empty index (and its folders) behind. The default
     index's data directory is made as needed."""
     parent = settings.db_path.parent
-    if settings.db and not parent.is_dir():
+    if settings.db and not settings.db_url and not parent.is_dir():
         fail(f"the folder of the index {settings.db_path} does not exist: create it first (mkdir -p {parent}) "
              "or point --db at an existing index")  # fmt: skip
 
 
 def open_store(settings: Settings, *, create: bool = True) -> Any:
     """The index the settings name; a clear error (never a traceback) if it cannot be opened."""
-    from ..store import Store, StoreError
+    from ..store import StoreError
+    from ..stores import open_store as open_index
 
     if create:
         check_index_folder(settings)
     try:
-        return Store.open(settings.db_path, create=create)
+        return open_index(settings.db_target, create=create)
     except StoreError as exc:
         fail(str(exc))
 
@@ -98,7 +102,7 @@ def _mount_subcommands() -> None:
     # inside its commands.
     from lorekeeper.finetune.cli import app as finetune_app
 
-    from . import adapters, answer, chat, config, eval, index, serve
+    from . import adapters, answer, chat, config, eval, index, migrate, serve
 
     index.register(app)
     answer.register(app)
@@ -107,6 +111,7 @@ def _mount_subcommands() -> None:
     serve.register(app)
     config.register(app)
     eval.register(app)
+    migrate.register(app)
     app.add_typer(
         finetune_app, name="finetune", help="Train LoRA adapters on your data and export them as GGUF."
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -101,7 +100,9 @@ def ask(
         None, "--adapter-scale", help="How strongly the adapter applies (default 1.0; 0 = the base alone)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
-    db: Path = typer.Option(None, "--db", help="Index file (default: the one given to lorekeeper --db)."),
+    db: str = typer.Option(
+        None, "--db", help="Index file or postgresql:// URL (default: the one given to lorekeeper --db)."
+    ),
     model: str = typer.Option(None, "--model", help="GGUF model path (llamacpp) or model name (openai)."),
     generator_name: str = typer.Option(None, "--generator", help="Generator plugin: llamacpp or openai."),
     n_ctx: int = typer.Option(None, "--n-ctx", help="llama.cpp context window in tokens (default 4096)."),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -66,7 +65,7 @@ def chat(
     adapter_scale: float = typer.Option(None, "--adapter-scale", help="How strongly the adapter applies (default 1.0)."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer per turn, in tokens (default 256)."),
     k: int = typer.Option(None, "-k", help="With --rag: passages retrieved per turn (default 8)."),
-    db: Path = typer.Option(None, "--db", help="With --rag: the index file."),
+    db: str = typer.Option(None, "--db", help="With --rag: the index file or postgresql:// URL."),
     model: str = typer.Option(None, "--model", help="GGUF model path (llamacpp) or model name (openai)."),
     generator_name: str = typer.Option(None, "--generator", help="Generator plugin: llamacpp or openai."),
     n_ctx: int = typer.Option(None, "--n-ctx", help="llama.cpp context window in tokens (default 4096)."),

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..settings import Settings
+from ..settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ def _token(settings: Settings) -> str | None:
         return None
 
 
+def index_name(settings: Settings) -> str:
+    """The index as the server names it (its ``store.path``): the file, or the URL without password."""
+    return redact_url(settings.db_url) if settings.db_url else str(settings.db_path.resolve())
+
+
 def _post(settings: Settings, route: str, payload: dict) -> http.client.HTTPResponse | None:
     """POST ``payload`` to the running server; None when there is none to use (see module doc)."""
     if not settings.reuse_server:
@@ -50,7 +55,7 @@ def _post(settings: Settings, route: str, payload: dict) -> http.client.HTTPResp
     try:
         conn.connect()
         conn.sock.settimeout(READ_TIMEOUT)
-        body = json.dumps(payload | {"db": str(settings.db_path.resolve())}).encode("utf-8")
+        body = json.dumps(payload | {"db": index_name(settings)}).encode("utf-8")
         conn.request("POST", route, body=body, headers={"Authorization": f"Bearer {token}",
                                                          "Content-Type": "application/json"})  # fmt: skip
         response = conn.getresponse()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ..settings import Settings, home_from_environment
+from ..settings import Settings, home_from_environment, is_database_url
 from . import check_index_folder, err, fail, settings_of
 
 
@@ -32,7 +32,9 @@ def serve(
     allow_origin: list[str] = typer.Option(
         None, "--allow-origin", help="An extra browser Origin allowed over HTTP (repeatable)."
     ),
-    db: Path = typer.Option(None, "--db", help="Index file (default: the one given to lorekeeper --db)."),
+    db: str = typer.Option(
+        None, "--db", help="Index file or postgresql:// URL (default: the one given to lorekeeper --db)."
+    ),
     model: str = typer.Option(None, "--model", help="GGUF model path (llamacpp) or model name (openai)."),
     generator: str = typer.Option(
         None, "--generator", help="Generator plugin: llamacpp (default) or openai."
@@ -98,16 +100,16 @@ def model_settings(
     return settings_of(ctx, **flags)
 
 
-def _launcher(db: Path | None) -> tuple[str, list[str]]:
+def _launcher(db: Path | str | None) -> tuple[str, list[str]]:
     exe = shutil.which("lorekeeper")
     command, args = (exe, []) if exe else (sys.executable, ["-m", "lorekeeper.server.cli"])
     if db is not None:
-        args += ["--db", str(Path(db).expanduser().resolve())]
+        args += ["--db", db if is_database_url(db) else str(Path(db).expanduser().resolve())]
     return command, args + ["serve"]
 
 
 def config_snippets(
-    db: Path | None = None, http: bool = False, port: int = 8765, token: str | None = None
+    db: Path | str | None = None, http: bool = False, port: int = 8765, token: str | None = None
 ) -> dict:
     """The JSON each client wants, keyed by client name. MCP clients pass only a few environment
     variables to the servers they start, so a ``LOREKEEPER_HOME`` the user set goes in the snippet."""
@@ -152,7 +154,7 @@ def mcp_config(
     show_token: bool = typer.Option(
         False, "--show-token", help="Put the real bearer token in HTTP snippets."
     ),
-    db: Path = typer.Option(None, "--db", help="Index file the server should use."),
+    db: str = typer.Option(None, "--db", help="Index file or postgresql:// URL the server should use."),
 ) -> None:
     """Print the JSON that connects Claude Desktop, Cursor or VS Code to lorekeeper."""
     names = {

@@ -25,6 +25,7 @@ import anyio.to_thread
 
 from .. import generation
 from ..search import MAX_K, parse_since, search
+from ..settings import is_database_url
 from .schemas import generate_result
 from .tools import EXPECTED
 
@@ -79,7 +80,9 @@ def register_api(server: Any) -> None:
         return StreamingResponse(_ask_lines(state, kwargs), media_type="application/x-ndjson")
 
 
-def _same_index(served: Path, wanted: Any) -> bool:
+def _same_index(served: Path | str, wanted: Any) -> bool:
+    if is_database_url(wanted) or is_database_url(served):
+        return wanted == served  # both the URL without its password (store.path, remote.index_name)
     try:
         return isinstance(wanted, str) and Path(wanted).resolve() == Path(served).resolve()
     except OSError:

@@ -152,9 +152,9 @@ def create_server(options: ServerOptions | None = None) -> LorekeeperMCP:
 
 def _open_state(options: ServerOptions) -> AppState:
     from ..indexer import Indexer, embedder_for
-    from ..store import Store
+    from ..stores import open_store
 
-    store = Store.open(options.settings.db_path)
+    store = open_store(options.settings.db_target)
     try:
         embedder = embedder_for(store, options.settings)
         indexer = Indexer(store, embedder, settings=options.settings)
