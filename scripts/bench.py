@@ -1,19 +1,35 @@
 """Every benchmark the project has, in one command, written to BENCHMARKS.md.
 
-Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 40 minutes
-on two cores (``--quick``: a smoke run at the smallest sizes, about 10 minutes), and writes its
-figures as JSON; this script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
+Each script under ``scripts/`` runs in its own subprocess and writes its figures as JSON; this
+script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
 run, the ratio, the target and whether it is met, then the machine (CPU model and the instruction
-sets the native libraries use, cores, memory, load), the versions of the parts, and the date.
+sets the native libraries use, cores, memory, load), the versions of the parts, the date, and each
+benchmark's command with its wall time and the CPU time of its processes.
 
-    python scripts/bench.py                      # all of them, about 40 minutes
-    python scripts/bench.py --quick              # a smoke run, about 10 minutes
+    python scripts/bench.py                      # all of them, one at a time: under 20 minutes
+    python scripts/bench.py --quick              # a smoke run for CI: about 3.5 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 
+Sizes of the full run (two cores): indexing throughput on 300 real files (about 600 chunks, each
+embedded twice: by the index and by the raw embedder), 10 saves under the watcher, search latency
+at 10,000 and 100,000 chunks; 5 small saves while a 0.3 MB file embeds; MCP ``generate``, 4 runs of
+96 tokens a side, and 100 ``retrieve`` calls on a 1,000-chunk index; 8 fine-tuning steps (2 of
+warm-up) of 2 x 128 tokens a side; GGUF parity after 6 training steps, over 300 positions; the
+answer benchmark on 12 questions over all 118 manual pages; and ``ragft``,
+``scripts/demo_rag_vs_ft.py`` on the same pages and index: 12 questions, 8 training steps.
+
+``--quick`` runs every one of them on its real path (the real embedder and generator, llama.cpp,
+real training steps, a real GGUF export) at the smallest sizes that still do so: 24 files, 2 saves,
+a 60-chunk index and 16 tokens, 2 training steps of 64 tokens (1 for parity and the demo), 32
+positions, 2 questions over 4 pages with 32-token answers. Two run side by side (the training ones
+beside the others), so their figures share the CPU and mean little; nothing is skipped.
+
+All children share one folder of derived files (``--cache``): the base model dequantized for
+training and the embedder exported to ONNX are made once per run, by the first benchmark that needs
+them. The answer benchmark's rendered pages and index are reused by ``ragft``.
+
 A benchmark that fails or runs over its time limit is reported as such (with the end of its
-output) and the others still run; the exit status is 1 if any failed. The last one, ``ragft``, is
-``scripts/demo_rag_vs_ft.py`` at a small size: retrieval and answers evaluated on Debian's manual
-pages, base model and a short CPU fine-tune, each with and without retrieval.
+output) and the others still run; the exit status is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -430,7 +446,7 @@ def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], com
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 10 minutes)"
+        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 3.5 minutes)"
     )
     parser.add_argument(
         "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers, ragft"

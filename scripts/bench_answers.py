@@ -210,6 +210,8 @@ def main() -> None:
                         "then other question pages, then the rest (default: all 118)")  # fmt: skip
     parser.add_argument("--show", action="store_true", help="print each answer")
     args = parser.parse_args()
+    if args.pages is not None and args.pages < 1:
+        parser.error("--pages must be at least 1")
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lorekeeper-answers-"))
@@ -220,8 +222,6 @@ def main() -> None:
     from lorekeeper.server.settings import Settings
     from lorekeeper.server.store import Store
 
-    if args.pages is not None and args.pages < 1:
-        parser.error("--pages must be at least 1")
     rendered, pages = work / "rendered", work / "pages"
     if not any(rendered.glob("*.txt")):
         rendered.mkdir(exist_ok=True)
