@@ -10,10 +10,10 @@ benchmark's command with its wall time and the CPU time of its processes.
     python scripts/bench.py --quick              # a smoke run for CI: about 3.5 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 
-Sizes of the full run (two cores): indexing throughput on 300 real files (about 600 chunks, each
+Sizes of the full run (two cores): indexing throughput on 200 real files (about 400 chunks, each
 embedded twice: by the index and by the raw embedder), 10 saves under the watcher, search latency
 at 10,000 and 100,000 chunks; 5 small saves while a 0.3 MB file embeds; MCP ``generate``, 4 runs of
-96 tokens a side, and 100 ``retrieve`` calls on a 1,000-chunk index; 8 fine-tuning steps (2 of
+96 tokens a side, and 100 ``retrieve`` calls on an index of at least 500 chunks; 8 fine-tuning steps (2 of
 warm-up) of 2 x 128 tokens a side; GGUF parity after 6 training steps, over 300 positions; the
 answer benchmark on 12 questions over all 118 manual pages; and ``ragft``,
 ``scripts/demo_rag_vs_ft.py`` on the same pages and index: 12 questions, 8 training steps.
@@ -231,7 +231,7 @@ def benches(work: Path) -> list[Bench]:
     mcp, answers, ragft = str(work / "mcp"), str(work / "answers"), str(work / "ragft")
     return [
         Bench("index", "bench_index.py",
-              ["--files", "300", "--slices", "4", "--latency-runs", "10", "--chunks-small", "10000",
+              ["--files", "200", "--slices", "4", "--latency-runs", "10", "--chunks-small", "10000",
                "--chunks-large", "100000", "--rounds", "2"],
               ["--quick", "--files", "24", "--slices", "2", "--latency-runs", "3", "--chunks-small", "300",
                "--chunks-large", "1000", "--queries", "4", "--rounds", "1"],
@@ -241,7 +241,7 @@ def benches(work: Path) -> list[Bench]:
               ["--saves", "2", "--big-mb", "0.05", "--gap", "0.2", "--timeout", "120"],
               watch_rows, limit_s=450),
         Bench("mcp", "bench_mcp.py",
-              ["--chunks", "1000", "--runs", "4", "--max-tokens", "96", "--queries", "100", "--workdir", mcp],
+              ["--chunks", "500", "--runs", "4", "--max-tokens", "96", "--queries", "100", "--workdir", mcp],
               ["--chunks", "60", "--runs", "1", "--max-tokens", "16", "--queries", "5", "--workdir", mcp],
               mcp_rows, limit_s=600),
         Bench("finetune", "bench_finetune.py",
