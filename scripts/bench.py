@@ -7,7 +7,7 @@ sets the native libraries use, cores, memory, load), the versions of the parts, 
 benchmark's command with its wall time and the CPU time of its processes.
 
     python scripts/bench.py                      # all of them, one at a time: under 20 minutes
-    python scripts/bench.py --quick              # a smoke run for CI: about 3.5 minutes
+    python scripts/bench.py --quick              # a smoke run for CI: about 3 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 
 Sizes of the full run (two cores): indexing throughput on 200 real files (about 400 chunks, each
@@ -446,7 +446,7 @@ def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], com
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 3.5 minutes)"
+        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 3 minutes)"
     )
     parser.add_argument(
         "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers, ragft"
