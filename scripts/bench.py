@@ -1,19 +1,35 @@
 """Every benchmark the project has, in one command, written to BENCHMARKS.md.
 
-Each script under ``scripts/`` runs in its own subprocess, at a size that ends in about 40 minutes
-on two cores (``--quick``: a smoke run at the smallest sizes, about 10 minutes), and writes its
-figures as JSON; this script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
+Each script under ``scripts/`` runs in its own subprocess and writes its figures as JSON; this
+script reads them and writes ``BENCHMARKS.md``: every figure with the baseline measured in the same
 run, the ratio, the target and whether it is met, then the machine (CPU model and the instruction
-sets the native libraries use, cores, memory, load), the versions of the parts, and the date.
+sets the native libraries use, cores, memory, load), the versions of the parts, the date, and each
+benchmark's command with its wall time and the CPU time of its processes.
 
-    python scripts/bench.py                      # all of them, about 40 minutes
-    python scripts/bench.py --quick              # a smoke run, about 10 minutes
+    python scripts/bench.py                      # all of them, one at a time: under 20 minutes
+    python scripts/bench.py --quick              # a smoke run for CI: about 3 minutes
     python scripts/bench.py --only index,mcp --out results/BENCHMARKS.md
 
+Sizes of the full run (two cores): indexing throughput on 200 real files (about 400 chunks, each
+embedded twice: by the index and by the raw embedder), 10 saves under the watcher, search latency
+at 10,000 and 100,000 chunks; 5 small saves while a 0.3 MB file embeds; MCP ``generate``, 4 runs of
+96 tokens a side, and 100 ``retrieve`` calls on an index of at least 500 chunks; 8 fine-tuning steps (2 of
+warm-up) of 2 x 128 tokens a side; GGUF parity after 6 training steps, over 300 positions; the
+answer benchmark on 12 questions over all 118 manual pages; and ``ragft``,
+``scripts/demo_rag_vs_ft.py`` on the same pages and index: 12 questions, 8 training steps.
+
+``--quick`` runs every one of them on its real path (the real embedder and generator, llama.cpp,
+real training steps, a real GGUF export) at the smallest sizes that still do so: 24 files, 2 saves,
+a 60-chunk index and 16 tokens, 2 training steps of 64 tokens (1 for parity and the demo), 32
+positions, 2 questions over 4 pages with 32-token answers. Two run side by side (the training ones
+beside the others), so their figures share the CPU and mean little; nothing is skipped.
+
+All children share one folder of derived files (``--cache``): the base model dequantized for
+training and the embedder exported to ONNX are made once per run, by the first benchmark that needs
+them. The answer benchmark's rendered pages and index are reused by ``ragft``.
+
 A benchmark that fails or runs over its time limit is reported as such (with the end of its
-output) and the others still run; the exit status is 1 if any failed. The last one, ``ragft``, is
-``scripts/demo_rag_vs_ft.py`` at a small size: retrieval and answers evaluated on Debian's manual
-pages, base model and a short CPU fine-tune, each with and without retrieval.
+output) and the others still run; the exit status is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -24,9 +40,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,14 +79,20 @@ class Bench:
     rows: Callable[[dict], list[Row]]
     limit_s: int = 900
     json_from_stdout: bool = False
+    lane: int = 0  # with --jobs 2: which of the two queues it runs in
+    needs: tuple[str, ...] = ()  # benchmarks that must have finished first (when they run at all)
 
 
 @dataclass
 class Outcome:
+    """What one benchmark gave: wall seconds, CPU seconds of its processes, its rows or its error."""
+
     bench: Bench
     seconds: float
     rows: list[Row] = field(default_factory=list)
     error: str | None = None
+    cpu_seconds: float = 0.0
+    load: float = 0.0
 
 
 def _ms(seconds: float) -> str:
@@ -203,167 +227,144 @@ def ragft_rows(r: dict) -> list[Row]:
 
 
 def benches(work: Path) -> list[Bench]:
+    """Each benchmark at its full size and at its quick (smoke) size."""
+    mcp, answers, ragft = str(work / "mcp"), str(work / "answers"), str(work / "ragft")
     return [
-        Bench(
-            "index",
-            "bench_index.py",
-            [
-                "--files",
-                "600",
-                "--slices",
-                "4",
-                "--latency-runs",
-                "20",
-                "--chunks-small",
-                "10000",
-                "--chunks-large",
-                "100000",
-                "--rounds",
-                "2",
-            ],
-            ["--quick"],
-            index_rows,
-            limit_s=900,
-        ),  # fmt: skip
-        Bench(
-            "watch",
-            "bench_watch_interleave.py",
-            ["--saves", "5", "--big-mb", "0.6", "--timeout", "400"],
-            ["--saves", "2", "--big-mb", "0.3", "--gap", "0.5", "--timeout", "200"],
-            watch_rows,
-            limit_s=450,
-        ),  # fmt: skip
-        Bench(
-            "mcp",
-            "bench_mcp.py",
-            [
-                "--chunks",
-                "2000",
-                "--runs",
-                "4",
-                "--max-tokens",
-                "96",
-                "--queries",
-                "100",
-                "--workdir",
-                str(work / "mcp"),
-            ],
-            [
-                "--chunks",
-                "300",
-                "--runs",
-                "1",
-                "--max-tokens",
-                "32",
-                "--queries",
-                "20",
-                "--workdir",
-                str(work / "mcp"),
-            ],
-            mcp_rows,
-            limit_s=600,
-        ),  # fmt: skip
-        Bench(
-            "finetune",
-            "bench_finetune.py",
-            ["--steps", "8", "--warmup", "2", "--seq-len", "128", "--batch-size", "2"],
-            ["--steps", "3", "--warmup", "1", "--seq-len", "64", "--batch-size", "1", "--files", "8"],
-            finetune_rows,
-            limit_s=600,
-            json_from_stdout=True,
-        ),  # fmt: skip
-        Bench(
-            "parity",
-            "bench_parity.py",
-            ["--steps", "6", "--positions", "300"],
-            ["--steps", "2", "--positions", "64", "--rows", "12"],
-            parity_rows,
-            limit_s=600,
-        ),  # fmt: skip
-        Bench(
-            "answers",
-            "bench_answers.py",
-            [
-                "--models",
-                "smollm2",
-                "--context-sentences",
-                "6",
-                "--limit",
-                "12",
-                "--workdir",
-                str(work / "answers"),
-            ],
-            [
-                "--models",
-                "smollm2",
-                "--context-sentences",
-                "6",
-                "--limit",
-                "2",
-                "--workdir",
-                str(work / "answers"),
-            ],
-            answer_rows,
-            limit_s=900,
-        ),  # fmt: skip
-        Bench(
-            "ragft",
-            "demo_rag_vs_ft.py",
-            [
-                "--out",
-                str(work / "ragft"),
-                "--questions",
-                "12",
-                "--train-steps",
-                "12",
-                "--pages-from",
-                str(work / "answers"),
-            ],
-            [
-                "--out",
-                str(work / "ragft"),
-                "--questions",
-                "2",
-                "--train-steps",
-                "2",
-                "--pages-from",
-                str(work / "answers"),
-            ],
-            ragft_rows,
-            limit_s=1200,
-        ),  # fmt: skip
-    ]
+        Bench("index", "bench_index.py",
+              ["--files", "200", "--slices", "4", "--latency-runs", "10", "--chunks-small", "10000",
+               "--chunks-large", "100000", "--rounds", "2"],
+              ["--quick", "--files", "24", "--slices", "2", "--latency-runs", "3", "--chunks-small", "300",
+               "--chunks-large", "1000", "--queries", "4", "--rounds", "1"],
+              index_rows, limit_s=900),
+        Bench("watch", "bench_watch_interleave.py",
+              ["--saves", "5", "--big-mb", "0.3", "--timeout", "400"],
+              ["--saves", "2", "--big-mb", "0.05", "--gap", "0.2", "--timeout", "120"],
+              watch_rows, limit_s=450),
+        Bench("mcp", "bench_mcp.py",
+              ["--chunks", "500", "--runs", "4", "--max-tokens", "96", "--queries", "100", "--workdir", mcp],
+              ["--chunks", "60", "--runs", "1", "--max-tokens", "16", "--queries", "5", "--workdir", mcp],
+              mcp_rows, limit_s=600),
+        Bench("finetune", "bench_finetune.py",
+              ["--steps", "8", "--warmup", "2", "--seq-len", "128", "--batch-size", "2"],
+              ["--steps", "2", "--warmup", "1", "--seq-len", "64", "--batch-size", "1", "--files", "2"],
+              finetune_rows, limit_s=600, json_from_stdout=True, lane=1),
+        Bench("parity", "bench_parity.py",
+              ["--steps", "6", "--positions", "300"],
+              ["--steps", "1", "--positions", "32", "--rows", "8"],
+              parity_rows, limit_s=600, lane=1, needs=("finetune",)),
+        Bench("answers", "bench_answers.py",
+              ["--models", "smollm2", "--context-sentences", "6", "--limit", "12", "--workdir", answers],
+              ["--models", "smollm2", "--context-sentences", "6", "--limit", "2", "--pages", "4",
+               "--max-tokens", "32", "--workdir", answers],
+              answer_rows, limit_s=900),
+        Bench("ragft", "demo_rag_vs_ft.py",
+              ["--out", ragft, "--questions", "12", "--train-steps", "8", "--pages-from", answers],
+              ["--out", ragft, "--questions", "2", "--train-steps", "1", "--max-seq-len", "64", "--batch-size", "1",
+               "--max-tokens", "32", "--pages-from", answers],
+              ragft_rows, limit_s=1200, needs=("answers", "finetune")),
+    ]  # fmt: skip
 
 
-def run_one(bench: Bench, quick: bool, work: Path) -> Outcome:
+_SAY = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line to stdout (two queues print side by side)."""
+    with _SAY:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _run_child(
+    cmd: list[str], env: dict[str, str], limit_s: int, logs: Path
+) -> tuple[int | None, str, str, float]:
+    """Run ``cmd`` in its own session, output to files: (exit status or None if it ran past
+    ``limit_s`` and was killed with everything it started, stdout, stderr, CPU seconds of it and of
+    the processes it waited for). The CPU time is this child's own (``wait4``), so two benchmarks
+    running side by side do not count each other's."""
+    with open(logs.with_suffix(".out"), "w+b") as out, open(logs.with_suffix(".err"), "w+b") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(limit_s, kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        try:  # what it left running (an MCP server, a training side) goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        out.seek(0)
+        err.seek(0)
+        texts = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+    return (None if killed.is_set() else proc.returncode), *texts, usage.ru_utime + usage.ru_stime
+
+
+def _figures(bench: Bench, stdout: str, out: Path) -> dict:
+    if not bench.json_from_stdout:
+        return json.loads(out.read_text())
+    return json.loads(stdout if stdout.startswith("{") else stdout[stdout.index("\n{") + 1 :])
+
+
+def run_one(bench: Bench, quick: bool, work: Path, env: dict[str, str]) -> Outcome:
     out = work / f"{bench.name}.json"
     args = bench.quick if quick else bench.full
     cmd = [sys.executable, str(SCRIPTS / bench.script), *args]
     if not bench.json_from_stdout:
         cmd += ["--json", str(out)]
     started = time.monotonic()
-    print(f"== {bench.name}: {' '.join(['python', 'scripts/' + bench.script, *args])}", flush=True)
+    say(f"== {bench.name}: {' '.join(['python', 'scripts/' + bench.script, *args])}")
+    status, stdout, stderr, cpu = _run_child(cmd, env, bench.limit_s, work / f"{bench.name}-log")
+
+    def outcome(**kw) -> Outcome:
+        return Outcome(bench, time.monotonic() - started, cpu_seconds=cpu, load=os.getloadavg()[0], **kw)
+
+    if status is None:
+        return outcome(error=f"over its limit of {bench.limit_s} s")
+    if status != 0:
+        tail = (stderr or stdout).strip().splitlines()[-6:]
+        return outcome(error=f"exit status {status}: " + " / ".join(tail))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.limit_s)
-    except subprocess.TimeoutExpired:
-        return Outcome(bench, time.monotonic() - started, error=f"over its limit of {bench.limit_s} s")
-    seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        return Outcome(bench, seconds, error=f"exit status {proc.returncode}: " + " / ".join(tail))
-    try:
-        if bench.json_from_stdout:
-            text = (
-                proc.stdout[proc.stdout.index("\n{") + 1 :]
-                if not proc.stdout.startswith("{")
-                else proc.stdout
-            )
-            figures = json.loads(text)
-        else:
-            figures = json.loads(out.read_text())
-        return Outcome(bench, seconds, rows=bench.rows(figures))
+        return outcome(rows=bench.rows(_figures(bench, stdout, out)))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return Outcome(bench, seconds, error=f"its figures could not be read ({type(exc).__name__}: {exc})")
+        return outcome(error=f"its figures could not be read ({type(exc).__name__}: {exc})")
+
+
+def run_all(chosen: list[Bench], quick: bool, work: Path, env: dict[str, str], jobs: int) -> list[Outcome]:
+    """Run the benchmarks in order, or with ``jobs`` 2 in two queues side by side (each by its
+    ``lane``), a benchmark starting once those it ``needs`` are done: the shared cache (the
+    dequantized base the training ones build) and the rendered pages are then ready for it."""
+    done = {b.name: threading.Event() for b in chosen}
+    outcomes: dict[str, Outcome] = {}
+
+    def queue(lane: int) -> None:
+        for bench in chosen:
+            if jobs > 1 and bench.lane != lane:
+                continue
+            for need in bench.needs:
+                if need in done:
+                    done[need].wait()
+            outcome = outcomes[bench.name] = run_one(bench, quick, work, env)
+            done[bench.name].set()
+            say(
+                f"   {bench.name}: {outcome.error or 'done'} ({outcome.seconds:.0f} s, CPU {outcome.cpu_seconds:.0f} s)"
+            )
+
+    threads = [threading.Thread(target=queue, args=(lane,)) for lane in range(1, jobs)]
+    for thread in threads:
+        thread.start()
+    queue(0)
+    for thread in threads:
+        thread.join()
+    return [outcomes[b.name] for b in chosen]
 
 
 def machine() -> list[str]:
@@ -404,13 +405,18 @@ def versions() -> str:
     return "- versions: " + ", ".join(found) + (f"; commit {commit}" if commit else "")
 
 
-def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], command: str) -> str:
+def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], command: str, work: Path,
+           run: tuple[int, float]) -> str:  # fmt: skip
+    """BENCHMARKS.md: the rows, the machine, each command (the temporary work folder shown as WORK);
+    ``run`` is (jobs, wall seconds of the whole run)."""
     mark = {True: "met", False: "NOT met", None: "-"}
     lines = [
         "# lorekeeper benchmarks", "",
         f"Written by `{command}` on {datetime.date.today().isoformat()}"
         + (" (quick smoke run: sizes too small for the figures to mean much)" if quick else "") + ".",
-        "Every ratio compares against a baseline measured in the same run on the same machine.", "",
+        "Every ratio compares against a baseline measured in the same run on the same machine."
+        + (" Nothing is skipped: each benchmark runs its real path (real models, llama.cpp, training "
+           "steps) at the smallest size, see the commands below." if quick else ""), "",
         "| benchmark | figure | value | baseline | ratio | target | |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
@@ -422,27 +428,46 @@ def render(outcomes: list[Outcome], quick: bool, loads: tuple[float, float], com
                          f"{mark[r.met]} |")  # fmt: skip
     lines += ["", "## Machine", "", *machine(), versions(),
               f"- load average: {loads[0]:.1f} at the start, {loads[1]:.1f} at the end", "",
-              "## Commands and time", ""]  # fmt: skip
+              "## Commands and time", "",
+              "Wall: seconds on the clock. CPU: user + system seconds of the benchmark's processes (`wait4` "
+              "on its process), which other jobs on the machine barely change; on an idle machine "
+              f"with {os.cpu_count()} cores the wall time lies between CPU / {os.cpu_count()} and CPU.", "",
+              "| benchmark | wall | CPU | load after | command |", "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     for o in outcomes:
-        args = o.bench.quick if quick else o.bench.full
-        lines.append(
-            f"- {o.bench.name} ({o.seconds:.0f} s): `python scripts/{o.bench.script} {' '.join(args)}`"
-        )
+        args = " ".join(o.bench.quick if quick else o.bench.full).replace(str(work), "WORK")
+        lines.append(f"| {o.bench.name} | {o.seconds:.0f} s | {o.cpu_seconds:.0f} s | {o.load:.1f} | "
+                     f"`python scripts/{o.bench.script} {args}` |")  # fmt: skip
+    jobs, elapsed = run
+    side = " (two at a time: training ones beside the others, so each shares the CPU)" if jobs > 1 else ""
+    lines.append(f"| all{side} | {elapsed:.0f} s | {sum(o.cpu_seconds for o in outcomes):.0f} s | | |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 10 minutes)"
+        "--quick", action="store_true", help="a smoke run at the smallest sizes (about 3 minutes)"
     )
     parser.add_argument(
         "--only", default="", help="comma-separated: index, watch, mcp, finetune, parity, answers, ragft"
     )
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="where to write the report")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder for the derived files every benchmark shares (the dequantized base model, "
+                        "the exported ONNX embedder); default: a temporary one, built by the first benchmark "
+                        "that needs it. Keep one between runs (CI can cache it) to skip that work.")  # fmt: skip
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=None,
+                        help="2: two benchmarks at a time, training ones beside the others (default with "
+                        "--quick; their figures then share the CPU); 1: one at a time (default)")  # fmt: skip
     args = parser.parse_args()
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot create the folder {args.out.parent}: {exc}")
     with tempfile.TemporaryDirectory(prefix="lorekeeper-bench-all-") as tmp:
         work = Path(tmp)
+        cache = (args.cache or work / "cache").resolve()
+        env = dict(os.environ, LOREKEEPER_CACHE=str(cache))
         chosen = benches(work)
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         unknown = sorted(set(wanted) - {b.name for b in chosen})
@@ -451,19 +476,19 @@ def main() -> int:
                 f"--only: unknown {', '.join(unknown)}; choose from {', '.join(b.name for b in chosen)}"
             )
         chosen = [b for b in chosen if not wanted or b.name in wanted]
-        load_start = os.getloadavg()[0]
-        outcomes = []
-        for bench in chosen:
-            outcome = run_one(bench, args.quick, work)
-            outcomes.append(outcome)
-            print(f"   {outcome.error or 'done'} ({outcome.seconds:.0f} s)", flush=True)
+        load_start, began = os.getloadavg()[0], time.monotonic()
+        jobs = args.jobs or (2 if args.quick else 1)
+        outcomes = run_all(chosen, args.quick, work, env, jobs)
+        elapsed = time.monotonic() - began
     command = (
         "python scripts/bench.py"
         + (" --quick" if args.quick else "")
         + (f" --only {args.only}" if wanted else "")
+        + (f" --jobs {args.jobs}" if args.jobs else "")
     )
     args.out.write_text(
-        render(outcomes, args.quick, (load_start, os.getloadavg()[0]), command), encoding="utf-8"
+        render(outcomes, args.quick, (load_start, os.getloadavg()[0]), command, work, (jobs, elapsed)),
+        encoding="utf-8",
     )
     print(f"wrote {args.out}")
     return 1 if any(o.error for o in outcomes) else 0

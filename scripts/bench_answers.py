@@ -85,6 +85,25 @@ def render(folder: Path) -> None:
         (folder / extra).rename(folder.parent / extra)
 
 
+def choose_pages(rendered: Path, pages: Path, questions: list[dict], count: int | None) -> None:
+    """Make ``pages`` hold exactly the chosen rendered pages: all of them, or ``count`` of them: the
+    pages that answer the asked questions, then those of the following questions in the file, then
+    the others by name (distractors). Pages no longer chosen are removed, so the index drops them."""
+    names = sorted(p.name for p in rendered.glob("*.txt"))
+    if count is not None:
+        order = [q["page"] for q in questions] + [q["page"] for q in load_questions(None)] + names
+        names = list(dict.fromkeys(n for n in order if (rendered / n).is_file()))[: max(count, 1)]
+        names += [q["page"] for q in questions if q["page"] not in names]  # never drop an asked page
+    pages.mkdir(exist_ok=True)
+    for old in pages.glob("*.txt"):
+        if old.name not in names:
+            old.unlink()
+    for name in names:
+        target = pages / name
+        if not target.is_file() or target.read_bytes() != (rendered / name).read_bytes():
+            target.write_bytes((rendered / name).read_bytes())
+
+
 def contains_answer(text: str, answers: list[str]) -> bool:
     low = text.lower()
     return any(a.lower() in low for a in answers)
@@ -186,8 +205,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every row and the table here")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the rendered pages and the index here and reuse them next time")  # fmt: skip
+    parser.add_argument("--pages", type=int, default=None,
+                        help="index only this many of the rendered pages: those of the asked questions first, "
+                        "then other question pages, then the rest (default: all 118)")  # fmt: skip
     parser.add_argument("--show", action="store_true", help="print each answer")
     args = parser.parse_args()
+    if args.pages is not None and args.pages < 1:
+        parser.error("--pages must be at least 1")
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lorekeeper-answers-"))
@@ -198,13 +222,14 @@ def main() -> None:
     from lorekeeper.server.settings import Settings
     from lorekeeper.server.store import Store
 
-    pages = work / "pages"
-    if not pages.is_dir():
-        pages.mkdir()
-        render(pages)
+    rendered, pages = work / "rendered", work / "pages"
+    if not any(rendered.glob("*.txt")):
+        rendered.mkdir(exist_ok=True)
+        render(rendered)
     global SHOW
     SHOW = args.show
     questions = load_questions(args.limit)
+    choose_pages(rendered, pages, questions, args.pages)
     extra = dict(kv.split("=", 1) for kv in args.sampling.split(",") if kv)
     base = Settings.load({"db": str(work / "index.db"), "max_tokens": args.max_tokens, "temperature": 0,
                           "k": args.k, **extra})  # fmt: skip

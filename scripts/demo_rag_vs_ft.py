@@ -44,10 +44,14 @@ def step(title: str, args: list[str], env: dict[str, str]) -> None:
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def question_sets(out: Path, n: int) -> tuple[Path, Path]:
-    """The answer bench's questions, spread evenly over the set, as judged retrieval queries and as
-    answer questions (accepted answers as references, the page as the question's file)."""
+def question_sets(out: Path, n: int, docs: Path) -> tuple[Path, Path]:
+    """The answer bench's questions whose page is in ``docs``, spread evenly over the set, as judged
+    retrieval queries and as answer questions (accepted answers as references, the page as the
+    question's file)."""
     rows = [json.loads(line) for line in QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if (docs / r["page"]).is_file()]
+    if not rows:
+        sys.exit(f"none of the pages the questions need is in {docs}")
     picked = rows[:: max(1, len(rows) // n)][:n]
     queries, answers = out / "retrieval-queries.jsonl", out / "answer-questions.jsonl"
     queries.write_text("".join(json.dumps({"id": r["id"], "query": r["question"], "relevant": [r["page"]]}) + "\n"
@@ -62,11 +66,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Work folder (created; reports go here).")
     parser.add_argument("--questions", type=int, default=24, help="Questions of the answer bench to use.")
     parser.add_argument("--train-steps", type=int, default=30, help="Fine-tuning steps (CPU).")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="Fine-tuning sequence length.")
+    parser.add_argument("--batch-size", type=int, default=2, help="Fine-tuning batch size.")
+    parser.add_argument("--max-tokens", type=int, default=128, help="Longest answer, in tokens.")
     parser.add_argument("--json", type=Path, help="Write both reports' figures to this file (for bench.py).")
     parser.add_argument("--pages-from", type=Path,
                         help="A scripts/bench_answers.py --workdir: start from its rendered pages and index "
-                        "(bench.py passes it, so the same pages are not embedded twice).")  # fmt: skip
+                        "(bench.py passes it, so the same pages are not embedded twice); only the questions "
+                        "whose page is among them are asked.")  # fmt: skip
     args = parser.parse_args()
+    for name in ("questions", "train_steps", "max_seq_len", "batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     out = args.out.resolve()
     (out / "home").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LOREKEEPER_HOME": str(out / "home")}
@@ -87,17 +98,18 @@ def main() -> None:
         )
         for extra in ("MANIFEST.tsv", "VERSIONS.txt"):  # the render's own records are not documents
             (docs / extra).replace(out / extra)
-    queries, answers = question_sets(out, args.questions)
+    queries, answers = question_sets(out, args.questions, docs)
     step("index them", [*lk, "add", str(docs)], env)
     step("retrieval: three modes and the fusion sweep",
          [*lk, "eval", "retrieval", "--queries", str(queries), "--report", str(out / "retrieval")], env)  # fmt: skip
     step("a short fine-tune on the indexed pages",
          [*lk, "finetune", "train", "--from-index", "--name", "manpages", "--max-steps", str(args.train_steps),
-          "--max-seq-len", "256", "--batch-size", "2", "--eval-fraction", "0"], env)  # fmt: skip
+          "--max-seq-len", str(args.max_seq_len), "--batch-size", str(args.batch_size), "--eval-fraction", "0"],
+         env)  # fmt: skip
     step("export it as a GGUF adapter", [*lk, "finetune", "export", "manpages"], env)
     step("answers: base and adapter, with and without retrieval",
-         [*lk, "eval", "answers", "--questions", str(answers), "--adapter", "manpages", "--out", str(out / "answers")],
-         env)  # fmt: skip
+         [*lk, "eval", "answers", "--questions", str(answers), "--adapter", "manpages", "--out", str(out / "answers"),
+          "--max-tokens", str(args.max_tokens)], env)  # fmt: skip
     print(f"\nreports: {out / 'retrieval' / 'report.md'}, {out / 'answers' / 'report.md'} (chart.png)")
     if args.json:
         figures = {
