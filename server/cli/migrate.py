@@ -37,8 +37,10 @@ def migrate(
         fail(f"the copy in {redact_url(to)} is inconsistent: {'; '.join(problems)}")
     parts = ", ".join(f"{n} {table.replace('_', ' ')}" for table, n in counts.items())
     console.print(f"copied {settings.db_path} to {redact_url(to)} in {time.monotonic() - started:.1f} s: {parts}",
-                  highlight=False)  # fmt: skip
-    console.print(f"use it with: lorekeeper --db '{redact_url(to)}' search ...", highlight=False)
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"use it with: lorekeeper --db '{redact_url(to)}' search ...", highlight=False, soft_wrap=True
+    )
 
 
 def register(app: typer.Typer) -> None:
