@@ -1,5 +1,5 @@
-"""``lorekeeper eval retrieval``: the metrics against hand-computed values (and ranx where it is
-installed), TREC files, drafted queries, and the command on a real index with the real embedder."""
+"""``lorekeeper eval retrieval``: the metrics against hand-computed values, trec_eval (pytrec_eval) and
+ranx where it is installed, TREC files, drafted queries, and the command on a real index with the real embedder."""
 
 from __future__ import annotations
 
@@ -77,6 +77,26 @@ def test_metrics_agree_with_ranx() -> None:
     ours = evaluation.evaluate({q: list(docs) for q, docs in ordered.items()}, QRELS).means
     for metric in EXPECTED:
         assert ours[metric] == pytest.approx(float(theirs[metric]), abs=1e-9), metric
+
+
+def test_metrics_agree_with_trec_eval_itself() -> None:
+    """pytrec_eval wraps trec_eval's C code: the same run with its ties unbroken, the same qrels."""
+    import pytrec_eval
+
+    measures = {"recall.1,5,10", "recip_rank", "ndcg_cut.10"}
+    theirs = pytrec_eval.RelevanceEvaluator(QRELS, measures).evaluate(RUN)
+    names = {"recall@1": "recall_1", "recall@5": "recall_5", "recall@10": "recall_10",
+             "mrr@10": "recip_rank", "ndcg@10": "ndcg_cut_10"}  # fmt: skip
+    judged = [qid for qid, grades in QRELS.items() if any(grades.values())]
+    rankings = {qid: evaluation.ranking_from_scores(docs) for qid, docs in RUN.items()}
+    ours = evaluation.evaluate(rankings, QRELS)
+    for metric, name in names.items():
+        # trec_eval leaves out a query the run does not name (q4); we count it as 0, so does the mean
+        mean = sum(theirs[q][name] for q in judged if q in theirs) / len(judged)
+        assert ours.means[metric] == pytest.approx(mean, abs=1e-9), metric
+        for qid in judged:
+            if qid in theirs:
+                assert ours.per_query[qid][metric] == pytest.approx(theirs[qid][name], abs=1e-9)
 
 
 def test_line_range_judgements_count_the_chunk_that_overlaps_them() -> None:
