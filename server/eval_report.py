@@ -117,6 +117,12 @@ def write_retrieval_report(folder: Path, scores: dict[str, dict[str, float]], sw
                   "|---:|---:|---:|---:|"]  # fmt: skip
         lines += [f"| {r['vector_weight']:g} | {r['keyword_weight']:g} | {r['rrf_k']} | {r['ndcg@10']:.3f} |"
                   for r in sweep[:10]]  # fmt: skip
+    if meta.get("chunk_sizes"):
+        rows = meta["chunk_sizes"]
+        lines += ["", f"Chunk size on a sample of {rows[0]['files']} files (* = current):", "",
+                  "| tokens | chunks | recall@10 | MRR@10 | nDCG@10 |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {r['chunk_tokens']}{' *' if r['current'] else ''} | {r['chunks']} | {r['recall@10']:.3f} | "
+                  f"{r['mrr@10']:.3f} | {r['ndcg@10']:.3f} |" for r in rows]  # fmt: skip
     lines += ["", f"Queries: {meta.get('queries')} ({meta.get('source')}).", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
     payload = {"scores": scores, "sweep": list(sweep), "best": best, "headline": headline, **meta}

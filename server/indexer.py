@@ -412,14 +412,13 @@ class Indexer:
     def _ignored(self, root: Root, path: str, is_dir: bool = False) -> bool:
         return self.rules_for(root).is_ignored(path, is_dir=is_dir)
 
-    @staticmethod
-    def _same_loader(src: str, dst: str, recorded: str | None) -> bool:
+    def _same_loader(self, src: str, dst: str, recorded: str | None) -> bool:
         """Whether the new name reads the same way as the old one (so its chunks still stand)."""
         if src.lower().endswith(".gz") != dst.lower().endswith(".gz"):
             return False
         by_name = plugins.loader_for(Path(dst))
         if by_name is not None:
-            return loader_id(by_name) == recorded
+            return self.preparer.recipe(loader_id(by_name)) == recorded
         return plugins.loader_for(Path(src)) is None  # both read by content: the loader stays
 
     @staticmethod

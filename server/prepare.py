@@ -34,6 +34,9 @@ from .stores import IndexStore
 log = logging.getLogger(__name__)
 
 OVERLAP_TOKENS = 32
+# in a document's loader id, the chunk size when it is not the embedder's whole window
+# ("text:1+chunks128"): a file chunked at another size than the settings' is re-chunked when next seen
+CHUNKS_MARK = "+chunks"
 
 
 @dataclass
@@ -66,6 +69,21 @@ class Preparer:
     def __init__(self, store: IndexStore, settings: Settings, embedder: Embedder,
                  rules_for: Callable[[Root], IgnoreRules]) -> None:  # fmt: skip
         self.store, self.settings, self.embedder, self.rules_for = store, settings, embedder, rules_for
+
+    @property
+    def chunk_tokens(self) -> int:
+        """The chunk size in tokens: the ``chunk_tokens`` setting within the embedder's window."""
+        window = self.embedder.max_tokens - 2  # room for the model's [CLS] and [SEP]
+        wanted = self.settings.chunk_tokens
+        return window if wanted is None else max(16, min(int(wanted), window))
+
+    def recipe(self, lid: str | None) -> str | None:
+        """A loader id as recorded with a document: with the chunk size when that is not the whole window."""
+        if lid is None:
+            return None
+        base = lid.split(CHUNKS_MARK, 1)[0]
+        size = self.chunk_tokens
+        return base if size == self.embedder.max_tokens - 2 else f"{base}{CHUNKS_MARK}{size}"
 
     def prepare(self, path: str, count: Count) -> Prepared | None:
         path = os.path.abspath(path)
@@ -125,7 +143,7 @@ class Preparer:
         st = handle.st
         by_name = plugins.loader_for(Path(path))
         doc = self.store.get_document(path)
-        expected = loader_id(by_name) if by_name is not None else (doc.loader if doc else None)
+        expected = self.recipe(loader_id(by_name) if by_name is not None else (doc.loader if doc else None))
         if doc is not None and doc.size == st.st_size and doc.mtime == st.st_mtime and doc.loader == expected:
             count(path, "unchanged")
             return None
@@ -145,7 +163,7 @@ class Preparer:
         if not data.strip():
             raise FileProblem("skipped", "empty", "empty file: nothing to index")
         content_hash = hashlib.sha256(raw).hexdigest()
-        lid = loader_id(loader)
+        lid = self.recipe(loader_id(loader))
         if (
             doc is not None
             and doc.content_hash == content_hash
@@ -189,7 +207,7 @@ class Preparer:
             chunks = chunk_units(
                 loaded,
                 token_spans=self.embedder.token_spans,
-                max_tokens=self.embedder.max_tokens - 2,  # room for the model's [CLS] and [SEP]
+                max_tokens=self.chunk_tokens,
                 overlap_tokens=OVERLAP_TOKENS,
                 max_chunks=self.settings.max_chunks_per_file,
             )

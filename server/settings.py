@@ -100,6 +100,15 @@ class Settings:
     max_chunks_per_file: int = _s(
         10_000, "A file that makes more chunks than this fails with that reason.", kind=int, lo=10
     )
+    chunk_tokens: int | None = _s(
+        None,
+        "Most embedder tokens in a chunk, its heading included (default: the embedder's whole window, 254 "
+        "for all-MiniLM-L6-v2; larger values are capped at it). Smaller chunks point answers at fewer lines. "
+        "Files are re-chunked at the new size when next looked at: run `lorekeeper reindex` (which "
+        "re-embeds them); `lorekeeper eval retrieval --chunk-sizes` measures sizes on a sample first.",
+        kind=int,
+        lo=16,
+    )
     embedder: str | None = _s(
         None,
         "Embedder model id. Default: the one the index was built with (the built-in all-MiniLM-L6-v2 for "

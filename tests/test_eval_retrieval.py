@@ -390,7 +390,8 @@ def test_bad_arguments_are_clear_errors_not_tracebacks(real_index, tmp_path: Pat
         (["--queries", str(tmp_path / "bad.jsonl")], 'bad.jsonl line 1: "relevant" must list'),
         (["--qrels", str(tmp_path / "qrels")], "--qrels and --topics go together"),
         (["--rrf-ks", "ten"], "--rrf-ks 'ten'"),
-        (["--no-sweep", "--apply"], "--apply writes the best fusion settings of the sweep"),
+        (["--no-sweep", "--apply"], "--apply writes the best settings of a sweep"),
+        (["--chunk-sizes", "8,128"], "each size must be at least 16 tokens"),
         (
             ["--queries", str(tmp_path / "marks.jsonl")],
             "query q1 ('?!'): query '?!' has no words to search for",

@@ -52,6 +52,8 @@ def retrieval(
     run_out: Path = typer.Option(None, "--run-out", help="Write each mode's run in trec_eval format (FILE, or FILE.MODE for several)."),
     json_out: Path = typer.Option(None, "--json", help="Write every figure (and per-query scores) to this JSON file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the chunk sample for drafted queries."),
+    chunk_sizes: str = typer.Option(None, "--chunk-sizes", help="Chunk sizes in tokens to try, e.g. 64,128,254: a sample of files is indexed again at each size in a temporary index (the index is left alone)."),
+    n_sample: int = typer.Option(40, "--sample-files", help="Files in the chunk-size sample: every judged file, then others at random."),
     report_dir: Path = typer.Option(None, "--report", help="Report folder (default: eval/retrieval-INDEX in the data directory)."),
 ) -> None:  # fmt: skip
     """Recall@1/5/10, MRR@10 and nDCG@10 of keyword, vector and hybrid search on judged queries,
@@ -70,8 +72,12 @@ def retrieval(
         fail("--rrf-ks: each RRF constant must be at least 1")
     if (qrels is None) != (topics is None):
         fail("--qrels and --topics go together: give both")
-    if apply and not (do_sweep and "hybrid" in modes):
-        fail("--apply writes the best fusion settings of the sweep: measure hybrid search without --no-sweep")
+    sizes = tuple(int(v) for v in _floats(chunk_sizes, "--chunk-sizes", ()))
+    if any(v < 16 for v in sizes) or n_sample < 1:
+        fail("--chunk-sizes: each size must be at least 16 tokens; --sample-files at least 1")
+    if apply and not (do_sweep and "hybrid" in modes) and not sizes:
+        fail("--apply writes the best settings of a sweep: measure hybrid search without --no-sweep, "
+             "or give --chunk-sizes")  # fmt: skip
     store, embedder = _index(settings)
     with store:
         roots = [r.path for r in store.roots()]
@@ -88,18 +94,23 @@ def retrieval(
                 search, judged, roots, vector_weights, rrf_values, kw_weights, current=current
             )
             _print_sweep(sweep_rows, current)
+        best = sweep_rows[0].fusion if sweep_rows else None
+        chunks = _chunk_sweep(
+            settings, store, embedder, judged, sizes, modes, best or current, n_sample, seed
+        )
     if run_out is not None:
         _write_runs(run_out, report["runs"])
-    best = sweep_rows[0].fusion if sweep_rows else None
     applied = apply and best is not None and best != current
     if applied:
         _apply(settings, best)
-    elif apply:
-        console.print("--apply: the current settings score best; config.toml is left as it is")
+    elif apply and best is not None:
+        console.print("--apply: the current fusion settings score best; config.toml is left as it is")
+    if apply and chunks:
+        _apply_chunks(settings, chunks)
     if json_out is not None:
-        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, applied)
+        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, applied, chunks)
     folder = report_dir or settings.data_dir / "eval" / f"retrieval-{settings.db_path.stem}"
-    _write_report(settings, folder, judged, report["scores"], sweep_rows, best, queries or qrels)
+    _write_report(settings, folder, judged, report["scores"], sweep_rows, best, queries or qrels, chunks)
 
 
 def _search(store: Any, embedder: Any, **args: Any) -> list:
@@ -208,6 +219,7 @@ def _measure(search, judged, roots, modes, current, run_files) -> dict:
 
 
 LABELS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "mrr@10": "MRR@10", "ndcg@10": "nDCG@10"}
+METRICS_SHOWN = ("recall@10", "mrr@10", "ndcg@10")
 
 
 def _print_scores(scores: dict, judged: list) -> None:
@@ -256,6 +268,54 @@ def _print_sweep(rows: list, current) -> None:
                   "current settings); --apply writes them to config.toml", highlight=False)  # fmt: skip
 
 
+def _chunk_sweep(settings, store, embedder, judged, sizes, modes, fusion, n_files, seed) -> dict | None:
+    """The chunk-size rows on a sample (printed), with the best and the current size; None without sizes."""
+    if not sizes:
+        return None
+    from ..eval_chunks import best_size, chunk_sweep
+    from ..prepare import Preparer
+
+    current = Preparer(store, settings, embedder, lambda root: None).chunk_tokens
+    sizes = tuple(dict.fromkeys((*sizes, current)))
+    mode = "hybrid" if "hybrid" in modes else modes[0]
+    with _progress() as progress:
+        task = progress.add_task("chunk sizes", total=len(sizes), path="")
+        tick = lambda done, total: progress.update(task, completed=done)  # noqa: E731
+        rows = chunk_sweep(settings, store, embedder, judged, sizes, mode=mode, fusion=fusion, n_files=n_files,
+                           seed=seed, progress=tick)  # fmt: skip
+    best = best_size(rows, current)
+    table = Table("", "tokens", "chunks", *(LABELS[m] for m in METRICS_SHOWN), "seconds",
+                  title=f"chunk size on a sample of {rows[0].files} files, {mode} search (* = current)")  # fmt: skip
+    for row in rows:
+        table.add_row("*" if row.size == current else "", str(row.size), str(row.chunks),
+                      *(f"{row.scores.means[m]:.3f}" for m in METRICS_SHOWN), f"{row.seconds:.0f}")  # fmt: skip
+    console.print(table)
+    now = next(r for r in rows if r.size == current)
+    gain = best.scores.means["ndcg@10"] - now.scores.means["ndcg@10"]
+    console.print(f"best chunk size: {best.size} tokens" + (" (the current size)" if best.size == current else
+                  f" (nDCG@10 {gain:+.3f} on the sample); --apply writes chunk_tokens={best.size}"), highlight=False)  # fmt: skip
+    return {"rows": rows, "best": best.size, "current": current}
+
+
+def _apply_chunks(settings: Settings, chunks: dict) -> None:
+    if chunks["best"] == chunks["current"]:
+        console.print("--apply: the current chunk size scores best; config.toml is left as it is")
+        return
+    try:
+        path = write_config_value(settings.home, "chunk_tokens", chunks["best"])
+    except (SettingsError, OSError) as exc:
+        fail(f"could not write the settings: {exc}")
+    console.print(f"applied chunk_tokens={chunks['best']} to {path}: run `lorekeeper reindex` to re-chunk the "
+                  "index at that size (every file is embedded again)", highlight=False)  # fmt: skip
+
+
+def _chunk_records(chunks: dict | None) -> list[dict]:
+    if not chunks:
+        return []
+    return [{"chunk_tokens": r.size, "files": r.files, "chunks": r.chunks, "seconds": round(r.seconds, 1),
+             "current": r.size == chunks["current"], **r.scores.means} for r in chunks["rows"]]  # fmt: skip
+
+
 def _apply(settings: Settings, best) -> None:
     try:
         for key, value in best.as_dict().items():
@@ -287,7 +347,8 @@ def _write_runs(path: Path, runs: dict) -> None:
         err.print(f"{mode} run written to {target}")
 
 
-def _write_json(path: Path, judged: list, scores: dict, rows: list, current, best, applied: bool) -> None:
+def _write_json(path: Path, judged: list, scores: dict, rows: list, current, best, applied: bool,
+                chunks: dict | None = None) -> None:  # fmt: skip
     from ..evaluation import means_by_group
 
     kinds = _kinds(judged)
@@ -307,6 +368,8 @@ def _write_json(path: Path, judged: list, scores: dict, rows: list, current, bes
         "current": current.as_dict(),
         "best": best.as_dict() if best is not None else None,
         "applied": applied,
+        "chunk_sizes": _chunk_records(chunks),
+        "best_chunk_tokens": chunks["best"] if chunks else None,
     }
     try:
         path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -315,7 +378,7 @@ def _write_json(path: Path, judged: list, scores: dict, rows: list, current, bes
 
 
 def _write_report(
-    settings: Settings, folder: Path, judged: list, scores: dict, rows: list, best, given
+    settings: Settings, folder: Path, judged: list, scores: dict, rows: list, best, given, chunks=None
 ) -> None:
     """The Markdown report and summary in ``folder``, noted in the index for index_status and MCP."""
     from ..eval_report import record_last, today, write_retrieval_report
@@ -327,7 +390,10 @@ def _write_report(
     if best is not None:
         headline += "; best fusion " + " ".join(f"{k}={v:g}" for k, v in best.as_dict().items())
     date = today()
-    meta = {"date": date, "queries": len(judged), "source": str(given) if given else "drafted from the index"}
+    if chunks:
+        headline += f"; best chunk size {chunks['best']} tokens"
+    meta = {"date": date, "queries": len(judged), "source": str(given) if given else "drafted from the index",
+            "chunk_sizes": _chunk_records(chunks)}  # fmt: skip
     sweep = [{**r.fusion.as_dict(), **r.scores.means} for r in rows]
     try:
         report = write_retrieval_report(
