@@ -22,6 +22,8 @@ from . import evaluation as ev
 from .settings import Settings
 
 DEFAULT_SAMPLE_FILES = 40
+# nDCG@10 a size must gain over the current one to be recommended (a new size re-embeds everything)
+MIN_GAIN = 0.01
 
 
 @dataclass
@@ -91,12 +93,16 @@ def chunk_sweep(
     return rows
 
 
-def best_size(rows: Sequence[ChunkRow], current: int) -> ChunkRow:
-    """The row with the best nDCG@10 (then recall@10, MRR@10); on a tie the current size, then the larger."""
+def best_size(rows: Sequence[ChunkRow], current: int, min_gain: float = MIN_GAIN) -> ChunkRow:
+    """The row with the best nDCG@10 (then recall@10, MRR@10, then the larger size), but the current
+    size unless the best beats it by ``min_gain`` nDCG@10: a new size re-embeds the whole index."""
 
     def order(row: ChunkRow) -> tuple:
         m = row.scores.means
-        return (-round(m["ndcg@10"], 9), -round(m["recall@10"], 9), -round(m["mrr@10"], 9),
-                row.size != current, -row.size)  # fmt: skip
+        return (-round(m["ndcg@10"], 9), -round(m["recall@10"], 9), -round(m["mrr@10"], 9), -row.size)
 
-    return min(rows, key=order)
+    best = min(rows, key=order)
+    now = next((r for r in rows if r.size == current), None)
+    if now is not None and best.scores.means["ndcg@10"] - now.scores.means["ndcg@10"] < min_gain:
+        return now
+    return best
