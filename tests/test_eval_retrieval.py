@@ -337,6 +337,7 @@ def test_eval_on_a_real_index_and_apply_changes_what_search_returns(
     assert hybrid["bees"]["recall@10"] == 1.0 and hybrid["bees"]["recall@1"] == 1.0
     assert report["modes"]["keyword"]["per_query"]["car"]["recall@10"] == 0.0  # no shared word
     assert report["best"] == {"vector_weight": 1.0, "keyword_weight": 0.0, "rrf_k": 60} and report["applied"]
+    assert report["best_mode"] == "hybrid"  # at its best fusion hybrid ties vector: the default stays
 
     from lorekeeper.server.settings import Settings
 
@@ -347,6 +348,16 @@ def test_eval_on_a_real_index_and_apply_changes_what_search_returns(
                "--apply", db=db)  # fmt: skip
     assert again.returncode == 0 and "config.toml is left as it is" in again.stdout, again.stderr
     assert Settings.load().keyword_weight == 0.0
+
+    # a default mode that misses a query is replaced by one that finds it, and only with --apply
+    assert lk("config", "set", "search_mode", "keyword", db=db).returncode == 0
+    try:
+        modes = lk("eval", "retrieval", "--queries", str(queries), "--mode", "keyword", "--mode", "vector",
+                   "--apply", db=db)  # fmt: skip
+        assert modes.returncode == 0 and "best search mode: vector" in modes.stdout, modes.stderr
+        assert Settings.load().search_mode == "vector"
+    finally:
+        assert lk("config", "unset", "search_mode", db=db).returncode == 0
 
     # the hybrid run file, scored again from disk, gives the numbers the command printed
     run = eval_files.read_run(tmp_path / "run.txt.hybrid")
@@ -390,7 +401,7 @@ def test_bad_arguments_are_clear_errors_not_tracebacks(real_index, tmp_path: Pat
         (["--queries", str(tmp_path / "bad.jsonl")], 'bad.jsonl line 1: "relevant" must list'),
         (["--qrels", str(tmp_path / "qrels")], "--qrels and --topics go together"),
         (["--rrf-ks", "ten"], "--rrf-ks 'ten'"),
-        (["--no-sweep", "--apply"], "--apply writes the best settings of a sweep"),
+        (["--mode", "hybrid", "--no-sweep", "--apply"], "--apply writes the best settings measured"),
         (["--chunk-sizes", "8,128"], "each size must be at least 16 tokens"),
         (
             ["--queries", str(tmp_path / "marks.jsonl")],

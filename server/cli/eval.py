@@ -75,9 +75,9 @@ def retrieval(
     sizes = tuple(int(v) for v in _floats(chunk_sizes, "--chunk-sizes", ()))
     if any(v < 16 for v in sizes) or n_sample < 1:
         fail("--chunk-sizes: each size must be at least 16 tokens; --sample-files at least 1")
-    if apply and not (do_sweep and "hybrid" in modes) and not sizes:
-        fail("--apply writes the best settings of a sweep: measure hybrid search without --no-sweep, "
-             "or give --chunk-sizes")  # fmt: skip
+    if apply and not (do_sweep and "hybrid" in modes) and not sizes and len(set(modes)) < 2:
+        fail("--apply writes the best settings measured: measure two modes or more, hybrid search without "
+             "--no-sweep, or give --chunk-sizes")  # fmt: skip
     store, embedder = _index(settings)
     with store:
         roots = [r.path for r in store.roots()]
@@ -100,15 +100,20 @@ def retrieval(
         )
     if run_out is not None:
         _write_runs(run_out, report["runs"])
+    mode = _best_mode(report["scores"], sweep_rows, settings.search_mode)
     applied = apply and best is not None and best != current
     if applied:
         _apply(settings, best)
     elif apply and best is not None:
         console.print("--apply: the current fusion settings score best; config.toml is left as it is")
+    if apply and mode is not None and mode != settings.search_mode:
+        _write_setting(
+            settings, "search_mode", mode, "`search`, `ask` and the MCP tools search this way by default"
+        )
     if apply and chunks:
         _apply_chunks(settings, chunks)
     if json_out is not None:
-        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, applied, chunks)
+        _write_json(json_out, judged, report["scores"], sweep_rows, current, best, applied, chunks, mode)
     folder = report_dir or settings.data_dir / "eval" / f"retrieval-{settings.db_path.stem}"
     _write_report(settings, folder, judged, report["scores"], sweep_rows, best, queries or qrels, chunks)
 
@@ -268,6 +273,33 @@ def _print_sweep(rows: list, current) -> None:
                   "current settings); --apply writes them to config.toml", highlight=False)  # fmt: skip
 
 
+def _best_mode(scores: dict, sweep_rows: list, current: str) -> str | None:
+    """The search mode to use by default: the best nDCG@10 (hybrid at its best fusion settings), but the
+    current default unless another beats it by 0.01; None when the current mode was not measured."""
+    from ..eval_chunks import MIN_GAIN
+
+    ndcg = {m: s.means["ndcg@10"] for m, s in scores.items() if m in ("keyword", "vector", "hybrid")}
+    if sweep_rows and "hybrid" in ndcg:
+        ndcg["hybrid"] = max(ndcg["hybrid"], sweep_rows[0].scores.means["ndcg@10"])
+    if current not in ndcg or len(ndcg) < 2:
+        return None
+    best = max(ndcg, key=lambda m: (ndcg[m], m == current))
+    if best == current or ndcg[best] - ndcg[current] < MIN_GAIN:
+        console.print(f"best search mode: {current} (the current default; no other gains 0.01 nDCG@10)")
+        return current
+    console.print(f"best search mode: {best} (nDCG@10 {ndcg[best]:.3f} against {ndcg[current]:.3f} for the "
+                  f"current default, {current}); --apply writes search_mode={best}", highlight=False)  # fmt: skip
+    return best
+
+
+def _write_setting(settings: Settings, key: str, value: Any, what: str) -> None:
+    try:
+        path = write_config_value(settings.home, key, value)
+    except (SettingsError, OSError) as exc:
+        fail(f"could not write the settings: {exc}")
+    console.print(f"applied {key}={value} to {path}: {what}", highlight=False)
+
+
 def _chunk_sweep(settings, store, embedder, judged, sizes, modes, fusion, n_files, seed) -> dict | None:
     """The chunk-size rows on a sample (printed), with the best and the current size; None without sizes."""
     if not sizes:
@@ -301,12 +333,8 @@ def _apply_chunks(settings: Settings, chunks: dict) -> None:
     if chunks["best"] == chunks["current"]:
         console.print("--apply: the current chunk size scores best; config.toml is left as it is")
         return
-    try:
-        path = write_config_value(settings.home, "chunk_tokens", chunks["best"])
-    except (SettingsError, OSError) as exc:
-        fail(f"could not write the settings: {exc}")
-    console.print(f"applied chunk_tokens={chunks['best']} to {path}: run `lorekeeper reindex` to re-chunk the "
-                  "index at that size (every file is embedded again)", highlight=False)  # fmt: skip
+    _write_setting(settings, "chunk_tokens", chunks["best"],
+                   "run `lorekeeper reindex` to re-chunk the index at that size (every file is embedded again)")  # fmt: skip
 
 
 def _chunk_records(chunks: dict | None) -> list[dict]:
@@ -348,7 +376,7 @@ def _write_runs(path: Path, runs: dict) -> None:
 
 
 def _write_json(path: Path, judged: list, scores: dict, rows: list, current, best, applied: bool,
-                chunks: dict | None = None) -> None:  # fmt: skip
+                chunks: dict | None = None, mode: str | None = None) -> None:  # fmt: skip
     from ..evaluation import means_by_group
 
     kinds = _kinds(judged)
@@ -368,6 +396,7 @@ def _write_json(path: Path, judged: list, scores: dict, rows: list, current, bes
         "current": current.as_dict(),
         "best": best.as_dict() if best is not None else None,
         "applied": applied,
+        "best_mode": mode,
         "chunk_sizes": _chunk_records(chunks),
         "best_chunk_tokens": chunks["best"] if chunks else None,
     }
