@@ -9,6 +9,11 @@ weigh twice the text, as in the SQLite index's BM25). Every document is written 
 that first takes a transaction-scoped advisory lock on its path, so two writers on two machines
 never interleave one document: the second waits for the first to commit, then sees its rows.
 
+A connection the server dropped (a restart, an idle timeout, ``pg_terminate_backend``) is replaced:
+a read runs again on a new one, as does a write that had not begun; a write cut off inside its
+transaction is rolled back by the server and raises ``StoreWriteError``. A write that meets a
+deadlock or a serialization failure runs again a few times before it raises ``WriteConflict``.
+
 Needs the ``postgres`` extra (``psycopg[binary]`` and ``pgvector``); the ``vector`` extension must
 exist in the database or the user must be allowed to create it.
 """
@@ -1023,7 +1028,7 @@ class PgStore:
                 args,
             ).fetchall()
             return [(cid, 1.0 - float(dist)) for cid, dist in rows]
-        with conn.transaction():  # the settings below last for this one query
+        with self._settings_for_one_query(conn):
             ef_search = min(EF_SEARCH_MAX, max(self.ef_search, 2 * int(k)))
             conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
             if ids is not None:
@@ -1036,6 +1041,17 @@ class PgStore:
             ).fetchall()
         rows.sort(key=lambda row: (row[1], row[0]))  # relaxed order comes back nearly sorted
         return [(cid, 1.0 - float(dist)) for cid, dist in rows]
+
+    @contextmanager
+    def _settings_for_one_query(self, conn: Any) -> Iterator[None]:
+        """A read-only transaction on a reading connection, so ``set_config(..., true)`` lasts for one
+        query; ended by ROLLBACK, unless the server dropped the connection (``_reading`` retries)."""
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if not (conn.closed or conn.broken):
+                conn.execute("ROLLBACK")
 
     def vector_index_ready(self) -> None:
         """The server's HNSW index is always ready; nothing to build in this process."""

@@ -478,6 +478,13 @@ def test_reads_and_writes_go_on_after_the_server_drops_the_connection(store, doc
     assert "proves slowly" in " ".join(c.text for c in store.document_chunks(str(baking.resolve())))
     assert search(store, embedder, "rye dough proves", k=1)[0].path == str(baking.resolve())
     assert store.check_integrity() == []
+    from lorekeeper.server.store_pg import PgStore
+
+    with PgStore.open(pg_url, exact_below=0) as hnsw:  # through HNSW: its settings in a transaction
+        query = embedder.embed_query("bees dance")
+        want = hnsw.vector_search(query, 5)
+        _terminate(pg_url)
+        assert hnsw.vector_search(query, 5) == want and len(want) == 5
 
 
 def _version(url: str, path: str, embedder) -> list[str]:
@@ -585,9 +592,10 @@ def test_a_connection_lost_in_the_middle_of_a_document_write_leaves_the_old_vers
 
 @pytest.mark.slow
 def test_connections_ended_at_random_during_writes_never_leave_half_a_document(pg_url: str) -> None:
-    """A thread ends the store's connections at random moments while it rewrites one document 40
-    times: every write either succeeds or fails with the store's error, and after each the document
-    is one whole version (a write lost at its commit may have landed or not)."""
+    """A thread ends the store's connections at random moments while it rewrites one document (20
+    to 140 chunks) until a few writes were cut off: every write either succeeds or fails with the
+    store's error, and after each the document is one whole version (a write lost at its commit may
+    have landed or not)."""
     from lorekeeper.server.store import StoreError
     from lorekeeper.server.store_pg import PgStore
 
@@ -609,15 +617,16 @@ def test_connections_ended_at_random_during_writes_never_leave_half_a_document(p
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
         try:
-            for i in range(40):
-                texts = [f"version {i} part {j}" for j in range(1 + i % 5)]
+            i = 0
+            while i < 300 and (len(failures) < 3 or i < 20):  # until a few writes were cut off
+                texts = [f"version {i} part {j}" for j in range(20 + i % 7 * 20)]
                 try:
                     write(texts)
                 except StoreError as exc:
                     failures.append(str(exc))
                 found = _version(pg_url, "/notes/a.txt", embedder)
                 assert found in (last, texts)
-                last = found
+                last, i = found, i + 1
         finally:
             done.set()
             thread.join(30)
