@@ -9,16 +9,23 @@ weigh twice the text, as in the SQLite index's BM25). Every document is written 
 that first takes a transaction-scoped advisory lock on its path, so two writers on two machines
 never interleave one document: the second waits for the first to commit, then sees its rows.
 
+A connection the server dropped (a restart, an idle timeout, ``pg_terminate_backend``) is replaced:
+a read runs again on a new one, as does a write that had not begun; a write cut off inside its
+transaction is rolled back by the server and raises ``StoreWriteError``. A write that meets a
+deadlock or a serialization failure runs again a few times before it raises ``WriteConflict``.
+
 Needs the ``postgres`` extra (``psycopg[binary]`` and ``pgvector``); the ``vector`` extension must
 exist in the database or the user must be allowed to create it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -60,6 +67,8 @@ EXACT_BELOW = 2_000  # searches over at most this many chunks scan exactly (HNSW
 HNSW_MAX_VECTOR_DIM = 2_000  # pgvector indexes vector up to 2,000 dimensions, halfvec up to 4,000
 EF_SEARCH_MIN = 400  # recall@10 0.98 at 100k chunks (100: 0.85, 200: 0.94; scripts/bench_pg.py)
 EF_SEARCH_MAX = 1000  # pgvector's limit
+WRITE_ATTEMPTS = 5  # a write that meets a deadlock or serialization failure runs again up to this often
+CONFLICT_BACKOFF = 0.05  # seconds before the first retry of a conflicting write; doubled each time
 TEXT_CONFIG = "english"
 RANK_WEIGHTS = "{0.1, 0.2, 0.5, 1.0}"  # D, C, B (text), A (headings)
 
@@ -119,6 +128,65 @@ def _chunk_row(row: Sequence[Any]) -> ChunkRow:
     return ChunkRow(*row[:9], heading_path=json.loads(row[9] or "[]"), chunk_hash=row[10])
 
 
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (libpq's span several)."""
+    return " ".join(str(exc).split())
+
+
+class WriteConflict(StoreWriteError):
+    """A write met a deadlock or a serialization failure with another writer and was rolled back."""
+
+
+def _reading(method: Any) -> Any:
+    """Run a read again, once, on a new connection when the server dropped the thread's connection
+    (a restart, an idle timeout, ``pg_terminate_backend``): a read changes nothing, so running it
+    again is safe. A second drop in a row, or a server that does not take the new connection, is a
+    ``StoreError`` that says so."""
+
+    @functools.wraps(method)
+    def run(self: PgStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except self._psycopg.OperationalError as exc:
+            if not self._drop_lost_reader():
+                raise
+            log.info("the index database %s dropped the connection (%s): connecting again", self.path,
+                     _one_line(exc))  # fmt: skip
+        try:
+            return method(self, *args, **kwargs)
+        except self._psycopg.OperationalError as exc:
+            if not self._drop_lost_reader():
+                raise
+            raise StoreError(
+                f"the index database {self.path} dropped the connection again right after connecting "
+                f"({_one_line(exc)}): is the server running? Check it and the network, then retry"
+            ) from None
+
+    return run
+
+
+def _writing(method: Any) -> Any:
+    """Run a write (one transaction, rolled back) again when it met a deadlock or a serialization
+    failure with another writer, up to ``WRITE_ATTEMPTS`` times with a growing, jittered pause."""
+
+    @functools.wraps(method)
+    def run(self: PgStore, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except WriteConflict as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise WriteConflict(
+                        f"{exc}, {WRITE_ATTEMPTS} times in a row: nothing of this write was saved and "
+                        "everything committed before is intact; run the command again"
+                    ) from None
+                log.info("%s; trying again", exc)
+                time.sleep(CONFLICT_BACKOFF * 2 ** (attempt - 1) * (1 + random.random()))
+        raise AssertionError("unreachable")
+
+    return run
+
+
 def _driver() -> Any:
     try:
         import psycopg
@@ -173,9 +241,9 @@ class PgStore:
             conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except (self._psycopg.Error, ValueError) as exc:
             raise StoreError(
-                f"cannot connect to the index database {self.path}: {str(exc).strip()}. Check the URL "
-                "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE), that the server runs and that it "
-                "accepts this user"
+                f"cannot connect to the index database {self.path} (is the server running?): "
+                f"{_one_line(exc)}. Check the URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE), that "
+                "the server runs and that it accepts this user"
             ) from None
         if register:
             self._register(conn)
@@ -239,23 +307,94 @@ class PgStore:
                 self._readers.append(conn)
         return conn
 
+    @_reading
+    def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Every row of one query on this thread's reading connection."""
+        return self._read().execute(sql, args).fetchall()
+
+    def _drop_lost_reader(self) -> bool:
+        """Forget this thread's reading connection if the server dropped it; whether it had."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or not (conn.closed or conn.broken):
+            return False
+        self._local.conn = None
+        with self._readers_lock:
+            if conn in self._readers:
+                self._readers.remove(conn)
+        conn.close()
+        return True
+
+    def _begin(self) -> Any:
+        """BEGIN on the writer connection. One the server dropped while it was idle is only found
+        out here, before anything of this write was sent: connect again and begin there."""
+        for attempt in (1, 2):
+            if self._writer.closed or self._writer.broken:
+                self._writer = self._connect()
+            try:
+                self._writer.execute("BEGIN")
+                return self._writer
+            except self._psycopg.OperationalError as exc:
+                if not (self._writer.closed or self._writer.broken):
+                    raise self._write_failure(exc, lost=False) from None
+                if attempt == 2:
+                    raise StoreWriteError(
+                        f"the index database {self.path} dropped the connection again right after "
+                        f"connecting ({_one_line(exc)}): nothing was written; is the server running? "
+                        "Check it and the network, then retry"
+                    ) from None
+                log.info("the index database %s dropped the connection (%s): connecting again",
+                         self.path, _one_line(exc))  # fmt: skip
+        raise AssertionError("unreachable")
+
+    def _rollback(self) -> None:
+        """End a failed transaction; a connection that cannot even roll back is closed (the server
+        rolls back what it had), so the next write connects again."""
+        try:
+            self._writer.execute("ROLLBACK")
+        except self._psycopg.Error:
+            self._writer.close()
+
+    def _write_failure(self, exc: BaseException, lost: bool) -> StoreWriteError:
+        """The store's own error for a write the server or the connection stopped."""
+        errors = self._psycopg.errors
+        if isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure)):
+            kind = "a deadlock" if isinstance(exc, errors.DeadlockDetected) else "a serialization failure"
+            return WriteConflict(
+                f"a write to the index database {self.path} met {kind} with another writer "
+                f"({_one_line(exc)}) and was rolled back"
+            )
+        if lost:
+            return StoreWriteError(
+                f"the connection to the index database {self.path} was lost during a write "
+                f"({_one_line(exc)}): the server rolled the write back (a document is never half "
+                "written; one lost at its commit is either all there or not at all) and everything "
+                "committed before is intact. Check that the server runs, then run the command again"
+            )
+        return StoreWriteError(
+            f"the index database {self.path} could not be written ({_one_line(exc)}): the "
+            "transaction was rolled back; check the server and retry"
+        )
+
     @contextmanager
     def _transaction(self, *paths: str) -> Iterator[Any]:
         """One transaction on the writer connection, holding advisory locks on ``paths`` (taken in
-        a fixed order, so two writers locking the same paths cannot deadlock)."""
+        a fixed order, so two writers locking the same paths cannot deadlock). A connection lost
+        before it began is replaced; one lost inside it, or a conflict with another writer, rolls
+        it back and raises a ``StoreWriteError`` (a ``WriteConflict``, which ``_writing`` retries)."""
         with self._write_lock:
-            if self._writer.broken:  # the server restarted or dropped us: connect again
-                self._writer = self._connect()
+            conn = self._begin()
             try:
-                with self._writer.transaction():
-                    for key in sorted({_path_key(p) for p in paths}):
-                        self._writer.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, key))
-                    yield self._writer
-            except self._psycopg.OperationalError as exc:
-                raise StoreWriteError(
-                    f"the index database {self.path} could not be written ({str(exc).strip()}): the "
-                    "transaction was rolled back; check the server and retry"
-                ) from exc
+                for key in sorted({_path_key(p) for p in paths}):
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, key))
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                lost = conn.closed or conn.broken
+                if not lost:
+                    self._rollback()
+                if isinstance(exc, self._psycopg.OperationalError):
+                    raise self._write_failure(exc, lost) from None
+                raise
 
     def add_listener(self, callback: Listener) -> None:
         """Call ``callback(event, path)`` after each change this process commits to a document."""
@@ -274,10 +413,12 @@ class PgStore:
 
     # -- meta ----------------------------------------------------------------------------------
 
+    @_reading
     def get_meta(self, key: str) -> str | None:
         row = self._read().execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
         return row[0] if row else None
 
+    @_writing
     def set_meta(self, key: str, value: str | None) -> None:
         with self._transaction() as conn:
             if value is None:
@@ -310,6 +451,7 @@ class PgStore:
     def _vector_type(dimension: int) -> str:
         return "vector" if dimension <= HNSW_MAX_VECTOR_DIM else "halfvec"
 
+    @_writing
     def ensure_embedder(self, model_id: str, dimension: int) -> bool:
         """Make the vector table fit ``model_id``; True when vectors must be (re)computed. Another
         embedder than the recorded one drops every vector at once; the chunks stay."""
@@ -356,6 +498,7 @@ class PgStore:
     def _cast(self) -> str:
         return self._vector_type(self.embed_dim or 0)
 
+    @_reading
     def chunks_missing_vectors(self, limit: int = 1000) -> list[ChunkRow]:
         conn = self._read()
         if not self._has_vectors(conn):
@@ -368,6 +511,7 @@ class PgStore:
             )
         return [_chunk_row(row) for row in rows.fetchall()]
 
+    @_writing
     def set_vectors(self, model_id: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:
         """Store vectors for existing chunks ((chunk id, chunk hash, vector)), in one transaction."""
         now, cast = time.time(), self._cast()
@@ -392,10 +536,12 @@ class PgStore:
                 [(model_id, chunk_hash, rows[chunk_hash], now) for chunk_hash in sorted(rows)],
             )
 
+    @_writing
     def cache_vectors(self, model_id: str, vectors: Iterable[tuple[str, np.ndarray]]) -> None:
         with self._transaction() as conn:
             self._cache(conn, model_id, list(vectors), time.time())
 
+    @_reading
     def cached_vectors(self, model_id: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
         wanted = list(dict.fromkeys(hashes))
         if not wanted:
@@ -406,6 +552,7 @@ class PgStore:
         )
         return {chunk_hash: np.frombuffer(blob, dtype=np.float32) for chunk_hash, blob in rows}
 
+    @_writing
     def prune_cache(self, older_than_days: float = 30.0) -> int:
         cutoff = time.time() - older_than_days * 86400
         with self._transaction() as conn:
@@ -417,11 +564,13 @@ class PgStore:
 
     # -- roots -----------------------------------------------------------------------------------
 
+    @_reading
     def roots(self) -> list[Root]:
         return [
             Root(*row) for row in self._read().execute("SELECT id, path, added_at FROM roots ORDER BY path")
         ]
 
+    @_writing
     def add_root(self, path: Path | str) -> Root:
         resolved = str(Path(path).expanduser().resolve())
         with self._transaction() as conn:
@@ -432,6 +581,7 @@ class PgStore:
             row = conn.execute("SELECT id, path, added_at FROM roots WHERE path = %s", (resolved,)).fetchone()
         return Root(*row)
 
+    @_writing
     def remove_root(self, path: Path | str) -> bool:
         """Forget a root and everything indexed under it (chunks and vectors go by cascade)."""
         resolved = str(Path(path).expanduser().resolve())
@@ -454,11 +604,13 @@ class PgStore:
 
     # -- documents -------------------------------------------------------------------------------
 
+    @_reading
     def get_document(self, path: Path | str) -> DocumentRow | None:
         row = self._read().execute(f"SELECT {_DOC_COLUMNS} FROM documents WHERE path = %s", (str(path),))
         found = row.fetchone()
         return DocumentRow(*found) if found else None
 
+    @_reading
     def documents(self, root: str | None = None) -> list[DocumentRow]:
         sql, args = f"SELECT {_DOC_COLUMNS} FROM documents", ()
         if root is not None:
@@ -466,12 +618,14 @@ class PgStore:
             args = (root,)
         return [DocumentRow(*row) for row in self._read().execute(sql + " ORDER BY path", args)]
 
+    @_reading
     def find_by_hash(self, content_hash: str) -> list[DocumentRow]:
         rows = self._read().execute(
             f"SELECT {_DOC_COLUMNS} FROM documents WHERE content_hash = %s", (content_hash,)
         )
         return [DocumentRow(*row) for row in rows]
 
+    @_reading
     def document_chunks(self, path: Path | str) -> list[ChunkRow]:
         rows = self._read().execute(
             f"SELECT {_CHUNK_COLUMNS} FROM chunks c JOIN documents d ON d.id = c.document_id "
@@ -490,11 +644,12 @@ class PgStore:
             sql += " WHERE r.path = %s"
             args.append(str(Path(root).expanduser().resolve()))
         root_paths = [r.path for r in self.roots()]
-        for row in self._read().execute(sql + " ORDER BY d.path, c.seq", args).fetchall():
+        for row in self._fetch(sql + " ORDER BY d.path, c.seq", args):
             if path_glob and not path_matches(row[11], path_glob, root_paths):
                 continue
             yield ChunkWithPath(**_chunk_row(row[:11]).__dict__, path=row[11])
 
+    @_writing
     def replace_document(
         self, *, path: str, root_id: int, size: int, mtime: float, content_hash: str, loader: str,
         chunks: Sequence[Any], vectors: np.ndarray, model_id: str, note: str | None = None,
@@ -553,6 +708,7 @@ class PgStore:
                     break
         return ids
 
+    @_writing
     def record_problem(
         self, *, path: str, root_id: int, status: str, error: str, size: int | None = None,
         mtime: float | None = None, loader: str | None = None, keep_chunks: bool = False,
@@ -608,6 +764,7 @@ class PgStore:
 
     # -- files left out --------------------------------------------------------------------------
 
+    @_writing
     def record_ignored(
         self, *, path: str, root_id: int, kind: str, reason: str, is_dir: bool = False,
         size: int | None = None, mtime: float | None = None,
@@ -620,6 +777,7 @@ class PgStore:
         if had:
             self._notify("removed", path)
 
+    @_writing
     def sync_ignored(
         self, root_id: int, entries: Sequence[tuple[str, str, str, bool]], present: set[str],
         under: str | None = None,
@@ -654,6 +812,7 @@ class PgStore:
             (path, root_id, kind, reason, bool(is_dir), size, mtime, time.time()),
         )
 
+    @_reading
     def get_ignored(self, path: str) -> FileEntry | None:
         row = (
             self._read()
@@ -666,6 +825,7 @@ class PgStore:
         entry.size, entry.mtime = row[4], row[5]  # type: ignore[attr-defined]
         return entry
 
+    @_reading
     def ignored_paths(self, root: str | None = None) -> list[str]:
         sql, args = "SELECT path FROM ignored", ()
         if root is not None:
@@ -673,10 +833,12 @@ class PgStore:
             args = (root,)
         return [row[0] for row in self._read().execute(sql, args)]
 
+    @_writing
     def delete_ignored(self, paths: Iterable[str]) -> None:
         with self._transaction() as conn:
             conn.execute("DELETE FROM ignored WHERE path = ANY(%s)", (list(paths),))
 
+    @_reading
     def files(self, which: str = "all", root: str | None = None) -> list[FileEntry]:
         """The files of the watched folders by path, as ``Store.files`` lists them."""
         wanted = {"all": FILE_KINDS, "problems": ("failed", "skipped")}.get(which, (which,))
@@ -708,6 +870,7 @@ class PgStore:
 
     # -- changes of documents ----------------------------------------------------------------------
 
+    @_writing
     def touch_document(self, path: str, size: int, mtime: float) -> None:
         with self._transaction(path) as conn:
             conn.execute(
@@ -715,6 +878,7 @@ class PgStore:
                 (size, mtime, time.time(), path),
             )
 
+    @_writing
     def forget_file_state(self, root: str | None = None, content: bool = False) -> int:
         sql = "UPDATE documents SET mtime = NULL" + (", content_hash = NULL" if content else "")
         args: tuple = ()
@@ -724,6 +888,7 @@ class PgStore:
         with self._transaction() as conn:
             return conn.execute(sql, args).rowcount
 
+    @_writing
     def delete_document(self, path: str) -> bool:
         with self._transaction(path) as conn:
             ignored = conn.execute("DELETE FROM ignored WHERE path = %s", (path,)).rowcount
@@ -737,7 +902,7 @@ class PgStore:
         prefix = directory.rstrip(os.sep) + os.sep
         paths = [
             row[0]
-            for row in self._read().execute(
+            for row in self._fetch(
                 "SELECT path FROM documents WHERE left(path, %s) = %s UNION "
                 "SELECT path FROM ignored WHERE left(path, %s) = %s OR path = %s",
                 (len(prefix), prefix, len(prefix), prefix, directory),
@@ -747,6 +912,7 @@ class PgStore:
             self.delete_document(path)
         return paths
 
+    @_writing
     def move_document(self, src: str, dst: str, root_id: int, mtime: float | None = None) -> bool:
         with self._transaction(src, dst) as conn:
             row = conn.execute("SELECT id FROM documents WHERE path = %s", (src,)).fetchone()
@@ -763,13 +929,10 @@ class PgStore:
         self._notify("moved", dst)
         return True
 
+    @_writing
     def move_under(self, src: str, dst: str, root_id: int) -> list[str]:
         old, new = src.rstrip(os.sep) + os.sep, dst.rstrip(os.sep) + os.sep
-        rows = (
-            self._read()
-            .execute("SELECT id, path FROM documents WHERE left(path, %s) = %s", (len(old), old))
-            .fetchall()
-        )
+        rows = self._fetch("SELECT id, path FROM documents WHERE left(path, %s) = %s", (len(old), old))
         locked = [p for _, p in rows] + [new + p[len(old) :] for _, p in rows]
         moved: list[str] = []
         with self._transaction(*locked) as conn:
@@ -788,6 +951,7 @@ class PgStore:
             self._notify("moved", path)
         return moved
 
+    @_writing
     def delete_document_if_older(self, path: str, before: float) -> bool:
         with self._transaction(path) as conn:
             if not conn.execute(
@@ -800,6 +964,7 @@ class PgStore:
 
     # -- search queries ----------------------------------------------------------------------------
 
+    @_reading
     def filter_documents(
         self, *, root: str | None = None, modified_after: float | None = None,
         file_types: Sequence[str] | None = None, loaders: Sequence[str] | None = None,
@@ -822,6 +987,7 @@ class PgStore:
             args.extend(_like(name) + ":%" for name in loaders or ())
         return [(doc_id, path) for doc_id, path in self._read().execute(sql, args)]
 
+    @_reading
     def has_suffix(self, suffix: str) -> bool:
         row = (
             self._read()
@@ -833,6 +999,7 @@ class PgStore:
         )
         return row is not None
 
+    @_reading
     def vector_search(
         self, query: np.ndarray, k: int, documents: set[int] | None = None
     ) -> list[tuple[int, float]]:
@@ -861,7 +1028,7 @@ class PgStore:
                 args,
             ).fetchall()
             return [(cid, 1.0 - float(dist)) for cid, dist in rows]
-        with conn.transaction():  # the settings below last for this one query
+        with self._settings_for_one_query(conn):
             ef_search = min(EF_SEARCH_MAX, max(self.ef_search, 2 * int(k)))
             conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
             if ids is not None:
@@ -875,10 +1042,22 @@ class PgStore:
         rows.sort(key=lambda row: (row[1], row[0]))  # relaxed order comes back nearly sorted
         return [(cid, 1.0 - float(dist)) for cid, dist in rows]
 
+    @contextmanager
+    def _settings_for_one_query(self, conn: Any) -> Iterator[None]:
+        """A read-only transaction on a reading connection, so ``set_config(..., true)`` lasts for one
+        query; ended by ROLLBACK, unless the server dropped the connection (``_reading`` retries)."""
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if not (conn.closed or conn.broken):
+                conn.execute("ROLLBACK")
+
     def vector_index_ready(self) -> None:
         """The server's HNSW index is always ready; nothing to build in this process."""
         return None
 
+    @_reading
     def keyword_search(
         self, match: str, k: int, documents: set[int] | None = None
     ) -> list[tuple[int, float]]:
@@ -901,6 +1080,7 @@ class PgStore:
         )
         return [(cid, float(score)) for cid, score in rows]
 
+    @_reading
     def chunk_hits(self, ids: Sequence[int]) -> dict[int, ChunkHit]:
         if not ids:
             return {}
@@ -933,6 +1113,7 @@ class PgStore:
             for row in rows
         }
 
+    @_reading
     def chunk_count(self) -> int:
         return self._read().execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
 
@@ -1015,6 +1196,7 @@ class PgStore:
 
     # -- status ----------------------------------------------------------------------------------
 
+    @_reading
     def status(self) -> IndexStatus:
         conn = self._read()
         roots = []
@@ -1045,6 +1227,7 @@ class PgStore:
             failed_count=sum(1 for row in failed_rows if row[1] == "failed"),
         )
 
+    @_reading
     def check_integrity(self) -> list[str]:
         """Problems that would mean the index is inconsistent (as ``Store.check_integrity``)."""
         conn = self._read()

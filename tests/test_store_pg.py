@@ -417,26 +417,331 @@ def test_mcp_tools_serve_an_index_on_postgresql(pg_url: str, docs: Path, embedde
     assert status.structured_content["roots"][0]["documents"] == len(TOPICS)
 
 
-def test_the_store_reconnects_after_the_server_drops_its_connections(store) -> None:
-    """A restarted server (or an administrator's pg_terminate_backend) breaks every connection: the
-    call that meets the broken one fails, and the store connects again for the next."""
+def _terminate(url: str, application: str | None = None) -> int:
+    """What a server restart, an idle timeout or an administrator does to the store: end every
+    other connection to this test's database (or those of ``application``) from a second
+    connection, waiting until they are gone; how many were ended."""
+    import psycopg
+
+    where = "application_name = %s" if application else "TRUE"
+    with psycopg.connect(url, autocommit=True) as admin:
+        return len(
+            admin.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = current_database() "
+                f"AND pid != pg_backend_pid() AND {where}",
+                (application,) if application else (),
+            ).fetchall()
+        )
+
+
+def _search_and_status(store, embedder) -> tuple:
+    hits = search(store, embedder, "feeding a sourdough starter", k=3)
+    return [(h.path, h.chunk_id, round(h.score, 5)) for h in hits], store.status()
+
+
+def test_reads_and_writes_go_on_after_the_server_drops_the_connection(store, docs: Path, pg_url: str) -> None:
+    """After pg_terminate_backend ends the store's connections (its writer's and each thread's
+    reader's), the same PgStore searches, reports its status and writes a document again: it
+    connects again and runs the read, or the write that had not begun, once more."""
+    _corpus(docs, copies=1)
+    embedder = HashEmbedder()
+    indexer = Indexer(store, embedder)
+    indexer.add_root(docs)
+    before = _search_and_status(store, embedder)
+    assert before[0] and before[1].documents == len(TOPICS)
+    assert _terminate(pg_url) >= 2  # the writer and this thread's reader
+    assert _search_and_status(store, embedder) == before
+    seen: list = []
+    go = threading.Event()
+
+    def other_thread() -> None:  # a thread's own reading connection, dropped between two searches
+        seen.append(_search_and_status(store, embedder))
+        go.wait(30)
+        seen.append(_search_and_status(store, embedder))
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        while not seen and worker.is_alive():
+            time.sleep(0.01)
+        assert _terminate(pg_url) == 2  # both threads' readers (nothing written since: no writer)
+    finally:
+        go.set(), worker.join(60)
+    assert seen == [before, before]
+    _terminate(pg_url)
+    store.set_meta("after", "1")  # a write on the dropped writer: connects again and commits
+    assert store.get_meta("after") == "1"
+    baking = docs / "baking" / "baking0.md"
+    baking.write_text("# Rye\n\nRye dough is sticky and proves slowly in a cold kitchen.\n")
+    _terminate(pg_url)
+    assert indexer.index_file(baking) == "indexed"
+    assert "proves slowly" in " ".join(c.text for c in store.document_chunks(str(baking.resolve())))
+    assert search(store, embedder, "rye dough proves", k=1)[0].path == str(baking.resolve())
+    assert store.check_integrity() == []
+    from lorekeeper.server.store_pg import PgStore
+
+    with PgStore.open(pg_url, exact_below=0) as hnsw:  # through HNSW: its settings in a transaction
+        query = embedder.embed_query("bees dance")
+        want = hnsw.vector_search(query, 5)
+        _terminate(pg_url)
+        assert hnsw.vector_search(query, 5) == want and len(want) == 5
+
+
+def _version(url: str, path: str, embedder) -> list[str]:
+    """The texts of the document at ``path``, read on a connection of the test's own, after checking
+    they are one whole version: its chunk count and content hash agree with them and each chunk's
+    vector is that of its own text."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        count, content_hash = conn.execute(
+            "SELECT chunk_count, content_hash FROM documents WHERE path = %s", (path,)
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT c.text, v.embedding::text FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "LEFT JOIN chunk_vectors v ON v.chunk_id = c.id WHERE d.path = %s ORDER BY c.seq",
+            (path,),
+        ).fetchall()
+    texts = [text for text, _ in rows]
+    assert count == len(texts) and content_hash == _hash(texts)
+    for text, vector in rows:
+        assert vector is not None, f"no vector for {text!r}"
+        assert np.allclose(
+            np.array(json.loads(vector), dtype=np.float32), embedder.embed([text])[0], atol=1e-6
+        )
+    return texts
+
+
+def _hash(texts: list[str]) -> str:
+    return "|".join(texts)
+
+
+def _writer(store, embedder, root_id: int, path: str = "/notes/a.txt"):
+    def write(texts: list[str]) -> None:
+        store.replace_document(path=path, root_id=root_id, size=len(texts), mtime=1.0, content_hash=_hash(texts),
+                               loader="text", chunks=_chunks(texts), vectors=embedder.embed(texts),
+                               model_id=embedder.model_id)  # fmt: skip
+
+    return write
+
+
+def _in_thread(call, *args) -> tuple[threading.Thread, list]:
+    """Run ``call(*args)`` in a thread; the list gets what it raised, or None when it returned."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            call(*args)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _waiting_on_a_lock(admin, stop: threading.Event | None = None) -> tuple[int, str] | None:
+    """(pid, query) of the connection to this database that waits for a lock, once one does."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (stop and stop.is_set()):
+        admin.execute("SELECT pg_stat_clear_snapshot()")  # inside a transaction, activity is a snapshot
+        row = admin.execute(
+            "SELECT pid, query FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid != pg_backend_pid()"
+        ).fetchone()
+        if row:
+            return row
+        time.sleep(0.01)
+    assert stop is not None, "no connection came to wait for the lock"
+    return None
+
+
+def test_a_connection_lost_in_the_middle_of_a_document_write_leaves_the_old_version(
+    store, pg_url: str
+) -> None:
+    """The store's backend is ended while its document write waits at its last statement (the new
+    chunks and vectors written, not committed): the server rolls it all back, the old version stays
+    whole (chunks, count, hash, vectors), and the store raises its own error naming the URL."""
     import psycopg
 
     from lorekeeper.server.store import StoreWriteError
 
-    store.set_meta("before", "1")
-    assert store.get_meta("before") == "1"
-    with psycopg.connect(store.url, autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid != pg_backend_pid()"
+    embedder = HashEmbedder()
+    store.ensure_embedder(embedder.model_id, embedder.dimension)
+    write = _writer(store, embedder, store.add_root("/notes").id)
+    old, new = ["old first", "old second"], ["new one", "new two", "new three"]
+    write(old)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        with admin.transaction():  # holds the row the write updates last (the index's last change)
+            admin.execute("SELECT 1 FROM meta WHERE key = 'last_change' FOR UPDATE")
+            thread, outcome = _in_thread(write, new)
+            pid, query = _waiting_on_a_lock(admin)
+            assert "meta" in query  # the chunks, vectors and cache rows are written by now
+            assert admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()[0]
+        thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreWriteError), outcome
+    message = str(outcome[0])
+    assert f"the connection to the index database {store.path} was lost during a write" in message
+    assert "run the command again" in message and "\n" not in message
+    assert _version(pg_url, "/notes/a.txt", embedder) == old
+    assert [c.text for c in store.document_chunks("/notes/a.txt")] == old and store.check_integrity() == []
+    write(new)  # the same store writes again
+    assert _version(pg_url, "/notes/a.txt", embedder) == new
+
+
+@pytest.mark.slow
+def test_connections_ended_at_random_during_writes_never_leave_half_a_document(pg_url: str) -> None:
+    """A thread ends the store's connections at random moments while it rewrites one document (20
+    to 140 chunks) until a few writes were cut off: every write either succeeds or fails with the
+    store's error, and after each the document is one whole version (a write lost at its commit may
+    have landed or not)."""
+    from lorekeeper.server.store import StoreError
+    from lorekeeper.server.store_pg import PgStore
+
+    name = "lk-under-test"
+    url = pg_url + ("&" if "?" in pg_url else "?") + f"application_name={name}"
+    embedder = HashEmbedder()
+    done, failures, rng = threading.Event(), [], np.random.default_rng(11)
+
+    def killer() -> None:
+        while not done.is_set():
+            time.sleep(float(rng.uniform(0.0, 0.05)))
+            _terminate(pg_url, application=name)
+
+    with PgStore.open(url) as store:
+        store.ensure_embedder(embedder.model_id, embedder.dimension)
+        write = _writer(store, embedder, store.add_root("/notes").id)
+        write(["version start"])
+        last = ["version start"]
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            i = 0
+            while i < 300 and (len(failures) < 3 or i < 20):  # until a few writes were cut off
+                texts = [f"version {i} part {j}" for j in range(20 + i % 7 * 20)]
+                try:
+                    write(texts)
+                except StoreError as exc:
+                    failures.append(str(exc))
+                found = _version(pg_url, "/notes/a.txt", embedder)
+                assert found in (last, texts)
+                last, i = found, i + 1
+        finally:
+            done.set()
+            thread.join(30)
+        assert all("Traceback" not in f and "\n" not in f for f in failures)
+        assert failures, "no write was interrupted: the test proved nothing"
+        write(["version end"])
+        assert _version(pg_url, "/notes/a.txt", embedder) == ["version end"] and store.check_integrity() == []
+
+
+def test_a_deadlocked_document_write_is_run_again(store, pg_url: str) -> None:
+    """Another connection and the store's document write wait for each other's rows: PostgreSQL
+    ends the store's transaction as the deadlock's victim, and the store runs the whole write again."""
+    import psycopg
+
+    embedder = HashEmbedder()
+    store.ensure_embedder(embedder.model_id, embedder.dimension)
+    write = _writer(store, embedder, store.add_root("/notes").id)
+    write(["old"])
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SET deadlock_timeout = '20s'")  # the store's backend (1 s) finds the deadlock
+        with admin.transaction():
+            admin.execute("SELECT 1 FROM meta WHERE key = 'last_change' FOR UPDATE")
+            thread, outcome = _in_thread(write, ["new", "newer"])
+            _waiting_on_a_lock(admin)  # the store holds the document's row and waits for the meta row
+            started = time.monotonic()
+            admin.execute("UPDATE documents SET note = 'admin' WHERE path = '/notes/a.txt'")  # the cycle
+            assert time.monotonic() - started < 15  # the store's transaction gave way, not this one
+        thread.join(30)
+    assert outcome == [None]
+    assert _version(pg_url, "/notes/a.txt", embedder) == ["new", "newer"]
+    assert store.get_document("/notes/a.txt").note is None  # the retry wrote after the other's update
+
+
+def test_writes_that_keep_conflicting_end_in_a_clear_error(pg_server, pg_url: str) -> None:
+    """In a database whose transactions are REPEATABLE READ, another writer commits a change to the
+    row the document write updates last, each time the write waits for it: every try meets a
+    serialization failure, the store gives up after a few with its own error, and the old version stays."""
+    import psycopg
+
+    from lorekeeper.server.store_pg import WRITE_ATTEMPTS, PgStore, WriteConflict
+
+    name = pg_url.split("?")[0].rsplit("/", 1)[1]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'")
+    embedder, stop, holding, conflicts = HashEmbedder(), threading.Event(), threading.Event(), []
+
+    def other_writer() -> None:
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            while not stop.is_set():
+                with other.transaction():
+                    other.execute("UPDATE meta SET value = value WHERE key = 'last_change'")
+                    holding.set()
+                    if _waiting_on_a_lock(other, stop) is None:
+                        break
+                conflicts.append(1)  # its commit makes the waiting write fail
+
+    with PgStore.open(pg_url) as store:
+        store.ensure_embedder(embedder.model_id, embedder.dimension)
+        write = _writer(store, embedder, store.add_root("/notes").id)
+        write(["old"])
+        thread = threading.Thread(target=other_writer, daemon=True)
+        thread.start()
+        assert holding.wait(30)
+        try:
+            with pytest.raises(WriteConflict) as raised:
+                write(["new"])
+        finally:
+            stop.set()
+            thread.join(30)
+        message = str(raised.value)
+        assert "serialization failure" in message and f"{WRITE_ATTEMPTS} times in a row" in message
+        assert store.path in message and "\n" not in message
+        assert len(conflicts) >= WRITE_ATTEMPTS
+        assert _version(pg_url, "/notes/a.txt", embedder) == ["old"]
+        write(["new"])  # alone again: it goes through
+        assert _version(pg_url, "/notes/a.txt", embedder) == ["new"]
+
+
+def test_a_server_that_refuses_the_new_connection_is_a_clear_error(store, pg_server, pg_url: str) -> None:
+    import psycopg
+
+    from lorekeeper.server.store import StoreError
+
+    store.set_meta("kept", "1")
+    name = pg_url.split("?")[0].rsplit("/", 1)[1]
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")  # as a server going down does
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+            with pytest.raises(
+                StoreError, match=r"cannot connect to the index database .* \(is the server running"
+            ):
+                store.status()
+            with pytest.raises(StoreError, match="is the server running"):
+                store.set_meta("lost", "1")
+        finally:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    assert store.get_meta("kept") == "1" and store.get_meta("lost") is None  # and back to work
+
+
+def test_the_cli_says_in_one_line_when_the_server_is_unreachable(tmp_path: Path) -> None:
+    sockets = tmp_path / "nothing-listens-here"
+    sockets.mkdir()
+    url = f"postgresql://lore:secret@/lorekeeper?host={sockets}&port=5999"
+    for args in (["search", "tax deadline"], ["status"]):
+        result = lk(*args, db=url, home=tmp_path / "home")
+        assert result.returncode == 1 and "Traceback" not in result.stderr and "secret" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(
+            f"error: cannot connect to the index database postgresql://lore:***@/lorekeeper?host={sockets}"
         )
-    with pytest.raises(StoreWriteError, match="rolled back"):
-        store.set_meta("after", "2")
-    store.set_meta("after", "2")
-    with pytest.raises(psycopg.OperationalError):
-        store.get_meta("after")
-    assert store.get_meta("after") == "2" and store.check_integrity() == []
+        assert "(is the server running?)" in lines[0]
 
 
 def test_vectors_wider_than_2000_dimensions_go_into_halfvec(pg_url: str) -> None:
