@@ -57,10 +57,15 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:
         return "postgresql://(unreadable URL)"
-    if not password:
-        return url
-    user, host = parts.netloc.rsplit("@", 1)
-    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}"))
+    query = "&".join(
+        f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
+        for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item)
+    )  # libpq also takes ?password=...
+    parts = parts._replace(query=query)
+    if password:
+        user, host = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    return urlunsplit(parts)
 
 
 class SettingsError(ValueError):

@@ -235,3 +235,16 @@ def test_since_means_the_same_time_in_the_cli_and_over_mcp(tmp_path: Path, monke
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_database_urls_are_shown_without_their_password() -> None:
+    from lorekeeper.server.settings import redact_url
+
+    assert (
+        redact_url("postgresql://lore:s3cret@db.example:5432/idx")
+        == "postgresql://lore:***@db.example:5432/idx"
+    )
+    assert redact_url("postgresql://lore@/idx?host=/run/pg&password=s3cret&sslmode=require") == (
+        "postgresql://lore@/idx?host=/run/pg&password=***&sslmode=require"
+    )
+    assert redact_url("postgresql://db.example/idx") == "postgresql://db.example/idx"
