@@ -52,6 +52,9 @@ def _main(
     )
     # a notice bitsandbytes prints on import on CPU-only machines; harmless (see the guide)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers' kernels hub says it skips a trust check because the hub is offline (lorekeeper
+    # never downloads at run time): noise on the first run, when the embedder is exported to ONNX
+    logging.getLogger("kernels").setLevel(logging.INFO if verbose else logging.ERROR)
     ctx.obj = {"db": db, "verbose": verbose}
 
 
