@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,8 +61,6 @@ def chunk_sweep(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ChunkRow]:
     """One row per chunk size (in the order given): the sample indexed at that size, then scored."""
-    import time
-
     from .indexer import Indexer
     from .search import search
     from .store import Store

@@ -1197,19 +1197,29 @@ class Store:
         ).fetchone()[0]
         if orphans:
             problems.append(f"{orphans} chunks of no document")
-        bad = conn.execute(
-            "SELECT COUNT(*) FROM documents d WHERE chunk_count != "
-            "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)"
-        ).fetchone()[0]
-        if bad:
-            problems.append(f"{bad} documents whose chunk_count disagrees with their chunks")
-        mixed = conn.execute(
-            "SELECT COUNT(*) FROM (SELECT document_id FROM chunks GROUP BY document_id "
-            "HAVING COUNT(DISTINCT seq) != COUNT(*) OR MIN(seq) != 0 OR MAX(seq) != COUNT(*) - 1)"
-        ).fetchone()[0]
-        if mixed:
-            problems.append(f"{mixed} documents whose chunks are not one version (seq not 0..n-1)")
-        return problems
+        return problems + document_version_problems(conn)
+
+
+# Counts of documents whose chunks are not exactly one version, in SQL both backends run.
+_VERSION_CHECKS = (
+    ("SELECT COUNT(*) FROM documents d WHERE chunk_count != "
+     "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)",
+     "documents whose chunk_count disagrees with their chunks"),
+    ("SELECT COUNT(*) FROM (SELECT document_id FROM chunks GROUP BY document_id "
+     "HAVING COUNT(DISTINCT seq) != COUNT(*) OR MIN(seq) != 0 OR MAX(seq) != COUNT(*) - 1) m",
+     "documents whose chunks are not one version (seq not 0..n-1)"),
+)  # fmt: skip
+
+
+def document_version_problems(conn: Any) -> list[str]:
+    """The integrity checks SQLite and PostgreSQL share: each document's chunks numbered 0..n-1, as
+    many as its ``chunk_count``. ``conn`` is an sqlite3 or psycopg connection."""
+    problems = []
+    for sql, what in _VERSION_CHECKS:
+        count = conn.execute(sql).fetchone()[0]
+        if count:
+            problems.append(f"{count} {what}")
+    return problems
 
 
 class _Transaction:

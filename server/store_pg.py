@@ -54,6 +54,7 @@ from .store import (
     RootStatus,
     StoreError,
     StoreWriteError,
+    document_version_problems,
     path_matches,
     vector_blob,
 )
@@ -1238,19 +1239,7 @@ class PgStore:
             ).fetchone()[0]
             if missing:
                 problems.append(f"{missing} chunks without a vector row")
-        bad = conn.execute(
-            "SELECT COUNT(*) FROM documents d WHERE chunk_count != "
-            "(SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)"
-        ).fetchone()[0]
-        if bad:
-            problems.append(f"{bad} documents whose chunk_count disagrees with their chunks")
-        mixed = conn.execute(
-            "SELECT COUNT(*) FROM (SELECT document_id FROM chunks GROUP BY document_id "
-            "HAVING COUNT(DISTINCT seq) != COUNT(*) OR MIN(seq) != 0 OR MAX(seq) != COUNT(*) - 1) m"
-        ).fetchone()[0]
-        if mixed:
-            problems.append(f"{mixed} documents whose chunks are not one version (seq not 0..n-1)")
-        return problems
+        return problems + document_version_problems(conn)
 
 
 _COPIED_TABLES = [

@@ -103,12 +103,12 @@ def retrieval(
     mode = _best_mode(report["scores"], sweep_rows, settings.search_mode)
     applied = apply and best is not None and best != current
     if applied:
-        _apply(settings, best)
+        _write_settings(settings, best.as_dict(), "a running `lorekeeper serve` uses them once restarted")
     elif apply and best is not None:
         console.print("--apply: the current fusion settings score best; config.toml is left as it is")
     if apply and mode is not None and mode != settings.search_mode:
-        _write_setting(
-            settings, "search_mode", mode, "`search`, `ask` and the MCP tools search this way by default"
+        _write_settings(
+            settings, {"search_mode": mode}, "`search`, `ask` and the MCP tools search this way by default"
         )
     if apply and chunks:
         _apply_chunks(settings, chunks)
@@ -292,12 +292,19 @@ def _best_mode(scores: dict, sweep_rows: list, current: str) -> str | None:
     return best
 
 
-def _write_setting(settings: Settings, key: str, value: Any, what: str) -> None:
+def _write_settings(settings: Settings, values: dict[str, Any], what: str) -> None:
+    """Write ``values`` to config.toml, say so, and note any that an environment variable overrides."""
     try:
-        path = write_config_value(settings.home, key, value)
+        for key, value in values.items():
+            path = write_config_value(settings.home, key, value)
+        updated = Settings.load()
     except (SettingsError, OSError) as exc:
         fail(f"could not write the settings: {exc}")
-    console.print(f"applied {key}={value} to {path}: {what}", highlight=False)
+    shown = " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in values.items())
+    console.print(f"applied {shown} to {path} ({what})", highlight=False)
+    overridden = [f"{k} ({updated.sources[k]})" for k in values if updated.sources.get(k) != "config.toml"]
+    if overridden:
+        err.print(f"[yellow]note:[/yellow] overridden where search runs: {', '.join(overridden)}")
 
 
 def _chunk_sweep(settings, store, embedder, judged, sizes, modes, fusion, n_files, seed) -> dict | None:
@@ -333,8 +340,8 @@ def _apply_chunks(settings: Settings, chunks: dict) -> None:
     if chunks["best"] == chunks["current"]:
         console.print("--apply: the current chunk size scores best; config.toml is left as it is")
         return
-    _write_setting(settings, "chunk_tokens", chunks["best"],
-                   "run `lorekeeper reindex` to re-chunk the index at that size (every file is embedded again)")  # fmt: skip
+    _write_settings(settings, {"chunk_tokens": chunks["best"]},
+                    "run `lorekeeper reindex` to re-chunk the index at that size: every file is embedded again")  # fmt: skip
 
 
 def _chunk_records(chunks: dict | None) -> list[dict]:
@@ -342,25 +349,6 @@ def _chunk_records(chunks: dict | None) -> list[dict]:
         return []
     return [{"chunk_tokens": r.size, "files": r.files, "chunks": r.chunks, "seconds": round(r.seconds, 1),
              "current": r.size == chunks["current"], **r.scores.means} for r in chunks["rows"]]  # fmt: skip
-
-
-def _apply(settings: Settings, best) -> None:
-    try:
-        for key, value in best.as_dict().items():
-            path = write_config_value(settings.home, key, value)
-        updated = Settings.load()
-    except (SettingsError, OSError) as exc:
-        fail(f"could not write the settings: {exc}")
-    console.print(
-        f"applied {' '.join(f'{k}={v:g}' for k, v in best.as_dict().items())} to {path} (a running "
-        "`lorekeeper serve` uses them once restarted)",
-        highlight=False,
-    )
-    overridden = [
-        f"{k} ({updated.sources[k]})" for k in best.as_dict() if updated.sources.get(k) != "config.toml"
-    ]
-    if overridden:
-        err.print(f"[yellow]note:[/yellow] overridden where search runs: {', '.join(overridden)}")
 
 
 def _write_runs(path: Path, runs: dict) -> None:
