@@ -42,7 +42,8 @@ def sample_files(store: Any, judged: Sequence[ev.JudgedQuery], roots: Sequence[s
     indexed = [d for d in store.documents() if d.status == "indexed"]
     named = {j.path for q in judged for j in q.judgements}
     chosen = [d.path for d in indexed if ev.relative_path(d.path, roots) in named]
-    others = sorted(d.path for d in indexed if d.path not in set(chosen))
+    taken = set(chosen)
+    others = sorted(d.path for d in indexed if d.path not in taken)
     random.Random(seed).shuffle(others)
     return chosen + others[: max(0, n - len(chosen))]
 

@@ -63,6 +63,13 @@ def loader_id(loader: Loader) -> str:
     return f"{loader.name}:{loader.version}"
 
 
+def chunk_size(settings: Settings, embedder: Embedder) -> int:
+    """The chunk size in tokens: the ``chunk_tokens`` setting within the embedder's window."""
+    window = embedder.max_tokens - 2  # room for the model's [CLS] and [SEP]
+    wanted = settings.chunk_tokens
+    return window if wanted is None else max(16, min(int(wanted), window))
+
+
 class Preparer:
     """Turns paths into ``Prepared`` files, recording every file it does not index, with why."""
 
@@ -72,10 +79,7 @@ class Preparer:
 
     @property
     def chunk_tokens(self) -> int:
-        """The chunk size in tokens: the ``chunk_tokens`` setting within the embedder's window."""
-        window = self.embedder.max_tokens - 2  # room for the model's [CLS] and [SEP]
-        wanted = self.settings.chunk_tokens
-        return window if wanted is None else max(16, min(int(wanted), window))
+        return chunk_size(self.settings, self.embedder)
 
     def recipe(self, lid: str | None) -> str | None:
         """A loader id as recorded with a document: with the chunk size when that is not the whole window."""

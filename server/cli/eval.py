@@ -312,9 +312,9 @@ def _chunk_sweep(settings, store, embedder, judged, sizes, modes, fusion, n_file
     if not sizes:
         return None
     from ..eval_chunks import best_size, chunk_sweep
-    from ..prepare import Preparer
+    from ..prepare import chunk_size
 
-    current = Preparer(store, settings, embedder, lambda root: None).chunk_tokens
+    current = chunk_size(settings, embedder)
     sizes = tuple(dict.fromkeys((*sizes, current)))
     mode = "hybrid" if "hybrid" in modes else modes[0]
     with _progress() as progress:
