@@ -285,7 +285,9 @@ def _best_mode(scores: dict, sweep_rows: list, current: str) -> str | None:
         return None
     best = max(ndcg, key=lambda m: (ndcg[m], m == current))
     if best == current or ndcg[best] - ndcg[current] < MIN_GAIN:
-        console.print(f"best search mode: {current} (the current default; no other gains 0.01 nDCG@10)")
+        console.print(
+            f"best search mode: {current} (the current default; no other gains {MIN_GAIN:g} nDCG@10)"
+        )
         return current
     console.print(f"best search mode: {best} (nDCG@10 {ndcg[best]:.3f} against {ndcg[current]:.3f} for the "
                   f"current default, {current}); --apply writes search_mode={best}", highlight=False)  # fmt: skip
@@ -311,7 +313,7 @@ def _chunk_sweep(settings, store, embedder, judged, sizes, modes, fusion, n_file
     """The chunk-size rows on a sample (printed), with the best and the current size; None without sizes."""
     if not sizes:
         return None
-    from ..eval_chunks import best_size, chunk_sweep
+    from ..eval_chunks import MIN_GAIN, best_size, chunk_sweep
     from ..prepare import chunk_size
 
     current = chunk_size(settings, embedder)
@@ -331,7 +333,7 @@ def _chunk_sweep(settings, store, embedder, judged, sizes, modes, fusion, n_file
     console.print(table)
     now = next(r for r in rows if r.size == current)
     gain = best.scores.means["ndcg@10"] - now.scores.means["ndcg@10"]
-    console.print(f"best chunk size: {best.size} tokens" + (" (the current size: no other gains 0.01 nDCG@10)" if best.size == current else
+    console.print(f"best chunk size: {best.size} tokens" + (f" (the current size: no other gains {MIN_GAIN:g} nDCG@10)" if best.size == current else
                   f" (nDCG@10 {gain:+.3f} on the sample); --apply writes chunk_tokens={best.size}"), highlight=False)  # fmt: skip
     return {"rows": rows, "best": best.size, "current": current}
 
