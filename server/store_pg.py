@@ -199,6 +199,11 @@ def _driver() -> Any:
     return psycopg
 
 
+KEEPALIVE_IDLE_S = 30  # an idle connection is probed after 30 s ...
+KEEPALIVE_INTERVAL_S = 10  # ... every 10 s ...
+KEEPALIVE_COUNT = 3  # ... and declared dead after 3 probes go unanswered
+
+
 class PgStore:
     """The index in a PostgreSQL database. Thread-safe: one writer connection at a time in this
     process, a reading connection per thread; other processes and machines write concurrently,
@@ -239,7 +244,7 @@ class PgStore:
 
     def _connect(self, register: bool = True) -> Any:
         try:
-            conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            conn = self._psycopg.connect(self.url, autocommit=True, **self._connection_defaults())
         except (self._psycopg.Error, ValueError) as exc:
             raise StoreError(
                 f"cannot connect to the index database {self.path} (is the server running?): "
@@ -249,6 +254,26 @@ class PgStore:
         if register:
             self._register(conn)
         return conn
+
+    def _connection_defaults(self) -> dict[str, Any]:
+        """libpq settings the URL does not set itself: a 10 s connect timeout, and TCP keepalives,
+        so a server that vanished (a restart, a dropped VPN, a NAT that forgot an idle watcher's
+        connection) is noticed within about a minute, not after the kernel's two hours; the next
+        read then connects again."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        defaults = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": KEEPALIVE_IDLE_S,
+            "keepalives_interval": KEEPALIVE_INTERVAL_S,
+            "keepalives_count": KEEPALIVE_COUNT,
+        }
+        try:
+            given = conninfo_to_dict(self.url)
+        except Exception:  # a malformed URL: psycopg.connect reports it, as a StoreError above
+            return {}
+        return {k: v for k, v in defaults.items() if k not in given}
 
     @staticmethod
     def _register(conn: Any) -> None:

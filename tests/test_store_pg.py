@@ -765,3 +765,22 @@ def test_vectors_wider_than_2000_dimensions_go_into_halfvec(pg_url: str) -> None
             top = store.vector_search(vectors[7], 3)
             assert top[0][0] == store.document_chunks("/wide/a.txt")[7].id and top[0][1] > 0.999
         assert exact.cached_vectors("wide-3072", ["h-wide chunk 7"])["h-wide chunk 7"].shape == (3072,)
+
+
+def test_connections_carry_tcp_keepalives_unless_the_url_sets_its_own(pg_url: str) -> None:
+    """A watcher idle behind a NAT or VPN must notice a vanished server in about a minute, not two hours."""
+    from lorekeeper.server.store_pg import KEEPALIVE_COUNT, KEEPALIVE_IDLE_S, PgStore
+
+    with PgStore(pg_url) as store:
+        store.status()  # a reading connection too
+        for conn in [store._writer, *store._readers]:
+            params = conn.info.get_parameters()
+            assert params["keepalives"] == "1"
+            assert params["keepalives_idle"] == str(KEEPALIVE_IDLE_S)
+            assert params["keepalives_count"] == str(KEEPALIVE_COUNT)
+            assert params["connect_timeout"] == "10"
+    own = pg_url + ("&" if "?" in pg_url else "?") + "keepalives_idle=7&connect_timeout=3"
+    with PgStore(own) as store:
+        params = store._writer.info.get_parameters()
+        assert params["keepalives_idle"] == "7" and params["connect_timeout"] == "3"
+        assert params["keepalives_count"] == str(KEEPALIVE_COUNT)
