@@ -32,6 +32,7 @@ from watchdog.observers.polling import PollingObserver
 from .ignore import IGNORE_FILES
 from .indexer import BackgroundStopped, Indexer
 from .settings import Settings
+from .store import StoreError
 
 log = logging.getLogger(__name__)
 # watchdog warns when a folder that was moved out and back gets its inotify watch again; the subtree
@@ -344,6 +345,10 @@ class Watcher:
         try:
             return func(*args, **kwargs)
         except BackgroundStopped:
+            return None
+        except StoreError as exc:  # a full disk, a lost server: the message says what to do
+            log.error("watcher: %s%s failed: %s", getattr(func, "__name__", func), args, exc)
+            self.errors.append(f"{getattr(func, '__name__', func)}{args}: {exc}")
             return None
         except Exception as exc:  # one bad event must never stop the watcher
             log.exception("watcher: %s%s failed", getattr(func, "__name__", func), args)

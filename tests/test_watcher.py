@@ -326,3 +326,32 @@ def test_coalesced_moves_look_again_at_every_displaced_path(
     watcher._process(dict(watcher._pending))
     assert sorted(Path(d.path).name for d in store.documents()) == ["b.txt", "d.txt", "e.txt"]
     assert _index_equals_disk(store, root)
+
+
+def test_a_store_that_cannot_be_written_is_one_clear_log_line_and_the_watcher_goes_on(
+    watched, store: Store, monkeypatch, caplog
+) -> None:
+    """A full disk (or a lost database server) is logged as its message, which says what to do,
+    without a traceback; the watcher keeps running and indexes the file once writes work again."""
+    import logging
+
+    from lorekeeper.server.store import StoreWriteError
+
+    docs, watcher, _events = watched
+    real = store.replace_document
+
+    def full_disk(**kwargs):
+        raise StoreWriteError(f"cannot write the index {store.path}: the disk is full; free space and retry")
+
+    monkeypatch.setattr(store, "replace_document", full_disk)
+    with caplog.at_level(logging.ERROR, logger="lorekeeper"):
+        (docs / "blocked.md").write_text("# Blocked\nThe quartermaster counts ropes at noon.\n")
+        assert wait_for(lambda: watcher.errors, 20)
+        assert watcher.wait_idle(20)
+    records = [r for r in caplog.records if "the disk is full" in r.getMessage()]
+    assert records and all(r.exc_info is None for r in records), [r.getMessage() for r in caplog.records]
+    assert "blocked.md" in records[0].getMessage()
+    assert not any("Traceback" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(store, "replace_document", real)
+    (docs / "blocked.md").write_text("# Blocked\nThe quartermaster counts ropes at dusk.\n")
+    assert wait_for(lambda: store.get_document(docs / "blocked.md") is not None, 20)
