@@ -95,6 +95,7 @@ def train(
     gradient_checkpointing: bool = _opt(
         "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing"
     ),
+    loss_chunk_tokens: int = _opt("loss_chunk_tokens", "--loss-chunk-tokens"),
     eval_steps: int = _opt("eval_steps", "--eval-steps"),
     save_steps: int = _opt("save_steps", "--save-steps"),
     early_stopping_patience: int = _opt("early_stopping_patience", "--patience"),

@@ -115,6 +115,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(
         True, "Recompute activations in the backward pass (less memory, ~30% slower)."
     )
+    loss_chunk_tokens: int = _f(
+        1024,
+        "Compute the output layer and loss on labelled tokens only, this many at a time (no full "
+        "logits kept: less memory); 0 = the model's own loss over every position.",
+    )
     # --- bookkeeping ------------------------------------------------------------------------
     eval_steps: int = _f(50, "Evaluate on the held-out split every this many steps.")
     save_steps: int = _f(50, "Write a checkpoint every this many steps.")
@@ -143,6 +148,8 @@ class TrainConfig:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be at least 1")
+        if self.loss_chunk_tokens < 0:
+            raise bad("loss_chunk_tokens", "must be 0 (the model's own loss) or a positive number of tokens")
         if self.neftune_alpha < 0:
             raise bad("neftune_alpha", "must be 0 (off) or positive (5 is typical)")
         if self.learning_rate <= 0:

@@ -365,6 +365,30 @@ def trainer_class():
 
     class LorekeeperTrainer(Trainer):
         eval_collator: PackedCollator | None = None
+        loss_chunk_tokens: int = 0  # > 0: training loss from finetune.loss, no full logits
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from .loss import causal_lm_loss, supports
+
+            unwrapped = self.accelerator.unwrap_model(model)
+            plain = (
+                self.loss_chunk_tokens <= 0
+                or return_outputs
+                or not model.training
+                or "labels" not in inputs
+                or self.label_smoother is not None
+                or getattr(self, "compute_loss_func", None) is not None
+                or self.accelerator.num_processes != 1
+                or not supports(unwrapped)
+            )
+            if plain:
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+            # the reduction the model itself would use: a sum over num_items_in_batch when the Trainer
+            # hands the model that count (so its gradient-accumulation scaling stays right), else a mean
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            return causal_lm_loss(unwrapped, inputs, count, self.loss_chunk_tokens)
 
         def get_eval_dataloader(self, eval_dataset=None):
             if self.eval_collator is None:
@@ -479,7 +503,14 @@ def train_run(
     early_cb = EarlyStop(model_ref)
     progress_cb = Progress(metrics_cb)
     trainer = _make_trainer(
-        model, tokenizer, args, data, collator, [metrics_cb, early_cb, progress_cb], has_heldout
+        model,
+        tokenizer,
+        args,
+        data,
+        collator,
+        [metrics_cb, early_cb, progress_cb],
+        has_heldout,
+        loss_chunk_tokens=config.loss_chunk_tokens,
     )
     model_ref.append(trainer.model)
 
@@ -579,6 +610,7 @@ def _make_trainer(
     collator: PackedCollator,
     callbacks: list,
     has_heldout: bool,
+    loss_chunk_tokens: int = 0,
 ) -> Any:
     """The Trainer with our callbacks in place of its printer and tqdm bar."""
     trainer = trainer_class()(
@@ -595,6 +627,7 @@ def _make_trainer(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.eval_collator = PackedCollator(tokenizer.pad_token_id)
+    trainer.loss_chunk_tokens = loss_chunk_tokens
     return trainer
 
 

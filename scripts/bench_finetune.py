@@ -1,18 +1,23 @@
 """Training throughput and peak memory: `lorekeeper finetune` against a plain transformers+peft loop.
 
-Both sides get the same base (SmolLM2-135M from the embedded GGUF, NF4 4-bit with double
-quantization), the same LoRA (r=8, alpha=16, every attention and MLP projection), the same
-optimiser, batch size, sequence length and gradient checkpointing, and the same token sequences
+Both sides get the same base (SmolLM2-135M from the embedded GGUF), held the same way
+(``--base-precision nf4``: NF4 4-bit with double quantization, QLoRA, the default here; ``full``:
+the dequantized weights in bf16 on a GPU, fp32 on the CPU), the same LoRA (r=8, alpha=16, every
+attention and MLP projection), the same optimiser (paged 8-bit AdamW for NF4 on a GPU, AdamW
+otherwise), batch size, sequence length and gradient checkpointing, and the same token sequences
 (real text: the system's shared documentation, copied to a temporary folder). The plain loop is
 what one writes from the transformers/peft docs: batches padded to their longest sequence, an
-attention mask, AdamW. Each side runs in its own subprocess so peak memory is its own.
+attention mask, the model's own loss. Each side runs in its own subprocess so peak memory is its
+own (on a GPU: torch's peak allocated memory; on the CPU: peak RSS).
 
 Tokens/s counts real (unpadded) training tokens, measured after warm-up steps. Run:
 
     python scripts/bench_finetune.py --steps 12 --warmup 2 --seq-len 256 --batch-size 4
 
-It prints one JSON object with both sides and the ratios (target: >= 1.0x on the CPU, >= 1.5x on a
-GPU with no more memory).
+``--sides`` adds variants, each compared with the first: ``plain`` and ``lorekeeper`` as above,
+``:nogc`` without gradient checkpointing, ``:fullloss`` (lorekeeper) with the model's own loss over
+full logits instead of its chunked loss (``loss_chunk_tokens=0``). It prints one JSON object with
+every side and the ratios (target: >= 1.0x on the CPU, >= 1.5x on a GPU with no more memory).
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ import time
 from pathlib import Path
 
 
-def copy_corpus(target: Path, max_files: int, max_bytes: int = 6000) -> Path:
-    """Plain-text READMEs and changelogs from /usr/share/doc (real text nobody here wrote)."""
+def copy_corpus(
+    target: Path, max_files: int, max_bytes: int = 6000, source: Path = Path("/usr/share/doc")
+) -> Path:
+    """Plain-text READMEs and changelogs from /usr/share/doc (real text nobody here wrote), or the
+    text files of ``source`` (``--corpus``: on a machine with no /usr/share/doc)."""
     target.mkdir(parents=True, exist_ok=True)
     n = 0
-    for path in sorted(Path("/usr/share/doc").glob("*/*")):
+    pattern = "*/*" if source == Path("/usr/share/doc") else "**/*"
+    for path in sorted(source.glob(pattern)):
         if n >= max_files:
             break
         if (
@@ -46,10 +55,11 @@ def copy_corpus(target: Path, max_files: int, max_bytes: int = 6000) -> Path:
             text = path.read_text(encoding="utf-8")[:max_bytes]
         except (UnicodeDecodeError, OSError):
             continue
-        (target / f"{path.parent.name}-{path.name}.txt").write_text(text, encoding="utf-8")
+        name = path.name if path.suffix == ".txt" else f"{path.parent.name}-{path.name}.txt"
+        (target / name).write_text(text, encoding="utf-8")
         n += 1
     if n == 0:
-        raise SystemExit("no text found under /usr/share/doc to benchmark on")
+        raise SystemExit(f"no text found under {source} to benchmark on (--corpus DIR names another folder)")
     return target
 
 
@@ -61,7 +71,13 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def config_for(args, data: Path):
+def side_options(side: str) -> tuple[str, set[str]]:
+    """'lorekeeper:nogc' -> ('lorekeeper', {'nogc'})."""
+    which, *flags = side.split(":")
+    return which, set(flags)
+
+
+def config_for(args, data: Path, flags: set[str] = frozenset()):
     from lorekeeper.finetune.config import TrainConfig
 
     return TrainConfig(
@@ -76,11 +92,13 @@ def config_for(args, data: Path):
         save_steps=10_000,
         eval_steps=10_000,
         early_stopping_patience=0,
-        gradient_checkpointing=not args.no_gc,
+        gradient_checkpointing=not (args.no_gc or "nogc" in flags),
+        base_precision=args.base_precision,
+        **({"loss_chunk_tokens": 0} if "fullloss" in flags else {}),
     )
 
 
-def run_lorekeeper(args, data: Path, device: str) -> dict:
+def run_lorekeeper(args, data: Path, device: str, flags: set[str]) -> dict:
     from rich.console import Console
 
     from lorekeeper.finetune.plot import read_metrics
@@ -88,7 +106,7 @@ def run_lorekeeper(args, data: Path, device: str) -> dict:
     from lorekeeper.finetune.train import train_run
 
     run = RunDir(Path(tempfile.mkdtemp(prefix="bench-run-")))
-    train_run(config_for(args, data), run, device=device, console=Console(stderr=True, quiet=True))
+    train_run(config_for(args, data, flags), run, device=device, console=Console(stderr=True, quiet=True))
     rows = read_metrics(run.metrics)
     steps = {r["step"]: r for r in rows if "loss" in r}
     start, end = steps[args.warmup], steps[args.steps]
@@ -98,8 +116,8 @@ def run_lorekeeper(args, data: Path, device: str) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": end["loss"]}
 
 
-def run_plain(args, data: Path, device: str) -> dict:
-    """The baseline: transformers + peft + bitsandbytes, a padded batch loop."""
+def run_plain(args, data: Path, device: str, flags: set[str]) -> dict:
+    """The baseline: transformers + peft (+ bitsandbytes for NF4), a padded batch loop."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -110,6 +128,8 @@ def run_plain(args, data: Path, device: str) -> dict:
     source = dequantized_dir(resolve_base(None))
     tokenizer = AutoTokenizer.from_pretrained(source)
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    nf4 = args.base_precision == "nf4"
+    gc = not (args.no_gc or "nogc" in flags)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -117,23 +137,25 @@ def run_plain(args, data: Path, device: str) -> dict:
         bnb_4bit_compute_dtype=dtype,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=quant, dtype=dtype, device_map={"": device}
+        source, quantization_config=quant if nf4 else None, dtype=dtype, device_map={"": device}
     )
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=not args.no_gc,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    if nf4:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, lora)
     # The same token sequences lorekeeper trains on (before its packing), shuffled the same way each time.
-    examples = build_datasets(config_for(args, data), tokenizer).train_examples
+    examples = build_datasets(config_for(args, data, flags), tokenizer).train_examples
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     params = [p for p in model.parameters() if p.requires_grad]
-    if device == "cuda":
+    if device == "cuda" and nf4:
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
@@ -180,7 +202,8 @@ def child(args) -> None:
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     data = Path(args.data)
-    result = (run_lorekeeper if args.which == "lorekeeper" else run_plain)(args, data, device)
+    which, flags = side_options(args.which)
+    result = (run_lorekeeper if which == "lorekeeper" else run_plain)(args, data, device, flags)
     result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     result["device"] = device
     print(json.dumps(result))
@@ -193,9 +216,21 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--files", type=int, default=40, help="text files copied from /usr/share/doc")
+    parser.add_argument(
+        "--corpus", type=Path, default=Path("/usr/share/doc"), help="where the text comes from"
+    )
     parser.add_argument("--no-gc", action="store_true", help="both sides without gradient checkpointing")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
-    parser.add_argument("--which", choices=["lorekeeper", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--base-precision", choices=["nf4", "full"], default="nf4", help="how both sides hold the base"
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=["plain", "lorekeeper"],
+        help="sides to run; the first is the baseline (plain, lorekeeper, with :nogc or :fullloss)",
+    )
+    parser.add_argument("--which", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.which:
@@ -205,35 +240,49 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         os.environ.setdefault("LOREKEEPER_HOME", str(Path(tmp) / "home"))
-        data = copy_corpus(Path(tmp) / "corpus", args.files)
+        data = copy_corpus(Path(tmp) / "corpus", args.files, source=args.corpus)
         from lorekeeper.finetune.base_model import dequantized_dir, resolve_base
 
         dequantized_dir(resolve_base(None))  # the cache both sides load from, built outside the timings
         results = {}
         passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq-len={args.seq_len}"]
-        passthrough += [f"--batch-size={args.batch_size}"] + (["--no-gc"] if args.no_gc else [])
-        passthrough += ["--cpu"] if args.cpu else []
-        for which in ("plain", "lorekeeper"):
-            cmd = [sys.executable, __file__, f"--which={which}", f"--data={data}", *passthrough]
+        passthrough += [f"--batch-size={args.batch_size}", f"--base-precision={args.base_precision}"]
+        passthrough += (["--no-gc"] if args.no_gc else []) + (["--cpu"] if args.cpu else [])
+        for side in args.sides:
+            which, flags = side_options(side)
+            if which not in ("plain", "lorekeeper") or flags - {"nogc", "fullloss"}:
+                raise SystemExit(
+                    f"--sides: unknown side {side!r} (plain or lorekeeper, with :nogc or :fullloss)"
+                )
+            cmd = [sys.executable, __file__, f"--which={side}", f"--data={data}", *passthrough]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"the {which} side failed")
-            results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-    lk, plain = results["lorekeeper"], results["plain"]
+                raise SystemExit(f"the {side} side failed")
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     measured_steps = args.steps - args.warmup
-    for side in (lk, plain):
+    for result in results.values():
         # Real tokens per optimiser step does not depend on how busy the machine was: on a shared
         # machine, read it next to tokens/s (equal step cost, so it is the expected speedup).
-        side["real_tokens_per_step"] = round(side["tokens"] / measured_steps, 1)
-    report = {
-        "settings": vars(args) | {"which": None, "data": None},
-        "plain": plain,
-        "lorekeeper": lk,
-        "speedup_tokens_per_s": round(lk["tokens_per_s"] / plain["tokens_per_s"], 3),
-        "real_tokens_per_step_ratio": round(lk["real_tokens_per_step"] / plain["real_tokens_per_step"], 3),
-        "memory_ratio": round(lk["peak_memory_mb"] / plain["peak_memory_mb"], 3),
-    }
+        result["real_tokens_per_step"] = round(result["tokens"] / measured_steps, 1)
+    baseline = results[args.sides[0]]
+    for side in args.sides[1:]:
+        result = results[side]
+        result["vs_" + args.sides[0]] = {
+            "speedup_tokens_per_s": round(result["tokens_per_s"] / baseline["tokens_per_s"], 3),
+            "real_tokens_per_step_ratio": round(
+                result["real_tokens_per_step"] / baseline["real_tokens_per_step"], 3
+            ),
+            "memory_ratio": round(result["peak_memory_mb"] / baseline["peak_memory_mb"], 3),
+        }
+    report = {"settings": vars(args) | {"which": None, "data": None, "corpus": str(args.corpus)}, **results}
+    if "plain" in results and "lorekeeper" in results:
+        lk, plain = results["lorekeeper"], results["plain"]
+        report["speedup_tokens_per_s"] = round(lk["tokens_per_s"] / plain["tokens_per_s"], 3)
+        report["real_tokens_per_step_ratio"] = round(
+            lk["real_tokens_per_step"] / plain["real_tokens_per_step"], 3
+        )
+        report["memory_ratio"] = round(lk["peak_memory_mb"] / plain["peak_memory_mb"], 3)
     print(json.dumps(report, indent=2))
 
 

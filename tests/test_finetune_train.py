@@ -229,6 +229,25 @@ def test_cuda_4bit_with_paged_optimizer(tmp_path):
     assert state["global_step"] == 12
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_default_trains_the_deployed_weights_in_bf16(tmp_path):
+    """On a GPU the embedded base trains as its dequantized weights in bf16 (no NF4), with AdamW."""
+    from lorekeeper.finetune.train import resolve_optimizer, resolve_precision, train_run
+
+    data = write_notes(tmp_path / "notes")
+    config = small_config(
+        data, base_precision="auto", max_seq_len=128, max_steps=12, eval_steps=6, save_steps=6
+    )
+    assert resolve_precision(config, "cuda") == "bf16"
+    assert resolve_optimizer(config, "cuda") == "adamw_torch"
+    result = train_run(config, RunDir(tmp_path / "run"), device="cuda")
+    assert result.best_eval_loss < result.first_eval_loss
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["quantize_4bit"] is False
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_early_stopping_waits_for_patience_misses():
     from lorekeeper.finetune.train import EarlyStopper
 
