@@ -29,6 +29,7 @@ import numpy as np
 import sqlean
 import sqlite_vec
 
+from .keyword_index import KeywordIndex
 from .migrations import migrate
 from .settings import tighten
 from .vector_index import RESET, VectorIndex
@@ -199,6 +200,9 @@ Listener = Callable[[str, str], None]
 EXACT_SCAN_LIMIT = 20_000  # filtered vector searches over at most this many chunks are scanned exactly
 VEC_K_LIMIT = 4096  # the most neighbours one vec0 query returns
 ACCELERATE_FROM = 5_000  # chunk ids: below this the exact vec0 scan (~6 ms) beats building the accelerator
+KEYWORD_ACCELERATE_FROM = (
+    100_000  # chunk ids: from here keywords are ranked by keyword_index.py (FTS5: ~50 ms)
+)
 ACCELERATOR_RETRY_S = 60.0  # after the accelerator failed, search exactly this long before trying again
 CHANGE_LOG_KEEP = 100_000  # entries of vector_changes kept for accelerators of other processes
 
@@ -252,13 +256,20 @@ def vector_blob(vector: np.ndarray) -> bytes:
 class Store:
     """The index file. Thread-safe: one writer at a time, any number of readers."""
 
-    def __init__(self, path: Path, *, vector_index: bool | None = None) -> None:
+    def __init__(
+        self, path: Path, *, vector_index: bool | None = None, keyword_index: bool | None = None
+    ) -> None:
         """``vector_index``: search vectors through the in-process accelerator (``vector_index.py``)
-        always (True), never (False: the exact vec0 scan), or from ``ACCELERATE_FROM`` chunks (None)."""
+        always (True), never (False: the exact vec0 scan), or from ``ACCELERATE_FROM`` chunks (None).
+        ``keyword_index``: rank keywords with Tantivy beside the file (``keyword_index.py``) always,
+        never (FTS5 alone), or from ``KEYWORD_ACCELERATE_FROM`` chunks."""
         self.path = Path(path)
         self._accelerate = vector_index
         self._accelerator: VectorIndex | None = None
         self._accelerator_failed = -float("inf")  # when it last failed (time.monotonic())
+        self._accelerate_keywords = keyword_index
+        self._keywords: KeywordIndex | None = None
+        self._keywords_failed = -float("inf")
         self._write_lock = threading.RLock()
         self._local = threading.local()
         self._listeners: list[Listener] = []
@@ -285,7 +296,12 @@ class Store:
 
     @classmethod
     def open(
-        cls, path: Path | str | None = None, *, create: bool = True, vector_index: bool | None = None
+        cls,
+        path: Path | str | None = None,
+        *,
+        create: bool = True,
+        vector_index: bool | None = None,
+        keyword_index: bool | None = None,
     ) -> Store:
         """Open (or, with ``create``, make) the index at ``path`` (default: the settings' index).
 
@@ -303,12 +319,15 @@ class Store:
                 f"no lorekeeper index at {path} ({hint}): index a folder first with `lorekeeper add FOLDER`, "
                 "or point --db at an existing index"
             )
-        return cls(path, vector_index=vector_index)
+        return cls(path, vector_index=vector_index, keyword_index=keyword_index)
 
     def close(self) -> None:
         if self._accelerator is not None:
             self._accelerator.wait()  # a sidecar being saved
         self._accelerator = None
+        if self._keywords is not None:
+            self._keywords.close()  # a rebuild in progress stops; its half-made folder goes
+        self._keywords = None
         with self._readers_lock:
             for conn in self._readers:
                 try:
@@ -1081,6 +1100,17 @@ class Store:
     ) -> list[tuple[int, float]]:
         """(chunk id, BM25 score, higher is better) for an FTS5 ``match`` expression, best first."""
         conn = self._read()
+        accelerator = self._keyword_index(conn)
+        if accelerator is not None:
+            try:
+                found = accelerator.search(conn, match, k, documents)
+            except Exception:  # never needed for correctness: say so, use FTS5, retry later
+                log.warning("the keyword accelerator failed; searching with FTS5", exc_info=True)
+                self._keywords = None
+                self._keywords_failed = time.monotonic()
+                found = None
+            if found is not None:
+                return found
         if documents is None:
             rows = conn.execute(
                 "SELECT rowid, bm25(chunks_fts, 1.0, 2.0) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
@@ -1095,6 +1125,29 @@ class Store:
                 (match, json.dumps(sorted(documents)), k),
             ).fetchall()
         return [(rowid, -score) for rowid, score in rows]
+
+    def _keyword_index(self, conn: Any) -> KeywordIndex | None:
+        """The keyword accelerator, when this store uses one for an index of this size."""
+        if (
+            self._accelerate_keywords is False
+            or time.monotonic() - self._keywords_failed < ACCELERATOR_RETRY_S
+        ):
+            return None
+        if self._accelerate_keywords is None and self._keywords is None:
+            top = conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0
+            if top < KEYWORD_ACCELERATE_FROM:
+                return None
+        if self._keywords is None:
+            self._keywords = KeywordIndex(self.path, lambda: connect(self.path))
+        return self._keywords
+
+    def keyword_index_ready(self) -> KeywordIndex | None:
+        """The keyword accelerator brought up to date now (built if need be), or None when this
+        store ranks keywords with FTS5 alone; for benchmarks and tools that want the cost paid up front."""
+        accelerator = self._keyword_index(self._read())
+        if accelerator is not None and accelerator.ready(self._read()):
+            return accelerator
+        return None
 
     def chunk_hits(self, ids: Sequence[int]) -> dict[int, ChunkHit]:
         """The chunks with these ids, with their document's path, mtime and root."""
