@@ -300,3 +300,17 @@ def test_closing_the_store_stops_a_rebuild_and_leaves_no_half_made_folder(
     with Store(tmp_path / "index.db", keyword_index=True) as again:  # whatever was left is usable
         assert again.keyword_index_ready() is not None
         assert set(accelerated(again, QUERIES[0])) <= fts5_matches(again, QUERIES[0])
+
+
+def test_indexing_commands_leave_the_ranker_ready_for_the_next_process(tmp_path: Path) -> None:
+    """`add` and `reindex` end by bringing it up to date; a new process's first search uses it."""
+    from lorekeeper.server.cli.index import ready_for_search
+
+    db = tmp_path / "index.db"
+    fill(db, docs=20).close()
+    assert not sidecar_dir(db).exists()
+    with Store(db, keyword_index=True) as store:
+        ready_for_search(store)
+    assert (sidecar_dir(db) / keyword_index.STATE_FILE).is_file()
+    with Store(db, keyword_index=True) as again:
+        assert accelerated(again, QUERIES[0])  # the first search, answered by Tantivy

@@ -76,6 +76,19 @@ def add(
             if report.ignored:
                 console.print(f"  {report.ignored} files and folders left out on purpose: `lorekeeper files "
                               "--ignored` lists them with the reason")  # fmt: skip
+        ready_for_search(store)
+
+
+def ready_for_search(store) -> None:
+    """From 100k chunks, bring the keyword ranker (Tantivy beside the index) up to date before the
+    command ends, so the next search, in any process, finds it ready (a search only starts it in
+    the background, and a one-shot search stops it when it exits)."""
+    ready = getattr(store, "keyword_index_ready", None)  # SQLite only
+    if ready is None:
+        return
+    began = time.perf_counter()
+    if ready() is not None and time.perf_counter() - began >= 1.0:
+        console.print(f"keyword ranker brought up to date in {time.perf_counter() - began:.1f} s")
 
 
 def remove(ctx: typer.Context, path: Path = typer.Argument(..., help="A registered folder.")) -> None:
@@ -308,6 +321,7 @@ def reindex(
         with _progress() as progress:
             task = progress.add_task("reindexing", total=None, path="")
             report = indexer.reindex(root, full=full, progress=_ticker(progress, task))
+        ready_for_search(store)
     console.print(_report_line(report))
 
 
