@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .vector_index import RESET, _alive, log_head  # the change log both accelerators read
+
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".tantivy"
@@ -58,7 +60,6 @@ INLINE_CHANGES = 5_000  # logged changes applied before a search; more: FTS5 whi
 # always in FTS5's first three; 2.0 shared 0.80 and put one first hit 12th).
 HEADINGS_BOOST = 0.5
 WRITER_HEAP = 64_000_000  # bytes of Tantivy's indexing buffer (its minimum is 15 MB per thread)
-RESET = -1  # vector_changes' "every vector changed" (an embedder change): no keyword changes
 _MATCH = re.compile(r'^"(\w+)"(?: OR "(\w+)")*$')
 _WORD = re.compile(r'"(\w+)"')
 _BATCH = 5_000
@@ -98,21 +99,6 @@ def _headings(heading_path: str | None) -> str:
 def _index_id(conn: Any) -> str:
     row = conn.execute("SELECT value FROM meta WHERE key = 'index_id'").fetchone()
     return row[0] if row else ""
-
-
-def log_head(conn: Any) -> int:
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'vector_changes'").fetchone()
-    return int(row[0]) if row else 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class WriterBusy(Exception):

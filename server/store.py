@@ -200,9 +200,7 @@ Listener = Callable[[str, str], None]
 EXACT_SCAN_LIMIT = 20_000  # filtered vector searches over at most this many chunks are scanned exactly
 VEC_K_LIMIT = 4096  # the most neighbours one vec0 query returns
 ACCELERATE_FROM = 5_000  # chunk ids: below this the exact vec0 scan (~6 ms) beats building the accelerator
-KEYWORD_ACCELERATE_FROM = (
-    100_000  # chunk ids: from here keywords are ranked by keyword_index.py (FTS5: ~50 ms)
-)
+KEYWORD_ACCELERATE_FROM = 100_000  # chunk ids: from here Tantivy ranks keywords (FTS5 takes ~40 ms)
 ACCELERATOR_RETRY_S = 60.0  # after the accelerator failed, search exactly this long before trying again
 CHANGE_LOG_KEEP = 100_000  # entries of vector_changes kept for accelerators of other processes
 

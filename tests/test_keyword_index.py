@@ -312,5 +312,6 @@ def test_indexing_commands_leave_the_ranker_ready_for_the_next_process(tmp_path:
     with Store(db, keyword_index=True) as store:
         ready_for_search(store)
     assert (sidecar_dir(db) / keyword_index.STATE_FILE).is_file()
+    assert sidecar_dir(db).stat().st_mode & 0o077 == 0  # it holds the files' words: private
     with Store(db, keyword_index=True) as again:
         assert accelerated(again, QUERIES[0])  # the first search, answered by Tantivy
