@@ -184,6 +184,10 @@ class KeywordIndex:
         no Tantivy thread is left running while the process exits."""
         self._stopping.set()
         self.wait()
+        # let Tantivy go now (its memory maps and threads), not when a garbage collection finds
+        # the cycle through the finished thread's target
+        self._worker = None
+        self._index = self._schema = None
 
     # -- keeping in step --------------------------------------------------------------------------
 

@@ -203,8 +203,11 @@ def test_a_damaged_or_foreign_sidecar_is_rebuilt_and_fts5_answers_meanwhile(tmp_
             (folder / keyword_index.STATE_FILE).write_text("{not json")
         elif damage == "segments":
             for f in folder.iterdir():
-                if f.name != keyword_index.STATE_FILE:
-                    f.write_bytes(b"garbage") if f.is_file() else None
+                if f.name != keyword_index.STATE_FILE and f.is_file():
+                    # new files in their place: truncating a file that a live process still has
+                    # mapped would kill that process with SIGBUS, and this one had them mapped
+                    f.with_name(f.name + ".bad").write_bytes(b"garbage")
+                    os.replace(f.with_name(f.name + ".bad"), f)
         else:
             state = (folder / keyword_index.STATE_FILE).read_text().replace('"index_id": "', '"index_id": "x')
             (folder / keyword_index.STATE_FILE).write_text(state)
