@@ -124,7 +124,6 @@ class KeywordIndex:
         self._state_mtime = 0.0
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.build_seconds = 0.0
         self.last_used = False  # whether the last search was answered here (for tests and benchmarks)
 
     # -- search -----------------------------------------------------------------------------------
@@ -344,8 +343,7 @@ class KeywordIndex:
             shutil.rmtree(old, ignore_errors=True)
             self._index = None
             self._open()
-        self.build_seconds = time.perf_counter() - began
-        log.info("keyword accelerator built from %d chunks in %.1f s", count, self.build_seconds)
+        log.info("keyword accelerator built from %d chunks in %.1f s", count, time.perf_counter() - began)
 
     def _remove_stale_builds(self) -> None:
         for left in self.dir.parent.glob(f"{self.dir.name}.*"):

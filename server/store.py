@@ -1072,14 +1072,24 @@ class Store:
         ).fetchall()
         return [(rowid, 1.0 - dist) for rowid, dist in rows]
 
+    @staticmethod
+    def _accelerator_wanted(
+        conn: Any, setting: bool | None, existing: Any, failed_at: float, from_id: int
+    ) -> bool:
+        """Whether a search goes through an accelerator: always (``setting`` True), never (False),
+        or (None) once chunk ids reach ``from_id``; not for ACCELERATOR_RETRY_S after it failed."""
+        if setting is False or time.monotonic() - failed_at < ACCELERATOR_RETRY_S:
+            return False
+        if setting is None and existing is None:
+            return (conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0) >= from_id
+        return True
+
     def _vector_index(self, conn: Any) -> VectorIndex | None:
         """The accelerator, when this store uses one for an index of this size."""
-        if self._accelerate is False or time.monotonic() - self._accelerator_failed < ACCELERATOR_RETRY_S:
+        if not self._accelerator_wanted(
+            conn, self._accelerate, self._accelerator, self._accelerator_failed, ACCELERATE_FROM
+        ):
             return None
-        if self._accelerate is None and self._accelerator is None:
-            top = conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0
-            if top < ACCELERATE_FROM:
-                return None
         if self._accelerator is None:
             self._accelerator = VectorIndex(self.path)
         return self._accelerator
@@ -1126,15 +1136,10 @@ class Store:
 
     def _keyword_index(self, conn: Any) -> KeywordIndex | None:
         """The keyword accelerator, when this store uses one for an index of this size."""
-        if (
-            self._accelerate_keywords is False
-            or time.monotonic() - self._keywords_failed < ACCELERATOR_RETRY_S
+        if not self._accelerator_wanted(
+            conn, self._accelerate_keywords, self._keywords, self._keywords_failed, KEYWORD_ACCELERATE_FROM
         ):
             return None
-        if self._accelerate_keywords is None and self._keywords is None:
-            top = conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0
-            if top < KEYWORD_ACCELERATE_FROM:
-                return None
         if self._keywords is None:
             self._keywords = KeywordIndex(self.path, lambda: connect(self.path))
         return self._keywords
