@@ -346,13 +346,13 @@ class Watcher:
             return func(*args, **kwargs)
         except BackgroundStopped:
             return None
-        except StoreError as exc:  # a full disk, a lost server: the message says what to do
-            log.error("watcher: %s%s failed: %s", getattr(func, "__name__", func), args, exc)
-            self.errors.append(f"{getattr(func, '__name__', func)}{args}: {exc}")
-            return None
         except Exception as exc:  # one bad event must never stop the watcher
-            log.exception("watcher: %s%s failed", getattr(func, "__name__", func), args)
-            self.errors.append(f"{getattr(func, '__name__', func)}{args}: {exc}")
+            name = getattr(func, "__name__", func)
+            if isinstance(exc, StoreError):  # a full disk, a lost server: the message says what to do
+                log.error("watcher: %s%s failed: %s", name, args, exc)
+            else:
+                log.exception("watcher: %s%s failed", name, args)
+            self.errors.append(f"{name}{args}: {exc}")
             return None
 
     def _process(self, ready: dict[str, _Pending]) -> None:
