@@ -18,6 +18,9 @@ Tokens/s counts real (unpadded) training tokens, measured after warm-up steps. R
 ``:nogc`` without gradient checkpointing, ``:fullloss`` (lorekeeper) with the model's own loss over
 full logits instead of its chunked loss (``loss_chunk_tokens=0``). It prints one JSON object with
 every side and the ratios (target: >= 1.0x on the CPU, >= 1.5x on a GPU with no more memory).
+Each side's figures go to stderr as it finishes, and to ``--out FILE`` (rewritten after each side);
+stopped (Ctrl-C, SIGTERM from ``timeout``) it still prints the sides measured; a side that fails or
+outlasts ``--side-timeout`` is recorded with the end of its log, and the others still run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -241,6 +245,10 @@ def main() -> None:
         default=["plain", "lorekeeper"],
         help="sides to run; the first is the baseline (plain, lorekeeper, with :nogc or :fullloss)",
     )
+    parser.add_argument(
+        "--side-timeout", type=float, help="seconds one side may take; it is then recorded as failed"
+    )
+    parser.add_argument("--out", type=Path, help="also write the report here, updated after each side")
     parser.add_argument("--which", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,40 +257,106 @@ def main() -> None:
         return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
-        os.environ.setdefault("LOREKEEPER_HOME", str(Path(tmp) / "home"))
-        data = copy_corpus(Path(tmp) / "corpus", args.files, source=args.corpus)
-        from lorekeeper.finetune.base_model import dequantized_dir, resolve_base
+    sides = [(side, *side_options(side)) for side in args.sides]
+    for side, which, flags in sides:
+        if which not in ("plain", "lorekeeper") or flags - {"nogc", "fullloss"}:
+            raise SystemExit(f"--sides: unknown side {side!r} (plain or lorekeeper, with :nogc or :fullloss)")
+    results: dict[str, dict] = {}
+    # A stop (Ctrl-C, or `timeout` sending SIGTERM) still prints and saves the sides measured so far.
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+            os.environ.setdefault("LOREKEEPER_HOME", str(Path(tmp) / "home"))
+            data = copy_corpus(Path(tmp) / "corpus", args.files, source=args.corpus)
+            from lorekeeper.finetune.base_model import dequantized_dir, resolve_base
 
-        dequantized_dir(resolve_base(None))  # the cache both sides load from, built outside the timings
-        results = {}
-        passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq-len={args.seq_len}"]
-        passthrough += [f"--batch-size={args.batch_size}", f"--base-precision={args.base_precision}"]
-        passthrough += (["--no-gc"] if args.no_gc else []) + (["--cpu"] if args.cpu else [])
-        for side in args.sides:
-            which, flags = side_options(side)
-            if which not in ("plain", "lorekeeper") or flags - {"nogc", "fullloss"}:
-                raise SystemExit(
-                    f"--sides: unknown side {side!r} (plain or lorekeeper, with :nogc or :fullloss)"
-                )
-            cmd = [sys.executable, __file__, f"--which={side}", f"--data={data}", *passthrough]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"the {side} side failed")
-            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    measured_steps = args.steps - args.warmup
-    for result in results.values():
-        # Real tokens per optimiser step does not depend on how busy the machine was: on a shared
-        # machine, read it next to tokens/s (equal step cost, so it is the expected speedup).
-        result["real_tokens_per_step"] = round(result["tokens"] / measured_steps, 1)
-    baseline = results[args.sides[0]]
-    for side in args.sides[1:]:
-        results[side]["vs_" + args.sides[0]] = ratios(results[side], baseline)
-    report = {"settings": vars(args) | {"which": None, "data": None, "corpus": str(args.corpus)}, **results}
-    if "plain" in results and "lorekeeper" in results:  # the figures bench.py reads
-        report |= ratios(results["lorekeeper"], results["plain"])
+            dequantized_dir(resolve_base(None))  # the cache both sides load from, built outside the timings
+            passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq-len={args.seq_len}"]
+            passthrough += [f"--batch-size={args.batch_size}", f"--base-precision={args.base_precision}"]
+            passthrough += (["--no-gc"] if args.no_gc else []) + (["--cpu"] if args.cpu else [])
+            for side, _, _ in sides:
+                cmd = [sys.executable, __file__, f"--which={side}", f"--data={data}", *passthrough]
+                results[side] = run_side(side, cmd, args.side_timeout)
+                report = build_report(args, results)
+                progress(side, results[side])
+                if args.out:
+                    write_atomic(args.out, report)
+    except KeyboardInterrupt:
+        report = build_report(args, results, stopped=True)
+        if args.out:
+            write_atomic(args.out, report)
+        print(json.dumps(report, indent=2), flush=True)
+        raise SystemExit(130) from None
     print(json.dumps(report, indent=2))
+    if any("error" in result for result in results.values()):
+        raise SystemExit(1)
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run_side(side: str, cmd: list[str], timeout: float | None) -> dict:
+    """One side in its own process; a failure or a timeout is recorded with the end of its stderr, and
+    the other sides still run."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        return {"error": f"no result after {timeout:.0f} s (--side-timeout)", "stderr_tail": stderr[-2000:]}
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        return {"error": f"exit status {proc.returncode}", "stderr_tail": stderr[-2000:]}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["side_wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def build_report(args, results: dict[str, dict], stopped: bool = False) -> dict:
+    measured_steps = args.steps - args.warmup
+    done = {side: dict(result) for side, result in results.items()}
+    for result in done.values():
+        if "tokens" in result:
+            # Real tokens per optimiser step does not depend on how busy the machine was: on a shared
+            # machine, read it next to tokens/s (equal step cost, so it is the expected speedup).
+            result["real_tokens_per_step"] = round(result["tokens"] / measured_steps, 1)
+    baseline = done.get(args.sides[0], {})
+    for side in args.sides[1:]:
+        if "tokens" in done.get(side, {}) and "tokens" in baseline:
+            done[side]["vs_" + args.sides[0]] = ratios(done[side], baseline)
+    settings = vars(args) | {"which": None, "data": None, "corpus": str(args.corpus), "out": None}
+    report = {"settings": settings, **done}
+    missing = [side for side in args.sides if side not in done]
+    if missing:
+        report["not_measured"] = missing
+    if stopped:
+        report["stopped"] = True
+    if "tokens" in done.get("plain", {}) and "tokens" in done.get("lorekeeper", {}):  # what bench.py reads
+        report |= ratios(done["lorekeeper"], done["plain"])
+    return report
+
+
+def progress(side: str, result: dict) -> None:
+    if "error" in result:
+        line = f"{side}: FAILED, {result['error']}"
+    else:
+        line = (
+            f"{side}: {result['tokens_per_s']:.1f} real tokens/s, peak {result['peak_memory_mb']:.0f} MB "
+            f"({result['device']}), final loss {result['final_loss']:.3f}, {result['side_wall_s']:.0f} s"
+        )
+    print(line, file=sys.stderr, flush=True)
+
+
+def write_atomic(path: Path, report: dict) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(report, indent=2) + "\n")
+    part.replace(path)
 
 
 if __name__ == "__main__":
