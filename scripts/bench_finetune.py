@@ -306,7 +306,7 @@ def run_side(side: str, cmd: list[str], timeout: float | None) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
-        return {"error": f"no result after {timeout:.0f} s (--side-timeout)", "stderr_tail": stderr[-2000:]}
+        return {"error": f"no result after {timeout:g} s (--side-timeout)", "stderr_tail": stderr[-2000:]}
     except BaseException:
         proc.kill()
         proc.wait()
