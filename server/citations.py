@@ -75,7 +75,7 @@ def _stem(word: str) -> str:
         if w.endswith(suffix) and len(w) - len(suffix) >= 3:
             w = w[: len(w) - len(suffix)] + keep
             break
-    if len(w) > 4 and w.endswith("e"):
+    if len(w) > 3 and w.endswith("e"):  # "file" and "files" both give "fil"
         w = w[:-1]
     return w
 
@@ -122,9 +122,17 @@ def _negated(text: str) -> bool:
     return any(t.lower() in NEGATIONS or t.lower().endswith("n't") for t in re.findall(r"[A-Za-z']+", text))
 
 
+# A term written as code: an option (-v, --with-editline), a call (open()), a dotted or slashed name
+# (os.path, config.yaml, /etc/fstab), a constant (EEXIST, O_CREAT).
+_CODE_TERM = re.compile(
+    r"(?<![\w-])(?:--?[A-Za-z][\w-]*|\w+\(\)|/?[A-Za-z]\w*(?:[./]\w+)+|[A-Z][A-Z0-9_]{2,})"
+)
+
+
 def key_terms(text: str) -> set[str]:
     """Words a claim cannot change and stay true: names (a capital inside a sentence), constants
-    (``ENOENT``, ``O_CREAT``), identifiers (``env_name``, ``x86``), stemmed like content words."""
+    (``ENOENT``, ``O_CREAT``), identifiers (``env_name``, ``x86``), terms written as code
+    (``--with-editline``, ``config.yaml``), stemmed like content words."""
     out = set()
     for sentence in re.split(r"(?<=[.!?:;])\s+|\n", _MARKER.sub(" ", text)):
         for i, token in enumerate(_WORD.findall(sentence)):
@@ -134,6 +142,8 @@ def key_terms(text: str) -> set[str]:
             name = i > 0 and token[0].isupper()
             if constant or name:
                 out.add(_stem(token))
+    for term in _CODE_TERM.findall(_MARKER.sub(" ", text)):  # --with-editline, config.yaml, open()
+        out.update(content_words(term))
     return out
 
 
@@ -341,13 +351,16 @@ def strip_source_list(text: str) -> tuple[str, bool]:
 
 
 def _is_claim(sentence: str) -> bool:
-    """Whether ``sentence`` states something checkable: enough content words, or a figure in words
-    ("The answer is: 6", "It takes 3 days") - a changed or invented number is the commonest error of
-    a small model, and such sentences are short. A list number on its own ("2.") states nothing."""
+    """Whether ``sentence`` states something checkable: enough content words, a figure ("The answer
+    is: 6", "It takes 3 days": a changed or invented number is the commonest error of a small model,
+    and such sentences are short), or a term written as code ("It is EEXIST.", "--with-editline").
+    A list number on its own ("2.") states nothing."""
     if len(content_words(sentence)) >= MIN_CONTENT_WORDS:
         return True
     tokens = _tokens(sentence)
-    return len(tokens) >= 2 and any(_NUMBER.match(t) for t in tokens)
+    if len(tokens) >= 2 and any(_NUMBER.match(t) for t in tokens):
+        return True
+    return bool(tokens) and _CODE_TERM.search(_MARKER.sub(" ", sentence)) is not None
 
 
 def restates(sentence: str, question: str) -> bool:
@@ -366,7 +379,7 @@ def check_answer(
     text, stripped = strip_source_list(answer)
     checks: list[SentenceCheck] = []
     invalid: list[int] = []
-    for sentence in split_sentences(text):
+    for sentence in _completed(split_sentences(text), text, question):
         markers = parse_markers(sentence)
         invalid += [n for n in markers if not 1 <= n <= len(sources) and n not in invalid]
         claim = _is_claim(sentence) and not (question and restates(sentence, question))
@@ -399,6 +412,22 @@ def check_answer(
         invalid=invalid,
         stripped_source_list=stripped,
     )
+
+
+def _completed(sentences: list[str], text: str, question: str) -> list[str]:
+    """``sentences`` with a restatement of the question that ends in a colon joined to the line that
+    completes it ("The option that makes bc use editline is:" + "--with-editline"): alone, the first
+    answers nothing and the second is too short to read as an answer to anything. A list that
+    follows such a line stays a list."""
+    out: list[str] = []
+    for sentence in sentences:
+        if out and question and out[-1].rstrip().endswith(":") and not _BLOCK_START.match(sentence):
+            joined = f"{out[-1]}\n{sentence}"
+            if joined in text and restates(out[-1], question):
+                out[-1] = joined
+                continue
+        out.append(sentence)
+    return out
 
 
 def _with_added_markers(text: str, checks: Iterable[SentenceCheck]) -> str:

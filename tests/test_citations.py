@@ -225,3 +225,51 @@ def test_a_sentence_that_only_restates_the_question_supports_nothing() -> None:
     assert right.supported and right.cited == [1]
     days = check_answer("New staff get 25 days [1].", [HOLIDAY], question="How many days do new staff get?")
     assert days.supported
+
+
+BC_README = (  # from GNU bc's README (Debian's /usr/share/doc/bc)
+    "Extra configuration options:\n\n"
+    "\t--with-readline tells bc to use the readline package that allows\n"
+    "\t  for editing input lines when run interactive.\n\n"
+    "\t--with-editline tells bc to use the BSD editline package that\n"
+    "\t  allows for editing input lines when run interactive.\n"
+)
+
+
+def test_a_restated_question_ending_in_a_colon_and_the_line_that_completes_it_are_one_claim() -> None:
+    """SmolLM2 answered "Which option makes bc use the BSD editline package?" with the restatement,
+    a colon, and the option on the next line: a true answer the check used to reject, since alone
+    the first line answers nothing and the second is one word."""
+    question = "Which option makes bc use the BSD editline package?"
+    right = check_answer(
+        "The option that makes bc use the BSD editline package is:\n--with-editline",
+        [BC_README],
+        question=question,
+    )
+    assert right.supported and right.cited == [1]
+    assert right.text.endswith("--with-editline [1]")
+    wrong = check_answer(
+        "The option that makes bc use the BSD editline package is:\n--with-libedit",
+        [BC_README],
+        question=question,
+    )
+    assert not wrong.supported
+    listed = check_answer(
+        "The options that make bc use the BSD editline package are:\n- --with-editline\n- --enable-nls",
+        [BC_README], question=question,
+    )  # fmt: skip
+    assert [(s.claim, s.supported) for s in listed.sentences] == [(False, False), (True, True), (True, False)]
+
+
+def test_a_short_sentence_naming_a_code_term_is_a_claim() -> None:
+    source = (
+        "O_EXCL: if this flag is given with O_CREAT and the file exists, open() fails with the error EEXIST."
+    )
+    assert check_answer("It is EEXIST.", [source]).supported
+    assert not check_answer("It is ENOENT.", [source]).supported
+    assert [s.claim for s in check_answer("OK. Sure!", [source]).sentences] == [False, False]
+
+
+def test_singular_and_plural_of_short_words_match() -> None:
+    """To the check, "file" and "files" are one word, as are "line"/"lines" and "make"/"makes"."""
+    assert support_score("Lines of files make trouble.", "A line in a file makes trouble.") == 1.0
