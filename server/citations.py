@@ -2,8 +2,8 @@
 
 The model is asked to mark claims with ``[n]``. That mark proves nothing by itself, so every
 sentence of the answer is checked against every source: a sentence is *supported* by a source when
-the source contains enough of the sentence's content words (``support_score`` at least
-``SUPPORT_THRESHOLD``) and every number the sentence states. Then:
+three consecutive sentences of the source contain enough of the sentence's content words
+(``support_score`` at least ``SUPPORT_THRESHOLD``) and every number the sentence states. Then:
 
 - a source is ``cited`` when it supports a sentence of the answer (with the supporting span);
 - a marker the model put on a sentence that its source does not support is *flagged*;
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORT_THRESHOLD = 0.7  # share of a sentence's content words a source must hold to support it
+SUPPORT_WINDOW = 3  # consecutive source sentences that must hold a claim (see support_score)
 MIN_CONTENT_WORDS = 2  # shorter sentences ("Sure!", "Yes.") make no checkable claim
 
 STOPWORDS = frozenset(
@@ -149,10 +150,29 @@ def key_terms(text: str) -> set[str]:
 
 def support_score(claim: str, source: str) -> float:
     """How well ``source`` supports ``claim``, from 0 to 1: the share of the claim's content words
-    the source holds. It is 0 when the claim states a number, a name or a constant the source does
-    not hold (a changed figure, day or error code is the commonest invention), and 0 when the claim
-    and the source passage that matches it best disagree on a negation ("can be caught" against
-    "cannot be caught")."""
+    held by the best ``SUPPORT_WINDOW`` consecutive sentences of the source. It is 0 when they do
+    not hold a number, a name or a constant the claim states (a changed figure, day or error code
+    is the commonest invention), and 0 when the claim and the source passage that matches it best
+    disagree on a negation ("can be caught" against "cannot be caught").
+
+    The window is what a claim drawn from the source looks like: a small model copies or rewords a
+    sentence or two. Words from all over a long passage fit together claims it never makes; on
+    real manual pages, "/etc/motd contains the text printed before the login prompt" against
+    issue(5), whose only "motd" is in its SEE ALSO list (``scripts/bench_answers.py``: 18 of 84
+    answers supported yet wrong with the whole passage, 13 with 3 sentences, none of the right
+    ones lost)."""
+    whole = _support_in(claim, source)
+    sentences = source_sentences(source) if whole > 0 else []
+    if len(sentences) <= SUPPORT_WINDOW:
+        return whole
+    return max(
+        _support_in(claim, source[sentences[i][0] : sentences[i + SUPPORT_WINDOW - 1][1]])
+        for i in range(len(sentences) - SUPPORT_WINDOW + 1)
+    )
+
+
+def _support_in(claim: str, source: str) -> float:
+    """``support_score`` with all of ``source`` as the window."""
     words = content_words(claim)
     if not words:
         return 0.0
@@ -379,14 +399,20 @@ def check_answer(
     text, stripped = strip_source_list(answer)
     checks: list[SentenceCheck] = []
     invalid: list[int] = []
-    for sentence in _completed(split_sentences(text), text, question):
+    for sentence, completion in _completed(split_sentences(text), text, question):
         markers = parse_markers(sentence)
         invalid += [n for n in markers if not 1 <= n <= len(sources) and n not in invalid]
         claim = _is_claim(sentence) and not (question and restates(sentence, question))
         check = SentenceCheck(text=sentence, claim=claim, markers=markers)
         if claim:
+            # a completed restatement is held by a source only if its completion is: the question's
+            # words it repeats are in every source that matched the question
             scored = sorted(
-                ((support_score(sentence, src), n) for n, src in enumerate(sources, start=1)), reverse=True
+                (
+                    (min(support_score(part, src) for part in (sentence, completion) if part), n)
+                    for n, src in enumerate(sources, start=1)
+                ),
+                reverse=True,
             )
             check.supported_by = [n for score, n in scored if score >= threshold]
             check.flagged = [n for n in markers if 1 <= n <= len(sources) and n not in check.supported_by]
@@ -414,19 +440,25 @@ def check_answer(
     )
 
 
-def _completed(sentences: list[str], text: str, question: str) -> list[str]:
-    """``sentences`` with a restatement of the question that ends in a colon joined to the line that
-    completes it ("The option that makes bc use editline is:" + "--with-editline"): alone, the first
-    answers nothing and the second is too short to read as an answer to anything. A list that
-    follows such a line stays a list."""
-    out: list[str] = []
+def _completed(sentences: list[str], text: str, question: str) -> list[tuple[str, str | None]]:
+    """``sentences``, each with None, except that a restatement of the question ending in a colon is
+    joined to the line that completes it ("The option that makes bc use editline is:" and
+    "--with-editline"), given as the second item: alone, the first answers nothing and the second
+    is too short to read as an answer to anything. Only a line that is a claim of its own completes
+    one ("```python" does not), and a list that follows such a line stays a list."""
+    out: list[tuple[str, str | None]] = []
     for sentence in sentences:
-        if out and question and out[-1].rstrip().endswith(":") and not _BLOCK_START.match(sentence):
-            joined = f"{out[-1]}\n{sentence}"
-            if joined in text and restates(out[-1], question):
-                out[-1] = joined
+        if out and question and out[-1][1] is None and out[-1][0].rstrip().endswith(":"):
+            joined = f"{out[-1][0]}\n{sentence}"
+            if (
+                joined in text
+                and not _BLOCK_START.match(sentence)
+                and _is_claim(sentence)
+                and restates(out[-1][0], question)
+            ):
+                out[-1] = (joined, sentence)
                 continue
-        out.append(sentence)
+        out.append((sentence, None))
     return out
 
 

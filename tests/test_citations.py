@@ -273,3 +273,55 @@ def test_a_short_sentence_naming_a_code_term_is_a_claim() -> None:
 def test_singular_and_plural_of_short_words_match() -> None:
     """To the check, "file" and "files" are one word, as are "line"/"lines" and "make"/"makes"."""
     assert support_score("Lines of files make trouble.", "A line in a file makes trouble.") == 1.0
+
+
+def test_a_restatement_ending_in_a_colon_is_not_completed_by_what_no_source_holds() -> None:
+    """SmolLM2, asked which error open() fails with: the restatement, a colon, then a code block of
+    invented Python. Joined, the restated words would carry the block past the threshold."""
+    question = "What error does open() fail with if I pass O_CREAT and O_EXCL and the file is already there?"
+    source = (
+        "O_EXCL Ensure that this call creates the file: if this flag is specified in conjunction with "
+        "O_CREAT, and pathname already exists, then open() fails with the error EEXIST."
+    )
+    answer = (
+        "The error that open() fails with if I pass O_CREAT and O_EXCL is:\n```python\nos.error(OSError)\n```"
+    )
+    checked = check_answer(answer, [source], question=question)
+    assert not checked.supported
+    assert checked.sentences[0].text.endswith("is:") and not checked.sentences[0].claim
+    right = check_answer(answer.split("\n")[0] + "\nEEXIST", [source], question=question)
+    assert right.supported and len(right.sentences) == 1
+
+
+ISSUE_5 = """issue(5)                      File Formats Manual                     issue(5)
+
+NAME
+       issue - prelogin message and identification file
+
+DESCRIPTION
+       /etc/issue is a text file which contains a message or system
+       identification to be printed before the login prompt.  It may contain
+       various @char and \\char sequences, if supported by the getty-type
+       program employed on the system.
+
+FILES
+       /etc/issue
+
+SEE ALSO
+       motd(5), agetty(8), mingetty(8)
+"""  # Debian's manpages package (Linux man-pages 6.03)
+
+
+def test_a_claim_must_be_held_by_a_few_consecutive_sentences_not_words_from_all_over() -> None:
+    """SmolLM2's wrong answer to "Which file holds the text printed before the login prompt?" took
+    "motd" from the SEE ALSO list and the rest from DESCRIPTION: every word is in the page."""
+    question = "Which file holds the text printed before the login prompt?"
+    wrong = check_answer("The file /etc/motd contains the text printed before the login prompt.", [ISSUE_5],
+                         question=question)  # fmt: skip
+    assert not wrong.supported
+    right = check_answer("The file /etc/issue contains the text printed before the login prompt [1].", [ISSUE_5],
+                         question=question)  # fmt: skip
+    assert right.supported and right.cited == [1]
+    assert "/etc/issue is a text file" in right.sentences[0].span.text
+    # a claim drawn from the name line and the description, three sentences in a row, still counts
+    assert check_answer("The prelogin message file is printed before the login prompt.", [ISSUE_5]).supported
