@@ -135,7 +135,8 @@ def key_terms(text: str) -> set[str]:
     (``ENOENT``, ``O_CREAT``), identifiers (``env_name``, ``x86``), terms written as code
     (``--with-editline``, ``config.yaml``), stemmed like content words."""
     out = set()
-    for sentence in re.split(r"(?<=[.!?:;])\s+|\n", _MARKER.sub(" ", text)):
+    text = _MARKER.sub(" ", text)
+    for sentence in re.split(r"(?<=[.!?:;])\s+|\n", text):
         for i, token in enumerate(_WORD.findall(sentence)):
             if _NUMBER.match(token) or token.lower() in STOPWORDS or len(token) < 2:
                 continue
@@ -143,7 +144,7 @@ def key_terms(text: str) -> set[str]:
             name = i > 0 and token[0].isupper()
             if constant or name:
                 out.add(_stem(token))
-    for term in _CODE_TERM.findall(_MARKER.sub(" ", text)):  # --with-editline, config.yaml, open()
+    for term in _CODE_TERM.findall(text):  # --with-editline, config.yaml, open()
         out.update(content_words(term))
     return out
 
@@ -161,28 +162,31 @@ def support_score(claim: str, source: str) -> float:
     issue(5), whose only "motd" is in its SEE ALSO list (``scripts/bench_answers.py``: 18 of 84
     answers supported yet wrong with the whole passage, 13 with 3 sentences, none of the right
     ones lost)."""
-    whole = _support_in(claim, source)
+    words = content_words(claim)
+    if not words:
+        return 0.0
+    claim_terms = (words, numbers_in(claim), key_terms(claim), _negated(claim))
+    whole = _support_in(claim_terms, source)
     sentences = source_sentences(source) if whole > 0 else []
     if len(sentences) <= SUPPORT_WINDOW:
         return whole
     return max(
-        _support_in(claim, source[sentences[i][0] : sentences[i + SUPPORT_WINDOW - 1][1]])
+        _support_in(claim_terms, source[sentences[i][0] : sentences[i + SUPPORT_WINDOW - 1][1]])
         for i in range(len(sentences) - SUPPORT_WINDOW + 1)
     )
 
 
-def _support_in(claim: str, source: str) -> float:
-    """``support_score`` with all of ``source`` as the window."""
-    words = content_words(claim)
-    if not words:
-        return 0.0
-    if not numbers_in(claim) <= numbers_in(source):
+def _support_in(claim_terms: tuple[list[str], set[str], set[str], bool], source: str) -> float:
+    """``support_score`` with all of ``source`` as the window; the claim comes analysed once
+    (its content words, numbers, key terms and negation) for all the windows it is tried in."""
+    words, numbers, keys, negated = claim_terms
+    if not numbers <= numbers_in(source):
         return 0.0
     vocabulary = set(content_words(source))
-    if not key_terms(claim) <= vocabulary:
+    if not keys <= vocabulary:
         return 0.0
     score = sum(1 for w in words if w in vocabulary) / len(words)
-    if score > 0 and _negated(claim) != _negated(_best_passage(words, source)):
+    if score > 0 and negated != _negated(_best_passage(words, source)):
         return 0.0
     return score
 
