@@ -257,8 +257,8 @@ def main() -> None:
         return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sides = [(side, *side_options(side)) for side in args.sides]
-    for side, which, flags in sides:
+    for side in args.sides:
+        which, flags = side_options(side)
         if which not in ("plain", "lorekeeper") or flags - {"nogc", "fullloss"}:
             raise SystemExit(f"--sides: unknown side {side!r} (plain or lorekeeper, with :nogc or :fullloss)")
     results: dict[str, dict] = {}
@@ -274,7 +274,7 @@ def main() -> None:
             passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq-len={args.seq_len}"]
             passthrough += [f"--batch-size={args.batch_size}", f"--base-precision={args.base_precision}"]
             passthrough += (["--no-gc"] if args.no_gc else []) + (["--cpu"] if args.cpu else [])
-            for side, _, _ in sides:
+            for side in args.sides:
                 cmd = [sys.executable, __file__, f"--which={side}", f"--data={data}", *passthrough]
                 results[side] = run_side(side, cmd, args.side_timeout)
                 report = build_report(args, results)

@@ -1147,8 +1147,9 @@ class Store:
     def keyword_index_ready(self) -> KeywordIndex | None:
         """The keyword accelerator brought up to date now (built if need be), or None when this
         store ranks keywords with FTS5 alone; for benchmarks and tools that want the cost paid up front."""
-        accelerator = self._keyword_index(self._read())
-        if accelerator is not None and accelerator.ready(self._read()):
+        conn = self._read()
+        accelerator = self._keyword_index(conn)
+        if accelerator is not None and accelerator.ready(conn):
             return accelerator
         return None
 
