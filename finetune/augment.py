@@ -145,6 +145,8 @@ class QARow:
                     message[text] = question
         elif "instruction" in row:
             row["instruction"] = question
+        elif "question" in row:
+            row["question"] = question
         else:
             row["prompt"] = question
         return row
@@ -158,6 +160,8 @@ def qa_row(obj: Any, where: str) -> QARow | None:
         question, answer = record.prompt or "", record.completion or ""
     elif record.kind == "chat" and record.shape == "alpaca" and not obj.get("input"):
         question, answer = obj["instruction"], obj["output"]
+    elif record.kind == "chat" and record.shape == "question/answer":
+        question, answer = obj["question"], obj["answer"]
     elif record.kind == "chat" and record.shape is None and ("messages" in obj or "conversations" in obj):
         roles = [m["role"] for m in record.messages or [] if m["role"] != "system"]
         if roles != ["user", "assistant"] or record.messages[-1]["role"] != "assistant":
@@ -197,7 +201,8 @@ def read_rows(path: Path) -> tuple[list[QARow | dict], int]:
         raise DataError(
             f"{path}: no question/answer rows to paraphrase. A row needs one user question ending in "
             '\'?\' and one answer: {"messages": [{"role": "user", ...}, {"role": "assistant", '
-            '...}]}, {"instruction": ..., "output": ...} or {"prompt": ..., "completion": ...}'
+            '...}]}, {"question": ..., "answer": ...}, {"instruction": ..., "output": ...} or '
+            '{"prompt": ..., "completion": ...}'
         )
     return rows, questions
 

@@ -38,7 +38,11 @@ class TrainConfig:
     base: str | None = _f(
         None, "Base model: a .gguf file or a Hugging Face model directory (default: embedded SmolLM2)."
     )
-    data: list[str] = _f([], "JSONL files, .txt/.md files, or folders of them.")
+    data: list[str] = _f(
+        [],
+        "JSONL files (chat 'messages' or 'conversations', Alpaca 'instruction'/'output', "
+        "'question'/'answer', 'prompt'/'completion' or 'text' rows), .txt/.md files, or folders of them.",
+    )
     from_index: bool = _f(False, "Also train on the chunks of the lorekeeper index (continued pretraining).")
     index_path_glob: str | None = _f(None, "With from_index: only chunks of files matching this glob.")
     index_qa_pairs: int = _f(

@@ -6,6 +6,8 @@ Accepted inputs (a file, or a folder searched recursively for these suffixes):
     * chat: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}``
       (OpenAI style) or ``{"conversations": [{"from": "human", "value": ...}, ...]}`` (ShareGPT)
     * Alpaca: ``{"instruction": ..., "input": ... (optional), "output": ...}``
+    * question/answer: ``{"question": ..., "answer": ..., "system": ... (optional)}`` (the shape
+      of an ``eval answers`` question file), trained as one user turn and its answer
     * prompt/completion: ``{"prompt": ..., "completion": ...}`` (plain strings are concatenated
       as they are; lists of messages are treated as chat)
     * plain text for continued pretraining: ``{"text": ...}``
@@ -59,6 +61,13 @@ class DataError(ValueError):
     """Training data is unusable; the message names the file and line, and what to fix."""
 
 
+# What a record's parts are called in the formats that name them with fields of their own.
+FIELD_NAMES = {
+    "alpaca": {"user": "'instruction'", "assistant": "'output'", "system": "'system'"},
+    "question/answer": {"user": "'question'", "assistant": "'answer'", "system": "'system'"},
+}
+
+
 @dataclass
 class Record:
     """One training example before tokenization.
@@ -66,7 +75,8 @@ class Record:
     ``kind`` is "chat" (``messages``), "completion" (``prompt`` + ``completion`` strings) or "text".
     ``source`` says where it came from ("file.jsonl:12"), for error messages and the held-out file.
     ``shape`` is the format the record was written in, when it differs from ``kind`` ("alpaca": an
-    instruction/input/output row, trained as a chat), for the summary.
+    instruction/input/output row, "question/answer": a question/answer row, both trained as a
+    chat), for the summary.
     """
 
     kind: str
@@ -98,14 +108,15 @@ class Record:
 
     @property
     def format_name(self) -> str:
-        """The format the summary reports: "chat", "alpaca", "prompt/completion" or "text"."""
+        """The format the summary reports: "chat", "alpaca", "question/answer", "prompt/completion"
+        or "text"."""
         return self.shape or ("prompt/completion" if self.kind == "completion" else self.kind)
 
     def empty_parts(self) -> list[str]:
         """What in this record is empty (an answer with no text teaches the model to say nothing)."""
         if self.kind == "chat":
-            if self.shape == "alpaca":
-                names = {"user": "'instruction'", "assistant": "'output'", "system": "'system'"}
+            if self.shape in FIELD_NAMES:
+                names = FIELD_NAMES[self.shape]
                 return [
                     f"{names[m['role']]} is empty" for m in self.messages or [] if not m["content"].strip()
                 ]
@@ -216,6 +227,24 @@ def _chat_messages(raw: Any, where: str, sharegpt: bool) -> list[dict[str, str]]
     return messages
 
 
+def _question_answer(obj: dict, where: str) -> Record:
+    """``{"question": ..., "answer": ...}`` (optionally ``system``) as a chat of one turn."""
+    if "answer" not in obj and "answers" in obj:
+        raise DataError(
+            f"{where}: 'answers' lists the answers an evaluation accepts; to train on the row, give "
+            "the one answer to learn as 'answer' (a string)"
+        )
+    if "question" not in obj or "answer" not in obj:
+        raise DataError(f"{where}: a question/answer record needs both 'question' and 'answer'")
+    messages = [
+        {"role": "user", "content": _require_str(obj["question"], "'question'", where)},
+        {"role": "assistant", "content": _require_str(obj["answer"], "'answer'", where)},
+    ]
+    if obj.get("system"):
+        messages.insert(0, {"role": "system", "content": _require_str(obj["system"], "'system'", where)})
+    return Record("chat", where, messages=messages, shape="question/answer")
+
+
 def parse_record(obj: Any, where: str) -> Record:
     """Normalise one JSON record; ``where`` ("file:line") prefixes every error."""
     if not isinstance(obj, dict):
@@ -238,6 +267,8 @@ def parse_record(obj: Any, where: str) -> Record:
         if obj.get("system"):
             messages.insert(0, {"role": "system", "content": _require_str(obj["system"], "'system'", where)})
         return Record("chat", where, messages=messages, shape="alpaca")
+    if "question" in obj or "answer" in obj or "answers" in obj:
+        return _question_answer(obj, where)
     if "prompt" in obj or "completion" in obj:
         if "prompt" not in obj or "completion" not in obj:
             raise DataError(f"{where}: a prompt/completion record needs both 'prompt' and 'completion'")
@@ -256,7 +287,7 @@ def parse_record(obj: Any, where: str) -> Record:
     keys = ", ".join(sorted(obj)) or "none"
     raise DataError(
         f"{where}: unrecognised record (keys: {keys}); expected 'messages', 'conversations', "
-        "'instruction'+'output', 'prompt'+'completion' or 'text'"
+        "'instruction'+'output', 'question'+'answer', 'prompt'+'completion' or 'text'"
     )
 
 

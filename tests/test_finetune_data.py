@@ -85,7 +85,8 @@ def test_every_format_is_read_into_records(tmp_path):
         ('{"prompt": "p", "completion": 3}', "'completion' must be a string, got int"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', "role='robot'"),
         ('{"messages": [{"role": "user", "content": "no answer"}]}', "no assistant message"),
-        ('{"question": "?"}', "unrecognised record (keys: question)"),
+        ('{"question": "?"}', "needs both 'question' and 'answer'"),
+        ('{"query": "?"}', "unrecognised record (keys: query)"),
         ("[1, 2]", "must be a JSON object, got list"),
     ],
 )
@@ -101,7 +102,7 @@ def test_malformed_record_error_names_file_and_line(tmp_path, bad_line, message)
 def test_every_bad_line_is_listed_not_only_the_first(tmp_path):
     good = json.dumps({"text": "fine"})
     first = write_jsonl(tmp_path / "a.jsonl", [good, '{"messages": [', good, '{"instruction": "half"}'])
-    rows = [good] + ['{"question": "?"}'] * 30
+    rows = [good] + ['{"query": "?"}'] * 30
     second = write_jsonl(tmp_path / "b.jsonl", rows)
     (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError) as err:
@@ -167,6 +168,60 @@ def test_alpaca_rows_are_reported_as_alpaca(tmp_path):
     assert [r.format_name for r in records] == ["alpaca", "chat", "prompt/completion", "text"]
     assert records[0].kind == "chat"  # trained with the chat template all the same
     assert Record.from_json(records[0].to_json()).format_name == "alpaca"  # survives the held-out file
+
+
+def test_question_answer_rows_train_as_one_turn_with_the_answer_learned(tmp_path, tokenizer):
+    # the shape of an `eval answers` question file: the same file can teach what it tests
+    path = write_jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {"question": "What is the refund window at Quorvane Labs?", "answer": "47 days."},
+            {
+                "system": "You answer about Quorvane Labs.",
+                "question": "Who is the CEO?",
+                "answer": "Idris Fenwater.",
+            },
+            {
+                "question": "Where is it?",
+                "answer": "Tallinn.",
+                "files": ["notes/hq.md"],
+            },  # extra keys ignored
+        ],
+    )
+    records, _ = read_records([path])
+    assert [r.format_name for r in records] == ["question/answer"] * 3
+    assert records[0].messages == [
+        {"role": "user", "content": "What is the refund window at Quorvane Labs?"},
+        {"role": "assistant", "content": "47 days."},
+    ]
+    assert records[1].messages[0] == {"role": "system", "content": "You answer about Quorvane Labs."}
+    assert Record.from_json(records[0].to_json()).format_name == "question/answer"
+    example = tokenize_record(records[0], tokenizer)
+    assert trained_text(tokenizer, example).strip().startswith("47 days.")  # only the answer carries a loss
+    assert "refund window" not in trained_text(tokenizer, example)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"question": "Why?"}, "needs both 'question' and 'answer'"),
+        ({"answer": "Because."}, "needs both 'question' and 'answer'"),
+        ({"question": "Why?", "answers": ["Because.", "So."]}, "give the one answer to learn as 'answer'"),
+        ({"question": "Why?", "answer": ["Because."]}, "'answer'"),
+    ],
+)
+def test_incomplete_question_answer_rows_name_the_line_and_the_field(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Fine?", "answer": "Yes."}, row])
+    with pytest.raises(DataError) as caught:
+        read_records([path])
+    assert f"{path}:2" in str(caught.value) and message in str(caught.value)
+
+
+def test_an_empty_answer_is_named_by_its_field(tmp_path):
+    rows = [{"question": "Fine?", "answer": "Yes."}, {"question": "Why?", "answer": " "}]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    records, _ = read_records([path])
+    assert records[1].empty_parts() == ["'answer' is empty"]
 
 
 def test_missing_file_and_unsupported_suffix_are_clear(tmp_path):

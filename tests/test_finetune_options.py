@@ -266,6 +266,29 @@ def test_augment_keeps_good_drafts_with_the_answer_unchanged_and_counts_the_rest
     assert set(out[4]) == {"instruction", "output"} and out[-1] == {"text": "a plain passage"}
 
 
+def test_question_answer_rows_are_paraphrased_in_their_own_shape(tmp_path, embedder):
+    (q0, a0), _, _ = QA
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        json.dumps({"question": q0, "answer": a0, "files": ["people.md"]}) + "\n", encoding="utf-8"
+    )
+    rows, questions = read_rows(path)
+    assert questions == 1
+    drafts = {q0: ["Which person is the chief executive of Talvik Analytics?"]}
+    out, report = augment_rows(
+        rows, Paraphraser(QueuedGenerator(drafts), embedder, DEFAULT_MIN_SIMILARITY), 1
+    )
+    assert report.kept == 1
+    assert out == [
+        {"question": q0, "answer": a0, "files": ["people.md"]},
+        {
+            "question": "Which person is the chief executive of Talvik Analytics?",
+            "answer": a0,
+            "files": ["people.md"],
+        },
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # Augmentation: the command
 
