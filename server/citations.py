@@ -540,6 +540,17 @@ def relevance(question: str, texts: Sequence[str], embedder: Any = None) -> list
     return out
 
 
+def says_the_same(check: CheckedAnswer, question: str, passage: str) -> bool:
+    """Whether every claim of a checked answer is supported and held by ``passage`` read with the
+    question (the words an answer repeats from the question count as held): the answer then says
+    what that passage says, in its own words ("A dangling link." for the sentence defining one)."""
+    claims = check.claims
+    if not claims or not all(c.supported for c in claims):
+        return False
+    context = f"{question}\n{passage}"
+    return all(support_score(c.text, context) >= SUPPORT_THRESHOLD for c in claims)
+
+
 def best_sentence_for(question: str, sources: Sequence[str], embedder: Any = None) -> Span | None:
     """The source sentence that best answers ``question`` (the extractive fallback's pick), or None
     when no sentence shares anything with it (see ``rank_sentences``)."""

@@ -524,7 +524,9 @@ def _check_grounding(
     With the fallback on, a supported answer that addresses the question clearly less closely than
     the best sentence of the sources (a small model copying a true but beside-the-point sentence),
     or that no sentence of that best sentence's source supports (a true line of a neighbouring page),
-    is replaced by that sentence too."""
+    is replaced by that sentence too; unless that sentence itself holds every claim of the answer:
+    a short answer ("A dangling link.") matches the question less closely than the sentence it
+    comes from, yet says the same."""
     texts = [s.text for s in prepared.sources]
     check = citations.check_answer(result.answer, texts, question=prepared.question)
     result.check = check
@@ -535,6 +537,8 @@ def _check_grounding(
     if not prepared.sources:
         return
     best = citations.best_sentence_for(prepared.question, texts, embedder) if fallback else None
+    if check.supported and best is not None and citations.says_the_same(check, prepared.question, best.text):
+        return
     if check.supported:
         supported = [c.text for c in check.claims if c.supported]
         answered = max(citations.relevance(prepared.question, supported, embedder))

@@ -24,7 +24,7 @@ from lorekeeper.plugins.generators.llamacpp import (
     UnknownAdapterError,
 )
 from lorekeeper.plugins.generators.openai_compat import EndpointError, OpenAICompatGenerator
-from lorekeeper.server import generation
+from lorekeeper.server import citations, generation
 from lorekeeper.server.adapters import AdapterError
 from lorekeeper.server.search import SearchHit
 from lorekeeper.server.settings import Settings
@@ -456,6 +456,31 @@ def test_a_true_answer_beside_the_question_gives_way_to_the_passage_that_answers
     else:
         assert result.fallback and "25 days of paid holiday" in result.answer and result.cited == [1]
         assert any("less closely" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [
+        ("25 days [1].", True),  # short: it matches the question less closely than its sentence
+        ("New staff get 25 days.", True),
+        ("30 days [1].", False),  # the passage says 25
+    ],
+)
+def test_a_short_answer_that_says_what_the_best_passage_says_is_kept(embedder, said: str, kept: bool) -> None:
+    from fakes import ScriptedGenerator
+
+    question = "How many days of paid holiday do new staff get?"
+    generator = ScriptedGenerator(said)
+    prepared = generation.build_prompt(question, [_text_hit(1, FOCUS_DOCS[1])], generator, max_tokens=64)
+    result = generation.run(
+        prepared, generator, settings=Settings.load({"extractive_fallback": True}), embedder=embedder
+    )
+    if kept:
+        assert result.supported and not result.fallback and result.cited == [1]
+        assert citations.without_markers(result.answer) == citations.without_markers(said)
+        assert not result.warnings
+    else:
+        assert result.fallback and "25 days of paid holiday" in result.answer
 
 
 def test_the_answer_path_ranks_the_fallback_by_meaning(store, embedder, tmp_path: Path) -> None:
