@@ -483,6 +483,35 @@ def test_a_short_answer_that_says_what_the_best_passage_says_is_kept(embedder, s
         assert result.fallback and "25 days of paid holiday" in result.answer
 
 
+@pytest.mark.parametrize(
+    ("said", "replaced"),
+    [("New staff get 30 days of paid holiday a year [1].", True), ("25 days [1].", False)],
+)
+def test_ask_says_when_the_streamed_answer_is_not_the_one_given(embedder, capsys, said, replaced) -> None:
+    """``ask`` streams the model's text as it comes; when the check then replaces it, a line between
+    the two says the text above is not the answer, before the answer it gives instead."""
+    from fakes import ScriptedGenerator
+
+    from lorekeeper.server.cli.answer import _show
+    from lorekeeper.server.mcp.schemas import generate_result
+
+    generator = ScriptedGenerator(said)
+    question = "How many days of paid holiday do new staff get?"
+    prepared = generation.build_prompt(question, [_text_hit(1, FOCUS_DOCS[1])], generator, max_tokens=64)
+    result = generation.run(
+        prepared, generator, settings=Settings.load({"extractive_fallback": True}), embedder=embedder
+    )
+    print(result.streamed_text, end="")  # what the CLI streamed
+    _show(generate_result(result), streamed=True, as_json=False)
+    out, err = capsys.readouterr()
+    assert ("not used:" in err) is replaced and ("the text above did not pass the check" in err) is replaced
+    if replaced:
+        assert out.startswith(said) and "25 days of paid holiday" in out.split(said, 1)[1]
+        assert "no source supports the model's answer" in err
+    else:
+        assert out.count("25 days") == 1  # the answer once, not repeated after the check
+
+
 def test_the_answer_path_ranks_the_fallback_by_meaning(store, embedder, tmp_path: Path) -> None:
     """``answer_question`` (what ``ask`` and MCP ``generate`` call) hands the index's embedder to the
     check, so a true but beside-the-point answer gives way to the passage that answers."""

@@ -178,7 +178,15 @@ def _show(result, streamed: bool, as_json: bool) -> None:
     if streamed and without_markers(result.answer) != without_markers(result.generated or ""):
         # the check replaced what streamed (an unsupported answer, a stripped source list); markers it
         # only added are not worth a second copy: the sources list marks what supports the answer
-        sys.stdout.write("\n\n" + result.answer)
+        sys.stdout.write("\n\n")
+        if result.fallback or result.supported is False:
+            # what streamed first reads as the answer: say at once that it is not the one given
+            sys.stdout.flush()
+            err.print(
+                "[yellow]not used:[/yellow] the text above did not pass the check against your documents "
+                "(why: see the note below); the checked answer:"
+            )
+        sys.stdout.write(result.answer)
     sys.stdout.write("\n")
     block = sources_text(result)
     if block:
