@@ -445,8 +445,7 @@ def _generate(
     first: float | None = None
     guard = LoopGuard()
     finish = "stop"
-    # a small model may start copying the fenced sources back: stop where it would
-    stop = ["<source", "</source"] if prepared.use_context else None
+    stop = answer_stops(prepared) if prepared.use_context else None
     stream = generator.stream(
         prepared.messages, max_tokens=prepared.max_tokens, adapter=adapter, stop=stop, **sampling
     )
@@ -464,6 +463,19 @@ def _generate(
     end = _stop_at(guard.text, stop or [])
     text = guard.text[: min(x for x in (guard.cut, end, len(guard.text)) if x is not None)]
     return text, finish, time.perf_counter() - started, first
+
+
+# HTML that a small model trained on web pages drifts into after its answer ("</pre>", a <script>
+# block: 12 of SmolLM2's 84 manual-page answers); never what was asked when the sources hold none
+STRAY_MARKUP = ("<pre", "</pre", "<script", "</script", "<div", "</div", "<span", "</span", "<html",
+                "<body", "<style", "<iframe", "<br", "<img", "<table", "<a href", "</a>", "<p>", "</p>")  # fmt: skip
+
+
+def answer_stops(prepared: PreparedPrompt) -> list[str]:
+    """Where an answer from sources ends: where a small model starts copying the fenced sources
+    back, or starts writing HTML markup that none of the sources holds."""
+    held = "\n".join(s.text for s in prepared.sources).lower()
+    return ["<source", "</source"] + [tag for tag in STRAY_MARKUP if tag not in held]
 
 
 def _stop_at(text: str, stop: Sequence[str]) -> int | None:

@@ -189,6 +189,18 @@ def test_openai_generator_streams_from_a_compatible_server(fake_openai: FakeOpen
     assert body["messages"] == [{"role": "user", "content": "chain?"}] and body["stop"] == ["\n\n"]
 
 
+def test_an_openai_endpoint_gets_at_most_four_stops_and_the_answer_is_cut_at_all_of_them() -> None:
+    # OpenAI's API refuses more than 4 stop sequences; the rest are applied to the text as it streams
+    pieces = ["New staff get 25 days ", "of paid holiday [1].\n</", "pre>\n<script>alert(1)</script>"]
+    with FakeOpenAI(pieces) as server:
+        gen = OpenAICompatGenerator(base_url=server.base_url)
+        prepared = generation.build_prompt("Holiday?", [_text_hit(1, FOCUS_DOCS[1])], gen, max_tokens=64)
+        result = generation.run(prepared, gen, settings=Settings.load())
+        (request,) = server.requests
+    assert len(request["body"]["stop"]) == 4 and request["body"]["stop"][:2] == ["<source", "</source"]
+    assert result.answer == "New staff get 25 days of paid holiday [1]." and result.supported
+
+
 def test_openai_generator_is_registered_as_a_plugin() -> None:
     assert isinstance(plugins.get_generator("openai"), OpenAICompatGenerator)
     with pytest.raises(LookupError, match="llamacpp"):
@@ -434,6 +446,31 @@ def test_a_model_copying_the_sources_back_is_cut_where_it_starts() -> None:
     assert result.answer.startswith("New staff get 25 days of paid holiday [1].")
 
 
+def test_html_the_sources_do_not_hold_ends_the_answer() -> None:
+    from fakes import ScriptedGenerator
+
+    said = (
+        'New staff get 25 days of paid holiday [1].\n</pre>\n<script type="text/javascript">alert(1)</script>'
+    )
+    drifting = ScriptedGenerator(said)
+    prepared = generation.build_prompt("Holiday?", [_text_hit(1, FOCUS_DOCS[1])], drifting, max_tokens=64)
+    assert "</pre" in generation.answer_stops(prepared) and "<script" in generation.answer_stops(prepared)
+    result = generation.run(prepared, drifting, settings=Settings.load())
+    assert result.answer == "New staff get 25 days of paid holiday [1]." and result.supported
+
+    # a page about HTML holds the tags, so an answer may quote them
+    page = "Wrap preformatted text in <pre> and </pre> tags. A <script> element holds code."
+    quoting = ScriptedGenerator("Wrap preformatted text in <pre> and </pre> tags [1].")
+    prepared = generation.build_prompt(
+        "How do I show preformatted text?", [_text_hit(1, page)], quoting, max_tokens=64
+    )
+    assert "</pre" not in generation.answer_stops(prepared) and "<script" not in generation.answer_stops(
+        prepared
+    )
+    result = generation.run(prepared, quoting, settings=Settings.load())
+    assert result.answer == "Wrap preformatted text in <pre> and </pre> tags [1]." and result.supported
+
+
 @pytest.mark.parametrize(
     ("said", "kept"),
     [
@@ -492,7 +529,7 @@ def test_ask_says_when_the_streamed_answer_is_not_the_one_given(embedder, capsys
     the two says the text above is not the answer, before the answer it gives instead."""
     from fakes import ScriptedGenerator
 
-    from lorekeeper.server.cli.answer import _show
+    from lorekeeper.server.cli.answer import StreamPrinter, _show
     from lorekeeper.server.mcp.schemas import generate_result
 
     generator = ScriptedGenerator(said)
@@ -501,12 +538,15 @@ def test_ask_says_when_the_streamed_answer_is_not_the_one_given(embedder, capsys
     result = generation.run(
         prepared, generator, settings=Settings.load({"extractive_fallback": True}), embedder=embedder
     )
-    print(result.streamed_text, end="")  # what the CLI streamed
-    _show(generate_result(result), streamed=True, as_json=False)
+    printer = StreamPrinter()
+    for piece in [*result.streamed_text.partition(" "), "\n", " \n"]:  # a model's text, trailing newlines
+        printer(piece)
+    _show(generate_result(result), printer.streamed, as_json=False)
     out, err = capsys.readouterr()
     assert ("not used:" in err) is replaced and ("the text above did not pass the check" in err) is replaced
     if replaced:
-        assert out.startswith(said) and "25 days of paid holiday" in out.split(said, 1)[1]
+        # one blank line between the streamed text and the answer given instead, as without the newlines
+        assert out.startswith(said + "\n\nThe closest passage") and "25 days of paid holiday" in out
         assert "no source supports the model's answer" in err
     else:
         assert out.count("25 days") == 1  # the answer once, not repeated after the check

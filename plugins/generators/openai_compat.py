@@ -264,7 +264,8 @@ class OpenAICompatGenerator(Generator):
             self._remote_target(adapter)
             body["model"] = adapter
         if stop:
-            body["stop"] = list(stop)
+            # OpenAI's own API takes at most 4; lorekeeper also cuts the text at any of them itself
+            body["stop"] = list(stop)[:4]
         url = f"{self.base_url}/chat/completions"
         try:
             with httpx.Client(timeout=self._timeout_seconds()) as client:

@@ -146,15 +146,21 @@ def ask(
 
 class StreamPrinter:
     """Writes an answer's pieces to stdout as they come (an ``on_token`` callback) and remembers
-    whether any came, so an error after some text starts on a line of its own."""
+    whether any came, so an error after some text starts on a line of its own. Whitespace at the
+    end is held back until more text follows: the answer's last line ends where its text does."""
 
     def __init__(self) -> None:
         self.streamed = False
+        self._held = ""
 
     def __call__(self, piece: str) -> None:
         self.streamed = True
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        text = self._held + piece
+        shown = text.rstrip()
+        self._held = text[len(shown) :]
+        if shown:
+            sys.stdout.write(shown)
+            sys.stdout.flush()
 
     def end_line(self) -> None:
         if self.streamed:
@@ -216,13 +222,7 @@ def _ask_server(settings: Settings, question: str, adapter: str | None, no_conte
 
     if any(settings.sources.get(key) == "flag" for key in MODEL_KEYS):
         return False
-    streamed = False
-
-    def show(piece: str) -> None:
-        nonlocal streamed
-        streamed = True
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    show = StreamPrinter()
 
     try:
         # a temperature only when given here: otherwise the adapter's record (or the settings) decide
@@ -232,12 +232,11 @@ def _ask_server(settings: Settings, question: str, adapter: str | None, no_conte
                             max_tokens=settings.max_tokens, temperature=temperature,
                             adapter_scale=adapter_scale)  # fmt: skip
     except remote.RemoteError as exc:
-        if streamed:
-            sys.stdout.write("\n")
+        show.end_line()
         fail(str(exc))
     if result is None:
         return False
-    _show(_fields(result), streamed, as_json)
+    _show(_fields(result), show.streamed, as_json)
     return True
 
 
