@@ -87,7 +87,8 @@ class GenerateResult(BaseModel):
     )
     fallback: bool = Field(
         default=False,
-        description="the model's answer was unsupported; the answer quotes the best passage instead",
+        description="the answer quotes the passage that best matches the question instead of the model's "
+        "answer, which no source supported or which was beside the question (see warnings)",
     )
     sentences: list[SentenceOut] = Field(default_factory=list, description="each sentence and its support")
     generated: str = Field(default="", description="the model's own text, before the check")
