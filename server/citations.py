@@ -149,6 +149,28 @@ def key_terms(text: str) -> set[str]:
     return out
 
 
+def paths_in(text: str) -> set[str]:
+    """The slashed and dotted names of ``text`` (``/etc/motd``, ``debian/changelog``, ``os.path``),
+    each part stemmed like a content word and the whole lower-cased, without a leading ``/`` or
+    ``~/``: a name is one term, not the words it is made of."""
+    out = set()
+    for term in _CODE_TERM.findall(_MARKER.sub(" ", text)):
+        term = term.rstrip(".")
+        if "/" not in term and "." not in term:
+            continue
+        parts = [_stem(part.lower()) for part in re.split(r"([/.])", term.lstrip("~/")) if part]
+        out.add("".join(parts))
+    return out
+
+
+def _holds_path(path: str, source_paths: set[str]) -> bool:
+    """Whether a source names ``path``, or a longer name ending or going on with it whole parts at a
+    time (``ssh/sshd_config`` in ``/etc/ssh/sshd_config``)."""
+    wrapped = f"/{path}/"
+    return any(wrapped in f"/{held}/" or wrapped.replace(".", "/") in f"/{held.replace('.', '/')}/"
+               for held in source_paths)  # fmt: skip
+
+
 def support_score(claim: str, source: str) -> float:
     """How well ``source`` supports ``claim``, from 0 to 1: the share of the claim's content words
     held by the best ``SUPPORT_WINDOW`` consecutive sentences of the source. It is 0 when they do
@@ -165,7 +187,7 @@ def support_score(claim: str, source: str) -> float:
     words = content_words(claim)
     if not words:
         return 0.0
-    claim_terms = (words, numbers_in(claim), key_terms(claim), _negated(claim))
+    claim_terms = (words, numbers_in(claim), key_terms(claim), _negated(claim), paths_in(claim))
     whole = _support_in(claim_terms, source)
     sentences = source_sentences(source) if whole > 0 else []
     if len(sentences) <= SUPPORT_WINDOW:
@@ -176,15 +198,19 @@ def support_score(claim: str, source: str) -> float:
     )
 
 
-def _support_in(claim_terms: tuple[list[str], set[str], set[str], bool], source: str) -> float:
+def _support_in(claim_terms: tuple[list[str], set[str], set[str], bool, set[str]], source: str) -> float:
     """``support_score`` with all of ``source`` as the window; the claim comes analysed once
     (its content words, numbers, key terms and negation) for all the windows it is tried in."""
-    words, numbers, keys, negated = claim_terms
+    words, numbers, keys, negated, paths = claim_terms
     if not numbers <= numbers_in(source):
         return 0.0
     vocabulary = set(content_words(source))
     if not keys <= vocabulary:
         return 0.0
+    if paths:
+        held = paths_in(source)
+        if not all(_holds_path(path, held) for path in paths):
+            return 0.0
     score = sum(1 for w in words if w in vocabulary) / len(words)
     if score > 0 and negated != _negated(_best_passage(words, source)):
         return 0.0

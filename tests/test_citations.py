@@ -325,3 +325,29 @@ def test_a_claim_must_be_held_by_a_few_consecutive_sentences_not_words_from_all_
     assert "/etc/issue is a text file" in right.sentences[0].span.text
     # a claim drawn from the name line and the description, three sentences in a row, still counts
     assert check_answer("The prelogin message file is printed before the login prompt.", [ISSUE_5]).supported
+
+
+BASH_README_DEBIAN = (  # from Debian's /usr/share/doc/bash/README.Debian
+    "Bash Configuration for Debian\n-----------------------------\n\n"
+    "A number of patches for the bash sources is applied for the Debian build\nof bash.  "
+    "See the details at the end of the file.\n\n"
+    "The upstream ChangeLog can be found in the bash-doc package.\n\n"
+    "   Starting with readline-4.2a, completion on symlinks that point\n   to directories does not "
+    "append the slash. To restore the behaviour\n   found in readline-4.2, add to /etc/inputrc or ~/.inputrc:\n"
+)
+
+
+def test_a_path_is_one_term_not_the_words_it_is_made_of() -> None:
+    # SmolLM2's answer to "Where is the bash Debian changelog kept?": the page holds "Debian" and
+    # "ChangeLog" a sentence apart, but names no debian/changelogs
+    invented = "The bash Debian changelog is kept in the `debian/changelogs` directory."
+    assert citations.paths_in(invented) == {"debian/changelog"}
+    assert citations.support_score(invented, BASH_README_DEBIAN) == 0.0
+    # a path the page names counts, with or without its leading slash, and a tail of a longer one
+    assert citations.support_score("To restore the slash, add it to /etc/inputrc.", BASH_README_DEBIAN) >= 0.7
+    assert citations.support_score("To restore the slash, add it to etc/inputrc.", BASH_README_DEBIAN) >= 0.7
+    sshd = "Tunnelling is switched on in /etc/ssh/sshd_config with PermitTunnel."
+    assert citations.support_score("Tunnelling is switched on in ssh/sshd_config.", sshd) >= 0.7
+    assert citations.support_score("Tunnelling is switched on in /etc/sshd_config.", sshd) == 0.0
+    checked = citations.check_answer(invented, [BASH_README_DEBIAN])
+    assert not checked.supported
