@@ -321,6 +321,7 @@ _ANSWER_SENTENCE_END = re.compile(r"(?<=[.!?])([\"'”’)]*)((?:\s*\[[^\]]{1,20
 
 
 _BLOCK_START = re.compile(r"^[ \t]*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s|\|)")
+_RULE = re.compile(r"^\s*([-=*_~+^])\1{2,}\s*$")  # ----, ====, ***** on a line of their own
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
 
 
@@ -328,20 +329,22 @@ def source_sentences(text: str) -> list[tuple[int, int]]:
     """(start, end) character spans of the sentences of a source text.
 
     Lines are joined into paragraphs first (a hard-wrapped sentence is one sentence); headings,
-    list items, table rows and blank lines start new ones.
+    list items, table rows, blank lines and rules (a heading's ---- underline) start new ones.
     """
     blocks: list[tuple[int, int]] = []
     start = None
     offset = 0
     for line in text.splitlines(keepends=True):
         heading = line.lstrip().startswith("#")
-        if not line.strip() or heading or _BLOCK_START.match(line):
+        # a blank line, or a rule or heading underline (----, ****): a break, not text
+        gap = not line.strip() or _RULE.match(line) is not None
+        if gap or heading or _BLOCK_START.match(line):
             if start is not None:
                 blocks.append((start, offset))
             start = None
             if heading:
                 blocks.append((offset, offset + len(line)))  # a heading is a block of its own
-            elif line.strip():
+            elif not gap:
                 start = offset  # a list item or table row starts a block
         elif start is None:
             start = offset
@@ -581,7 +584,36 @@ def best_sentence_for(question: str, sources: Sequence[str], embedder: Any = Non
     """The source sentence that best answers ``question`` (the extractive fallback's pick), or None
     when no sentence shares anything with it (see ``rank_sentences``)."""
     ranked = rank_sentences(question, sources, embedder)
-    return ranked[0] if ranked else None
+    return with_what_it_introduces(ranked[0], sources[ranked[0].source - 1]) if ranked else None
+
+
+LEAD_IN_LIMIT = 400  # characters of the block a sentence ending in a colon introduces, at most
+
+
+def with_what_it_introduces(span: Span, source: str) -> Span:
+    """``span`` and, when it ends in a colon ("...establish the tunnel by using the following
+    command:", "Reporting bugs:"), the block of lines that follows it (up to the next blank line or
+    rule, ``LEAD_IN_LIMIT`` characters at most): alone, it promises the answer without giving it."""
+    if not span.text.rstrip().endswith(":"):
+        return span
+    first = last = None
+    offset = span.end
+    for line in source[span.end :].splitlines(keepends=True):
+        gap = not line.strip() or _RULE.match(line) is not None
+        if gap and first is not None:
+            break
+        if not gap:
+            if first is None:
+                first = offset + len(line) - len(line.lstrip())
+            elif offset + len(line.rstrip()) - first > LEAD_IN_LIMIT:
+                break  # whole lines, as many as fit
+            last = offset + len(line.rstrip())
+        offset += len(line)
+    if first is None:
+        return span
+    last = min(last, first + LEAD_IN_LIMIT)  # one long line is cut
+    # the text leaves out the rule between them; the offsets cover both
+    return Span(span.source, span.start, last, f"{span.text}\n{source[first:last]}", span.score)
 
 
 def calibrate(examples: Sequence[tuple[str, str, bool]], thresholds: Iterable[float]) -> dict[float, float]:

@@ -351,3 +351,58 @@ def test_a_path_is_one_term_not_the_words_it_is_made_of() -> None:
     assert citations.support_score("Tunnelling is switched on in /etc/sshd_config.", sshd) == 0.0
     checked = citations.check_answer(invented, [BASH_README_DEBIAN])
     assert not checked.supported
+
+
+COREUTILS_README = (  # from GNU coreutils' README
+    "If you can run the tests as root, please do so and report any\nproblems.\n\n\n"
+    "***************\nReporting bugs:\n---------------\n\n"
+    "Send bug reports, questions, comments, etc. to bug-coreutils@gnu.org.\n"
+    "To suggest a patch, see the files README-hacking and HACKING for tips.\n\n"
+    "If you have a problem with 'sort', try running 'sort --debug', as it\ncan often help find and fix problems.\n"
+)
+OPENSSH_README_TUN = (  # from OpenSSH's README.tun
+    "Finally connect to the OpenSSH server to establish the tunnel by using\nthe following command:\n\n"
+    "\tssh sshgateway\n\n"
+    "It is also possible to tell the client to fork into the background after\n"
+    "the connection has been successfully established:\n\n\tssh -f -w any sshgateway true\n"
+)
+
+
+def test_rules_and_heading_underlines_are_breaks_not_text() -> None:
+    sentences = [COREUTILS_README[a:b] for a, b in citations.source_sentences(COREUTILS_README)]
+    assert "Reporting bugs:" in sentences
+    assert not any(set(s) <= set("*-\n ") for s in sentences)
+
+
+@pytest.mark.parametrize(
+    ("question", "source", "quoted"),
+    [
+        (
+            "How do I establish the tunnel with OpenSSH?",
+            OPENSSH_README_TUN,
+            "Finally connect to the OpenSSH server to establish the tunnel by using the following "
+            "command: ssh sshgateway",
+        ),
+        (
+            "Where do I report bugs in coreutils?",
+            COREUTILS_README,
+            "Reporting bugs: Send bug reports, questions, comments, etc. to bug-coreutils@gnu.org. "
+            "To suggest a patch, see the files README-hacking and HACKING for tips.",
+        ),
+    ],
+)
+def test_a_quoted_sentence_ending_in_a_colon_brings_what_it_introduces(question, source, quoted) -> None:
+    best = citations.best_sentence_for(question, [source])
+    assert " ".join(best.text.split()) == quoted
+    assert source[best.start : best.end].rstrip().endswith(quoted.split()[-1])  # the offsets cover it
+
+
+def test_what_a_colon_introduces_is_cut_at_whole_lines() -> None:
+    source = "Run these:\n" + "".join(f"step {i} " * 8 + "\n" for i in range(20))
+    span = citations.Span(1, 0, len("Run these:"), "Run these:", 1.0)
+    longer = citations.with_what_it_introduces(span, source)
+    block = source[len("Run these:\n") : longer.end]
+    assert len(block) <= citations.LEAD_IN_LIMIT < len(block) + 58  # the next line would not fit
+    assert longer.text.endswith("step 6 step 6") and source[longer.end] == " "  # whole lines
+    plain = citations.Span(1, 0, 5, "Done.", 1.0)
+    assert citations.with_what_it_introduces(plain, "Done. More text.") is plain
