@@ -91,7 +91,7 @@ def _tokens(text: str) -> list[str]:
 
 def without_markers(text: str) -> str:
     """``text`` with its ``[n]`` markers taken out and its spacing normalised (to compare answers)."""
-    return " ".join(_MARKER.sub(" ", text).split()).replace(" .", ".")
+    return re.sub(r" ([.,:;!?])", r"\1", " ".join(_MARKER.sub(" ", text).split()))
 
 
 def content_words(text: str) -> list[str]:
@@ -265,6 +265,7 @@ class CheckedAnswer:
     flagged: list[int]  # markers pointing at a source that supports nothing they are on
     invalid: list[int]  # markers pointing at no source at all
     stripped_source_list: bool = False
+    unfinished: bool = False  # it ends on a line introducing something ("...options:") and stops
 
     @property
     def claims(self) -> list[SentenceCheck]:
@@ -432,10 +433,15 @@ def check_answer(
     text, stripped = strip_source_list(answer)
     checks: list[SentenceCheck] = []
     invalid: list[int] = []
-    for sentence, completion in _completed(split_sentences(text), text, question):
+    pairs = _completed(split_sentences(text), text, question)
+    # "...was built with the following configuration options:" and then nothing: the last line
+    # introduces an answer the model never gave, so it claims nothing (even when a source says it)
+    unfinished = bool(pairs) and pairs[-1][1] is None and without_markers(pairs[-1][0]).endswith(":")
+    for i, (sentence, completion) in enumerate(pairs):
         markers = parse_markers(sentence)
         invalid += [n for n in markers if not 1 <= n <= len(sources) and n not in invalid]
-        claim = _is_claim(sentence) and not (question and restates(sentence, question))
+        dangling = unfinished and i == len(pairs) - 1
+        claim = _is_claim(sentence) and not (question and restates(sentence, question)) and not dangling
         check = SentenceCheck(text=sentence, claim=claim, markers=markers)
         if claim:
             # a completed restatement is held by a source only if its completion is: the question's
@@ -470,6 +476,7 @@ def check_answer(
         flagged=flagged,
         invalid=invalid,
         stripped_source_list=stripped,
+        unfinished=unfinished,
     )
 
 

@@ -568,7 +568,10 @@ def _check_grounding(
                 f"{len(unsupported)} of {len(check.claims)} sentences of the answer are not supported by any source"
             )
         return
-    if best is not None:
+    if best is not None and check.unfinished and not check.claims:
+        _quote(result, best, "the model's answer stops where it introduces what was asked, so the passage "
+               "that best matches the question is quoted instead (the model said: ")  # fmt: skip
+    elif best is not None:
         _quote(result, best, "no source supports the model's answer, so the passage that best matches the "
                "question is quoted instead (the model said: ")  # fmt: skip
     else:

@@ -406,3 +406,32 @@ def test_what_a_colon_introduces_is_cut_at_whole_lines() -> None:
     assert longer.text.endswith("step 6 step 6") and source[longer.end] == " "  # whole lines
     plain = citations.Span(1, 0, 5, "Done.", 1.0)
     assert citations.with_what_it_introduces(plain, "Done. More text.") is plain
+
+
+def test_an_answer_that_stops_at_its_colon_claims_nothing() -> None:
+    # SmolLM2, asked which options Debian's bash was built with; the page says the same words
+    source = BASH_README_DEBIAN.replace(
+        "The upstream ChangeLog",
+        "The bash package was built using the following configuration options:\n\n"
+        "        --with-curses \\\n        --enable-largefile \\\n\nThe upstream ChangeLog",
+    )
+    question = "Which configuration options was the Debian bash package built with?"
+    said = "The Debian bash package was built with the following configuration options:"
+    checked = citations.check_answer(said, [source], question=question)
+    assert checked.unfinished and not checked.claims and not checked.supported
+    # the quote that replaces it brings what the page's own colon introduces
+    best = citations.best_sentence_for(question, [source])
+    assert "--with-curses" in best.text and "--enable-largefile" in best.text
+    # a colon followed by what it introduces is an answer like any other
+    done = citations.check_answer(
+        said + "\n--with-curses and --enable-largefile.", [source], question=question
+    )
+    assert not done.unfinished and done.supported
+
+
+def test_markers_before_a_colon_do_not_make_two_texts_differ() -> None:
+    assert (
+        citations.without_markers("It was built with these options [1]:")
+        == "It was built with these options:"
+    )
+    assert citations.without_markers("Yes [2], it is [1].") == "Yes, it is."

@@ -552,6 +552,27 @@ def test_ask_says_when_the_streamed_answer_is_not_the_one_given(embedder, capsys
         assert out.count("25 days") == 1  # the answer once, not repeated after the check
 
 
+def test_an_answer_that_stops_at_its_colon_gives_way_to_what_the_source_introduces(embedder) -> None:
+    from fakes import ScriptedGenerator
+
+    page = (
+        "Bash Configuration for Debian\n-----------------------------\n\n"
+        "The bash package was built using the following configuration options:\n\n"
+        "        --with-curses \\\n        --enable-largefile \\\n\n"
+        "The upstream ChangeLog can be found in the bash-doc package.\n"
+    )
+    generator = ScriptedGenerator(
+        "The Debian bash package was built with the following configuration options:"
+    )
+    question = "Which configuration options was the Debian bash package built with?"
+    prepared = generation.build_prompt(question, [_text_hit(1, page)], generator, max_tokens=64)
+    result = generation.run(
+        prepared, generator, settings=Settings.load({"extractive_fallback": True}), embedder=embedder
+    )
+    assert result.fallback and "--with-curses" in result.answer and "--enable-largefile" in result.answer
+    assert any("stops where it introduces what was asked" in w for w in result.warnings)
+
+
 def test_the_answer_path_ranks_the_fallback_by_meaning(store, embedder, tmp_path: Path) -> None:
     """``answer_question`` (what ``ask`` and MCP ``generate`` call) hands the index's embedder to the
     check, so a true but beside-the-point answer gives way to the passage that answers."""
