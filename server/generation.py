@@ -330,12 +330,13 @@ def build_prompt(
 class LoopGuard:
     """Spots an answer that has started repeating itself, so generation can stop there.
 
-    Small models, greedy or nearly so, fall into cycles ("--env_name=myenv --env_name=myenv ...").
-    A cycle is the same run of 1 to 40 words three times in a row (a run of 6 words or more: twice
-    in a row, which a sensible answer never does). ``cut`` is where the repetition began.
+    Small models, greedy or nearly so, fall into cycles ("--env_name=myenv --env_name=myenv ...")
+    or write the same paragraph again (SmolLM2, on json.dumps: 55 words twice). A cycle is the same
+    run of 1 to 200 words three times in a row (a run of 6 words or more: twice in a row, which a
+    sensible answer never does). ``cut`` is where the repetition began.
     """
 
-    MAX_PERIOD = 40
+    MAX_PERIOD = 200
 
     def __init__(self) -> None:
         self.text = ""
@@ -349,13 +350,17 @@ class LoopGuard:
         return self.cut is not None
 
     def _find(self) -> int | None:
-        words = [(m.start(), m.group(0).lower()) for m in re.finditer(r"\S+", self.text)]
+        # words compared without the punctuation around them: a paragraph written again may end
+        # "structures that..." where the first ended "structures."
+        words = [
+            (m.start(), m.group(0).lower().strip(".,;:!?\"'()[]`*")) for m in re.finditer(r"\S+", self.text)
+        ]
         n = len(words)
         tokens = [w for _, w in words]
         for period in range(1, min(self.MAX_PERIOD, n // 2) + 1):
             repeats = 3 if period < 6 else 2
-            if period * repeats > n:
-                continue
+            if period * repeats > n or tokens[n - 1] != tokens[n - 1 - period]:
+                continue  # too short to hold it, or the last word already differs
             tail = tokens[n - period :]
             if all(tokens[n - period * r : n - period * (r - 1)] == tail for r in range(2, repeats + 1)):
                 if len(set(tail)) == 1 and period > 1:

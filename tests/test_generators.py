@@ -349,6 +349,17 @@ def test_model_alone_gets_no_system_turn_of_ours(llama: LlamaCppGenerator) -> No
 
 # ---------------------------------------------------------------------------- loops
 
+# SmolLM2 on "What does the indent argument of json.dumps do?": a 55-word paragraph, written twice
+JSON_ANSWER = (
+    "The indent argument of json.dumps is used to specify the number of spaces after each indent level."
+)
+JSON_PARAGRAPH = (
+    "In Python 3, you cannot use `indent` as an argument to any function because it's not defined on its "
+    "own and is only available within functions (not inside other built-in types). However, there are some "
+    "exceptions in Python 2 where the indentation can be used for debugging purposes or when working with "
+    "custom data structures."
+)
+
 
 @pytest.mark.parametrize(
     ("text", "kept"),
@@ -359,6 +370,8 @@ def test_model_alone_gets_no_system_turn_of_ours(llama: LlamaCppGenerator) -> No
          "The sky is red. The sea is blue and"),
         ("Step one: open the file and read it. Step one: open the file and read it.",
          "Step one: open the file and read it."),
+        (JSON_ANSWER + "\n\n" + JSON_PARAGRAPH + "\n\n" + JSON_PARAGRAPH[:-1] + " that may nest.",
+         JSON_ANSWER + "\n\n" + JSON_PARAGRAPH),
     ],
 )  # fmt: skip
 def test_loop_guard_cuts_where_the_repetition_began(text: str, kept: str) -> None:
