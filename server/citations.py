@@ -156,8 +156,9 @@ def paths_in(text: str) -> set[str]:
     out = set()
     for term in _CODE_TERM.findall(_MARKER.sub(" ", text)):
         term = term.rstrip(".")
-        if "/" not in term and "." not in term:
-            continue
+        names = [part for part in re.split(r"[/.]", term.lstrip("~/")) if part]
+        if len(names) < 2 or all(len(name) == 1 for name in names):
+            continue  # one word, or an abbreviation (e.g., i.e., U.S.)
         parts = [_stem(part.lower()) for part in re.split(r"([/.])", term.lstrip("~/")) if part]
         out.add("".join(parts))
     return out

@@ -342,6 +342,7 @@ def test_a_path_is_one_term_not_the_words_it_is_made_of() -> None:
     # "ChangeLog" a sentence apart, but names no debian/changelogs
     invented = "The bash Debian changelog is kept in the `debian/changelogs` directory."
     assert citations.paths_in(invented) == {"debian/changelog"}
+    assert citations.paths_in("Some tools (e.g. ls, i.e. the GNU one) in the U.S. use /bin.") == set()
     assert citations.support_score(invented, BASH_README_DEBIAN) == 0.0
     # a path the page names counts, with or without its leading slash, and a tail of a longer one
     assert citations.support_score("To restore the slash, add it to /etc/inputrc.", BASH_README_DEBIAN) >= 0.7
