@@ -327,6 +327,9 @@ def build_prompt(
 # ---------------------------------------------------------------------------- loops
 
 
+_WORDLIKE = re.compile(r"[^\W_]")  # a letter or digit
+
+
 class LoopGuard:
     """Spots an answer that has started repeating itself, so generation can stop there.
 
@@ -350,15 +353,21 @@ class LoopGuard:
         return self.cut is not None
 
     def _find(self) -> int | None:
-        # words compared without the punctuation around them: a paragraph written again may end
-        # "structures that..." where the first ended "structures."
+        # only words count: the "|" and "---" of a table's rows repeat in every sensible table
         words = [
-            (m.start(), m.group(0).lower().strip(".,;:!?\"'()[]`*")) for m in re.finditer(r"\S+", self.text)
+            (m.start(), m.group(0).lower())
+            for m in re.finditer(r"\S+", self.text)
+            if _WORDLIKE.search(m.group(0))
         ]
         n = len(words)
-        tokens = [w for _, w in words]
+        exact = [w for _, w in words]
+        # a long run is compared without the punctuation around its words: a paragraph written again
+        # may end "structures that..." where the first ended "structures." ("very, very, very old"
+        # stays a phrase: short runs are compared as written)
+        loose = [w.strip(".,;:!?\"'()[]`*") for w in exact]
         for period in range(1, min(self.MAX_PERIOD, n // 2) + 1):
             repeats = 3 if period < 6 else 2
+            tokens = exact if period < 6 else loose
             if period * repeats > n or tokens[n - 1] != tokens[n - 1 - period]:
                 continue  # too short to hold it, or the last word already differs
             tail = tokens[n - period :]

@@ -390,6 +390,8 @@ def test_loop_guard_cuts_where_the_repetition_began(text: str, kept: str) -> Non
         "New staff get 25 days of paid holiday a year, plus public holidays. After three years it is 28 days.",
         "Use -r for recursive, -f to force, and -v to see each file as it goes.",
         "No no, that is not it: the chain is oiled every 300 km [1]. The tyres take 6.5 bar [1].",
+        "| Option | Meaning | Since |\n| --- | --- | --- |\n| -u | unused | 2.3 |\n| -v | verbose | 2.1 |",
+        "It is very, very, very old.",
     ],
 )
 def test_loop_guard_leaves_ordinary_answers_alone(text: str) -> None:
