@@ -236,13 +236,20 @@ def _question_answer(obj: dict, where: str) -> Record:
         )
     if "question" not in obj or "answer" not in obj:
         raise DataError(f"{where}: a question/answer record needs both 'question' and 'answer'")
+    question = _require_str(obj["question"], "'question'", where)
+    return _one_turn(obj, where, question, "answer", "question/answer")
+
+
+def _one_turn(obj: dict, where: str, user: str, answer_field: str, shape: str) -> Record:
+    """A row naming its parts with fields of its own (Alpaca, question/answer) as a chat of one
+    turn: ``user``, the answer in ``answer_field``, and ``system`` first when the row has one."""
     messages = [
-        {"role": "user", "content": _require_str(obj["question"], "'question'", where)},
-        {"role": "assistant", "content": _require_str(obj["answer"], "'answer'", where)},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _require_str(obj[answer_field], f"'{answer_field}'", where)},
     ]
     if obj.get("system"):
         messages.insert(0, {"role": "system", "content": _require_str(obj["system"], "'system'", where)})
-    return Record("chat", where, messages=messages, shape="question/answer")
+    return Record("chat", where, messages=messages, shape=shape)
 
 
 def parse_record(obj: Any, where: str) -> Record:
@@ -260,13 +267,7 @@ def parse_record(obj: Any, where: str) -> Record:
         extra = obj.get("input") or ""
         extra = _require_str(extra, "'input'", where)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": _require_str(obj["output"], "'output'", where)},
-        ]
-        if obj.get("system"):
-            messages.insert(0, {"role": "system", "content": _require_str(obj["system"], "'system'", where)})
-        return Record("chat", where, messages=messages, shape="alpaca")
+        return _one_turn(obj, where, user, "output", "alpaca")
     if "question" in obj or "answer" in obj or "answers" in obj:
         return _question_answer(obj, where)
     if "prompt" in obj or "completion" in obj:

@@ -354,9 +354,10 @@ def progress(side: str, result: dict) -> None:
 
 
 def write_atomic(path: Path, report: dict) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(report, indent=2) + "\n")
-    part.replace(path)
+    from lorekeeper.finetune.gguf_writer import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -155,21 +155,19 @@ def paths_in(text: str) -> set[str]:
     ``~/``: a name is one term, not the words it is made of."""
     out = set()
     for term in _CODE_TERM.findall(_MARKER.sub(" ", text)):
-        term = term.rstrip(".")
-        names = [part for part in re.split(r"[/.]", term.lstrip("~/")) if part]
+        parts = [part for part in re.split(r"([/.])", term.rstrip(".").lstrip("~/")) if part]
+        names = [part for part in parts if part not in ("/", ".")]
         if len(names) < 2 or all(len(name) == 1 for name in names):
             continue  # one word, or an abbreviation (e.g., i.e., U.S.)
-        parts = [_stem(part.lower()) for part in re.split(r"([/.])", term.lstrip("~/")) if part]
-        out.add("".join(parts))
+        out.add("".join(part if part in ("/", ".") else _stem(part.lower()) for part in parts))
     return out
 
 
 def _holds_path(path: str, source_paths: set[str]) -> bool:
     """Whether a source names ``path``, or a longer name ending or going on with it whole parts at a
     time (``ssh/sshd_config`` in ``/etc/ssh/sshd_config``)."""
-    wrapped = f"/{path}/"
-    return any(wrapped in f"/{held}/" or wrapped.replace(".", "/") in f"/{held.replace('.', '/')}/"
-               for held in source_paths)  # fmt: skip
+    wrapped = f"/{path}/".replace(".", "/")  # dots and slashes both part names
+    return any(wrapped in f"/{held}/".replace(".", "/") for held in source_paths)
 
 
 def support_score(claim: str, source: str) -> float:
@@ -324,6 +322,13 @@ _ANSWER_SENTENCE_END = re.compile(r"(?<=[.!?])([\"'”’)]*)((?:\s*\[[^\]]{1,20
 
 _BLOCK_START = re.compile(r"^[ \t]*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s|\|)")
 _RULE = re.compile(r"^\s*([-=*_~+^])\1{2,}\s*$")  # ----, ====, ***** on a line of their own
+
+
+def _is_gap(line: str) -> bool:
+    """A blank line, or a rule or heading underline (----, ****): a break between blocks, not text."""
+    return not line.strip() or _RULE.match(line) is not None
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
 
 
@@ -338,8 +343,7 @@ def source_sentences(text: str) -> list[tuple[int, int]]:
     offset = 0
     for line in text.splitlines(keepends=True):
         heading = line.lstrip().startswith("#")
-        # a blank line, or a rule or heading underline (----, ****): a break, not text
-        gap = not line.strip() or _RULE.match(line) is not None
+        gap = _is_gap(line)
         if gap or heading or _BLOCK_START.match(line):
             if start is not None:
                 blocks.append((start, offset))
@@ -607,7 +611,7 @@ def with_what_it_introduces(span: Span, source: str) -> Span:
     first = last = None
     offset = span.end
     for line in source[span.end :].splitlines(keepends=True):
-        gap = not line.strip() or _RULE.match(line) is not None
+        gap = _is_gap(line)
         if gap and first is not None:
             break
         if not gap:

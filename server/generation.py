@@ -563,9 +563,9 @@ def _check_grounding(
     if not prepared.sources:
         return
     best = citations.best_sentence_for(prepared.question, texts, embedder) if fallback else None
-    if check.supported and best is not None and citations.says_the_same(check, prepared.question, best.text):
-        return
     if check.supported:
+        if best is not None and citations.says_the_same(check, prepared.question, best.text):
+            return  # every claim held by that sentence: nothing left to warn about either
         supported = [c.text for c in check.claims if c.supported]
         answered = max(citations.relevance(prepared.question, supported, embedder))
         if embedder is not None and best is not None and answered < best.score - OFF_QUESTION_MARGIN:
@@ -582,12 +582,14 @@ def _check_grounding(
                 f"{len(unsupported)} of {len(check.claims)} sentences of the answer are not supported by any source"
             )
         return
-    if best is not None and check.unfinished and not check.claims:
-        _quote(result, best, "the model's answer stops where it introduces what was asked, so the passage "
-               "that best matches the question is quoted instead (the model said: ")  # fmt: skip
-    elif best is not None:
-        _quote(result, best, "no source supports the model's answer, so the passage that best matches the "
-               "question is quoted instead (the model said: ")  # fmt: skip
+    if best is not None:
+        why = ("the model's answer stops where it introduces what was asked" if check.unfinished and not check.claims
+               else "no source supports the model's answer")  # fmt: skip
+        _quote(
+            result,
+            best,
+            f"{why}, so the passage that best matches the question is quoted instead (the model said: ",
+        )
     else:
         result.answer = NOT_FOUND
         said = _short(result.streamed_text)
